@@ -1,0 +1,207 @@
+"""The `resnext` command line: parse flags, build a config, call one function, report errors.
+
+torch is imported only inside the commands, so `resnext --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from resnext_cli.config import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    BatchPredictConfig,
+    PredictConfig,
+    TrainConfig,
+    build_config,
+)
+from resnext_cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
+
+app = typer.Typer(
+    name="resnext",
+    help="Transfer learning for image classification with ResNet / ResNeXt.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_T = TrainConfig()
+CONFIG_HELP = "YAML file of option: value (snake_case); flags given here override it."
+
+
+def run_command(action: Callable[[], Any]) -> Any:
+    """Turn a UserError into one `Error:` paragraph and its exit code; no traceback unless
+    RESNEXT_DEBUG=1."""
+    debug = os.environ.get("RESNEXT_DEBUG") == "1"
+    try:
+        return action()
+    except UserError as exc:
+        if debug:
+            raise
+        _print_error(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _print_error("Interrupted.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        if debug:
+            raise
+        _print_error(
+            f"Unexpected failure: {type(exc).__name__}: {exc}. This is a bug in resnext or an "
+            "environment problem; re-run with RESNEXT_DEBUG=1 to see the traceback."
+        )
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _print_error(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+
+
+@app.command()
+def train(
+    data: Optional[str] = typer.Option(
+        None, help="Dataset folder: DATA/train/<class>/* + DATA/val/<class>/*, or DATA/<class>/*."
+    ),
+    arch: Optional[str] = typer.Option(None, help=f"Architecture (`resnext archs`). [default: {_T.arch}]"),
+    weights: Optional[str] = typer.Option(
+        None, help="imagenet | none | PATH (state dict or resnext checkpoint). [default: imagenet]"
+    ),
+    freeze: Optional[bool] = typer.Option(
+        None, "--freeze/--no-freeze",
+        help="Train only the head; backbone weights and BN statistics stay fixed. "
+        "[default: freeze, except with --weights none]",
+    ),
+    unfreeze_after: Optional[int] = typer.Option(
+        None, help="Fine-tune the whole network after N head-only epochs."
+    ),
+    backbone_lr_mult: Optional[float] = typer.Option(
+        None, help=f"Backbone lr = lr x this after --unfreeze-after. [default: {_T.backbone_lr_mult}]"
+    ),
+    img_size: Optional[int] = typer.Option(None, help=f"Crop size S. [default: {_T.img_size}]"),
+    val_split: Optional[float] = typer.Option(
+        None, help=f"Val share when DATA has no val folder. [default: {_T.val_split}]"
+    ),
+    epochs: Optional[int] = typer.Option(None, help=f"[default: {_T.epochs}]"),
+    batch_size: Optional[int] = typer.Option(None, help=f"[default: {_T.batch_size}]"),
+    lr: Optional[float] = typer.Option(None, help=f"Head learning rate. [default: {_T.lr}]"),
+    weight_decay: Optional[float] = typer.Option(None, help=f"[default: {_T.weight_decay}]"),
+    optimizer: Optional[str] = typer.Option(
+        None, help=f"{' | '.join(OPTIMIZERS)} [default: {_T.optimizer}]"
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, help=f"{' | '.join(SCHEDULERS)}, per step. [default: {_T.scheduler}]"
+    ),
+    warmup_epochs: Optional[int] = typer.Option(None, help="Linear lr warmup. [default: 0]"),
+    label_smoothing: Optional[float] = typer.Option(None, help="[default: 0.0]"),
+    seed: Optional[int] = typer.Option(
+        None, help="Seed; on the CPU the same seed repeats a run exactly. [default: random, saved]"
+    ),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps [default: auto]"),
+    workers: Optional[int] = typer.Option(
+        None, help="Decoding worker processes. [default: half the cores, 1 to 8]"
+    ),
+    out: Optional[str] = typer.Option(None, help="Run folder. [default: runs/exp, runs/exp2, ...]"),
+    name: Optional[str] = typer.Option(None, help="Run folder runs/NAME."),
+    patience: Optional[int] = typer.Option(
+        None, help="Stop after N epochs without val improvement. [default: off]"
+    ),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Train a classifier on a folder of class folders: pretrained backbone, new head."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> None:
+        from resnext_cli.train import train as run_train
+
+        run_train(build_config(TrainConfig, config, overrides))
+
+    run_command(action)
+
+
+_MODEL_OPTIONS_HELP = "Without --checkpoint: the newest runs/*/best.pt."
+
+
+@app.command()
+def predict(
+    images: List[str] = typer.Argument(..., help="Image files."),
+    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
+    weights: Optional[str] = typer.Option(None, help="A plain state dict (with --arch, --class-indices)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture of --weights."),
+    class_indices: Optional[str] = typer.Option(None, help="class_indices.json for --weights."),
+    topk: Optional[int] = typer.Option(None, help="Classes to show per image. [default: 5]"),
+    img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
+    json: Optional[bool] = typer.Option(None, "--json", help="Print JSON instead of tables."),
+    plot: Optional[str] = typer.Option(None, help="Save the image titled with its prediction (PNG)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Classify one or more images."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> None:
+        from resnext_cli.predict import predict as run_predict
+
+        run_predict(build_config(PredictConfig, config, overrides))
+
+    run_command(action)
+
+
+@app.command("batch-predict")
+def batch_predict(
+    dir: str = typer.Argument(..., help="Folder of images."),
+    batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
+    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
+    weights: Optional[str] = typer.Option(None, help="A plain state dict (with --arch, --class-indices)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture of --weights."),
+    class_indices: Optional[str] = typer.Option(None, help="class_indices.json for --weights."),
+    recursive: Optional[bool] = typer.Option(None, "--recursive", "-r", help="Include sub-folders."),
+    topk: Optional[int] = typer.Option(None, help="Classes per image in the output. [default: 1]"),
+    output: Optional[str] = typer.Option(None, help="Results file: .csv or .jsonl."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: half the cores]"),
+    img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
+    quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="No line per image."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Classify every image in a folder, streaming results as batches finish."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> int:
+        from resnext_cli.predict import batch_predict as run_batch_predict
+
+        return run_batch_predict(build_config(BatchPredictConfig, config, overrides))
+
+    code = run_command(action)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def archs() -> None:
+    """List the architectures with their parameter counts (ImageNet head)."""
+
+    def action() -> None:
+        from rich.table import Table
+
+        from resnext_cli import ui
+        from resnext_cli.models import ARCHS, arch_parameter_counts
+
+        counts = arch_parameter_counts()
+        table = Table("arch", "family", "parameters", "blocks", box=None)
+        for name, spec in ARCHS.items():
+            table.add_row(name, spec.family, f"{counts[name]:,}", spec.description)
+        ui.console().print(table)
+
+    run_command(action)
+
+
+def main() -> None:
+    app()

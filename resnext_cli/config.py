@@ -1,0 +1,267 @@
+"""One dataclass per command; a YAML file and command-line flags fill it, in that order.
+
+Every flag of a command is a field here with the same name (kebab-case on the command line,
+snake_case in YAML), so a saved `config.yaml` can be fed back with `--config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import random
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from resnext_cli.errors import UserError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "step", "none")
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None
+    arch: str = "resnext50_32x4d"
+    weights: str = "imagenet"
+    freeze: bool | None = None  # None: freeze unless --weights none
+    unfreeze_after: int | None = None
+    backbone_lr_mult: float = 0.1
+    img_size: int = 224
+    val_split: float = 0.1
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    seed: int | None = None  # None: drawn at start and recorded in config.yaml
+    device: str = "auto"
+    workers: int | None = None  # None: chosen for the machine
+    out: str | None = None
+    name: str | None = None
+    patience: int | None = None
+
+    def validate(self) -> None:
+        from resnext_cli.models import ARCHS
+
+        if not self.data:
+            raise UserError("No dataset given. Pass --data DIR (or `data:` in the config file).")
+        _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_range("epochs", self.epochs, low=1)
+        _check_range("batch_size", self.batch_size, low=1)
+        _check_range("img_size", self.img_size, low=16)
+        _check_range("lr", self.lr, low=0, inclusive=False)
+        _check_range("weight_decay", self.weight_decay, low=0)
+        _check_range("backbone_lr_mult", self.backbone_lr_mult, low=0)
+        _check_range("warmup_epochs", self.warmup_epochs, low=0)
+        _check_range("label_smoothing", self.label_smoothing, low=0, high=1)
+        _check_range("val_split", self.val_split, low=0, high=1, inclusive=False)
+        if self.unfreeze_after is not None:
+            _check_range("unfreeze_after", self.unfreeze_after, low=0)
+        if self.patience is not None:
+            _check_range("patience", self.patience, low=1)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise UserError(
+                f"--warmup-epochs ({self.warmup_epochs}) must be smaller than --epochs "
+                f"({self.epochs}), or the learning rate never reaches its target."
+            )
+        if self.out and self.name:
+            raise UserError("Give either --out DIR or --name NAME, not both.")
+        check_device_string(self.device)
+
+    def resolved(self) -> TrainConfig:
+        """Fill the choices left to the tool, so the saved config reproduces the run."""
+        freeze = self.freeze if self.freeze is not None else self.weights != "none"
+        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
+        workers = self.workers if self.workers is not None else default_workers()
+        return dataclasses.replace(self, freeze=freeze, seed=seed, workers=workers)
+
+
+@dataclass
+class InferenceConfig:
+    """Where the model comes from and how it runs; shared by predict and batch-predict."""
+
+    checkpoint: str | None = None
+    weights: str | None = None  # a plain state dict, with --arch and --class-indices
+    arch: str | None = None
+    class_indices: str | None = None
+    img_size: int | None = None  # None: the checkpoint's
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.checkpoint and self.weights:
+            raise UserError("Give either --checkpoint or --weights (with --arch), not both.")
+        if self.weights and not (self.arch and self.class_indices):
+            raise UserError(
+                "--weights needs --arch and --class-indices too, e.g. "
+                "`--weights resNet34.pth --arch resnet34 --class-indices class_indices.json`."
+            )
+        if self.arch is not None:
+            from resnext_cli.models import ARCHS
+
+            _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
+        if self.img_size is not None:
+            _check_range("img_size", self.img_size, low=16)
+        check_device_string(self.device)
+
+
+@dataclass
+class PredictConfig(InferenceConfig):
+    images: list[str] = field(default_factory=list)
+    topk: int = 5
+    json: bool = False
+    plot: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.images:
+            raise UserError("No image given. Usage: resnext predict IMG [IMG ...].")
+        _check_range("topk", self.topk, low=1)
+
+
+@dataclass
+class BatchPredictConfig(InferenceConfig):
+    dir: str | None = None
+    batch_size: int = 8
+    recursive: bool = False
+    topk: int = 1
+    output: str | None = None
+    workers: int | None = None
+    quiet: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.dir:
+            raise UserError("No folder given. Usage: resnext batch-predict DIR.")
+        _check_range("batch_size", self.batch_size, low=1)
+        _check_range("topk", self.topk, low=1)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+        if self.output and Path(self.output).suffix.lower() not in (".csv", ".jsonl"):
+            raise UserError(f"--output must end in .csv or .jsonl, got {self.output!r}.")
+
+
+def default_workers() -> int:
+    """Decoding workers: leave the cores to the model on small machines, cap on big ones."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // 2))
+
+
+def check_device_string(device: str) -> None:
+    if device in ("auto", "cpu", "cuda", "mps") or (
+        device.startswith("cuda:") and device[5:].isdigit()
+    ):
+        return
+    raise UserError(f"Invalid --device {device!r}: use auto, cpu, cuda, cuda:N or mps.")
+
+
+C = TypeVar("C")
+
+
+def build_config(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
+    """Defaults, then the YAML file, then the flags actually given on the command line."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(read_yaml_config(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    check_fields(cls, values, source=config_file or "the command line")
+    config = cls(**values)
+    config.validate()  # type: ignore[attr-defined]
+    return config
+
+
+def read_yaml_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"Config file {path} does not exist (or is not a file).")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"Config file {path} must be a mapping of option: value.")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def check_fields(cls: type, values: dict[str, Any], source: str) -> None:
+    """Unknown keys and wrongly typed values are errors that name the key."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"Unknown config key {key!r} in {source}.{hint} Valid keys: {', '.join(known)}."
+            )
+        if not _matches_type(value, hints[key]):
+            raise UserError(
+                f"Config key {key!r} in {source} has value {value!r}, which is not "
+                f"{_type_name(hints[key])}."
+            )
+
+
+def _matches_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches_type(v, item) for v in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    name = getattr(base, "__name__", str(base))
+    return f"a {name}" + (" (or null)" if type(None) in typing.get_args(hint) else "")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...], hint: str = "") -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
+        where = f" ({hint})" if hint else ""
+        raise UserError(
+            f"Invalid {key.replace('_', '-')} {value!r}.{did_you_mean} "
+            f"Choose one of: {', '.join(choices)}{where}."
+        )
+
+
+def _check_range(
+    key: str, value: float, low: float, high: float | None = None, inclusive: bool = True
+) -> None:
+    too_low = value < low if inclusive else value <= low
+    too_high = high is not None and value >= high
+    if too_low or too_high:
+        bound = f"at least {low}" if inclusive else f"greater than {low}"
+        if high is not None:
+            bound += f" and less than {high}"
+        raise UserError(f"Invalid --{key.replace('_', '-')} {value}: it must be {bound}.")
+
+
+def to_plain_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

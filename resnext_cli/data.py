@@ -1,0 +1,337 @@
+"""Finding images, decoding them robustly, transforms and loaders: one implementation for every
+command, so train, predict and batch-predict see the same pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from resnext_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+VAL_FOLDER_NAMES = ("val", "valid", "validation")
+
+
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """Every extension Pillow can open (lower case, with the dot)."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in image_extensions()
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
+    """Decode any Pillow-readable file to 8-bit RGB, upright per its EXIF orientation.
+
+    With `min_size`, JPEGs are decoded at the smallest DCT scale whose shorter side stays
+    >= min_size (Pillow's draft mode): a 4000x3000 photo decodes several times faster.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        if min_size and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB without surprises: alpha over white, 16-bit and float scaled rather than clipped."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        low, high = img.getextrema() if img.mode != "I;16" else (0, 65535)
+        if img.mode.startswith("I;16"):
+            img = img.convert("I")
+        scale = 255.0 / high if isinstance(high, (int, float)) and high > 255 else 1.0
+        img = img.point(lambda v: v * scale).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def describe_failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def resize_size(img_size: int) -> int:
+    """The val resize that keeps the classic 256 -> 224 centre-crop ratio at any size."""
+    return int(round(img_size * 256 / 224))
+
+
+def train_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(resize_size(img_size)),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class Sample(NamedTuple):
+    image: Any  # tensor, or None when the file could not be decoded
+    label: int
+    index: int
+    failure: str | None
+
+
+class LoadedBatch(NamedTuple):
+    images: torch.Tensor | None  # None when every file of the batch failed
+    labels: torch.Tensor
+    indices: list[int]  # positions in the dataset's `samples`
+    failures: list[tuple[int, str]]  # (position, reason) of files that could not be decoded
+
+
+class ImageListDataset:
+    """(path, label) pairs; a file that fails to decode yields a failure, never an exception."""
+
+    def __init__(
+        self, samples: list[tuple[str, int]], transform: Callable, decode_min_size: int | None
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.decode_min_size = decode_min_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        path, label = self.samples[index]
+        try:
+            image = self.transform(load_rgb(path, self.decode_min_size))
+        except Exception as exc:  # any decoder error means "unreadable", never a crash
+            return Sample(None, label, index, describe_failure(exc))
+        return Sample(image, label, index, None)
+
+
+def collate_skipping_failures(samples: list[Sample]) -> LoadedBatch:
+    import torch
+
+    good = [s for s in samples if s.failure is None]
+    return LoadedBatch(
+        images=torch.stack([s.image for s in good]) if good else None,
+        labels=torch.tensor([s.label for s in good], dtype=torch.long),
+        indices=[s.index for s in good],
+        failures=[(s.index, s.failure) for s in samples if s.failure is not None],
+    )
+
+
+def make_loader(
+    dataset: ImageListDataset,
+    *,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """Decoding in worker processes, kept alive across epochs; seeded so runs repeat exactly."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        collate_fn=collate_skipping_failures,
+        generator=generator,
+    )
+
+
+# ---------------------------------------------------------------- dataset layout
+
+
+@dataclass
+class DatasetLayout:
+    """Which files train and validate, with labels indexing `classes`."""
+
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    split: dict[str, Any] | None = None  # how a single folder was split, for the run folder
+    warnings: list[str] = field(default_factory=list)
+
+
+def scan_class_folders(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """`folder/<class>/**/<image>` -> {class: sorted paths}; odd entries become warnings."""
+    classes: dict[str, list[str]] = {}
+    warnings: list[str] = []
+    hidden, stray = [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if is_hidden(entry.name):
+            if entry.is_dir():
+                hidden.append(entry.name)
+            continue
+        if not entry.is_dir():
+            stray.append(entry.name)
+            continue
+        paths = []
+        for dirpath, dirnames, filenames in os.walk(entry.path):
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+            paths.extend(
+                os.path.join(dirpath, f)
+                for f in sorted(filenames)
+                if not is_hidden(f) and is_image_name(f)
+            )
+        classes[entry.name] = paths
+    if hidden:
+        warnings.append(f"Ignored hidden folders in {folder}: {', '.join(hidden)}.")
+    if stray:
+        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        warnings.append(f"Ignored files outside class folders in {folder}: {shown}.")
+    return classes, warnings
+
+
+def discover_dataset(root: str | Path, val_split: float, seed: int) -> DatasetLayout:
+    """`ROOT/train` + `ROOT/val|valid|validation`, or one folder of classes split by `val_split`."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"The dataset folder {root} does not exist.")
+    if not root.is_dir():
+        raise UserError(f"--data must be a folder of class folders, but {root} is a file.")
+    train_dir = root / "train"
+    val_dir = next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
+    if train_dir.is_dir() and val_dir is not None:
+        train_map, warnings = scan_class_folders(train_dir)
+        val_map, val_warnings = scan_class_folders(val_dir)
+        warnings += val_warnings
+        _check_train_classes(train_map, train_dir)
+        classes = sorted(train_map)
+        unknown = sorted(set(val_map) - set(train_map))
+        if unknown:
+            raise UserError(
+                f"{val_dir} has classes that {train_dir} does not: {', '.join(unknown)}. The "
+                "model can only learn classes present in train; add their training images or "
+                "remove them from val."
+            )
+        no_val = [c for c in classes if not val_map.get(c)]
+        if no_val:
+            warnings.append(f"Classes with no validation images: {', '.join(no_val)}.")
+        index = {c: i for i, c in enumerate(classes)}
+        train = [(p, index[c]) for c in classes for p in train_map[c]]
+        val = [(p, index[c]) for c in classes for p in val_map.get(c, [])]
+        layout = DatasetLayout(classes, train, val, None, warnings)
+    else:
+        folder = train_dir if train_dir.is_dir() else root
+        class_map, warnings = scan_class_folders(folder)
+        if folder == train_dir:
+            warnings.append(f"No val folder beside {train_dir}; holding out {val_split:.0%} of it.")
+        _check_train_classes(class_map, folder)
+        layout = split_stratified(class_map, val_split, seed)
+        layout.warnings[:0] = warnings
+        layout.split["root"] = str(folder)
+    if not layout.val:
+        raise UserError(
+            f"No validation images in {root}: add a val/ folder of class folders, or use a "
+            "larger --val-split."
+        )
+    return layout
+
+
+def split_stratified(class_map: dict[str, list[str]], val_split: float, seed: int) -> DatasetLayout:
+    """Per class, a seeded shuffle and the first `val_split` share to val (at least one image
+    when the class has two or more), without copying any file."""
+    classes = sorted(class_map)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label, name in enumerate(classes):
+        paths = list(class_map[name])
+        rng.shuffle(paths)
+        n_val = max(1, round(len(paths) * val_split)) if len(paths) >= 2 else 0
+        val += [(p, label) for p in sorted(paths[:n_val])]
+        train += [(p, label) for p in sorted(paths[n_val:])]
+    split = {
+        "seed": seed,
+        "val_split": val_split,
+        "train": [p for p, _ in train],
+        "val": [p for p, _ in val],
+    }
+    return DatasetLayout(classes, train, val, split, [])
+
+
+def _check_train_classes(class_map: dict[str, list[str]], folder: Path) -> None:
+    empty = [c for c, paths in class_map.items() if not paths]
+    if empty:
+        raise UserError(
+            f"Class folders with no images in {folder}: {', '.join(empty)}. Add images (any "
+            "format Pillow reads) or remove the folders."
+        )
+    if len(class_map) < 2:
+        found = f"only {next(iter(class_map))!r}" if class_map else "none"
+        raise UserError(
+            f"{folder} must hold at least 2 class folders (DIR/<class>/<images>), found {found}. "
+            "Expected layout: DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg, or "
+            "DATA/<class>/*.jpg split with --val-split."
+        )
+
+
+def list_images(folder: str | Path, recursive: bool) -> list[str]:
+    """Every image file in `folder` (by extension, any case), in sorted order."""
+    folder = Path(folder)
+    if recursive:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+            found += [os.path.join(dirpath, f) for f in filenames if is_image_name(f)]
+    else:
+        # a folder named like an image is listed too, and then reported as unreadable
+        found = [e.path for e in os.scandir(folder) if is_image_name(e.name)]
+    return sorted(found)

@@ -1,0 +1,197 @@
+"""Architectures: a registry over torchvision's ResNet builders, weight loading and freezing.
+
+The models are torchvision's own, so state dicts keep torchvision's layout and official `.pth`
+files load strictly. Only the classifier (`fc`) is ever replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from resnext_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.models import ResNet
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    family: str
+    # torchvision's builder and weights enum share the architecture's name
+    description: str
+
+
+ARCHS: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchSpec("resnet18", "ResNet", "basic blocks, 18 layers"),
+        ArchSpec("resnet34", "ResNet", "basic blocks, 34 layers"),
+        ArchSpec("resnet50", "ResNet", "bottleneck blocks, 50 layers"),
+        ArchSpec("resnet101", "ResNet", "bottleneck blocks, 101 layers"),
+        ArchSpec("resnet152", "ResNet", "bottleneck blocks, 152 layers"),
+        ArchSpec("resnext50_32x4d", "ResNeXt", "32 groups of width 4, 50 layers"),
+        ArchSpec("resnext101_32x8d", "ResNeXt", "32 groups of width 8, 101 layers"),
+        ArchSpec("resnext101_64x4d", "ResNeXt", "64 groups of width 4, 101 layers"),
+        ArchSpec("wide_resnet50_2", "Wide ResNet", "bottleneck twice as wide, 50 layers"),
+        ArchSpec("wide_resnet101_2", "Wide ResNet", "bottleneck twice as wide, 101 layers"),
+    )
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_model(arch: str, num_classes: int) -> ResNet:
+    """torchvision's network with random weights and a classifier for `num_classes`."""
+    import torch.nn as nn
+    from torchvision.models import get_model_builder
+
+    if arch not in ARCHS:
+        raise UserError(f"Unknown architecture {arch!r}. `resnext archs` lists the choices.")
+    model = get_model_builder(arch)(weights=None)
+    if num_classes != model.fc.out_features:
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def arch_parameter_counts() -> dict[str, int]:
+    """Parameter counts with the 1000-class ImageNet head, built on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return {name: count_parameters(build_model(name, 1000)) for name in ARCHS}
+
+
+def load_weights(model: ResNet, arch: str, weights: str, log: Callable[[str], None]) -> None:
+    """Load `imagenet`, a state-dict/checkpoint PATH, or nothing (`none`) into `model`."""
+    if weights == "none":
+        log("Weights: random initialisation (--weights none).")
+        return
+    if weights == "imagenet":
+        state, source = imagenet_state_dict(arch), f"torchvision ImageNet weights for {arch}"
+    else:
+        state, source = read_state_dict(weights), weights
+    apply_state_dict(model, state, source, log)
+
+
+def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's weights API, downloading once into the torch hub cache."""
+    from urllib.parse import urlparse
+
+    from torch.hub import get_dir, load_state_dict_from_url
+    from torchvision.models import get_model_weights
+
+    url = get_model_weights(arch).DEFAULT.url
+    cached = Path(get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    try:
+        return load_state_dict_from_url(
+            url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+        )
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+        if cached.is_file():
+            raise UserError(
+                f"The cached ImageNet weights {cached} could not be read ({exc}). Delete the file "
+                "to download it again, or pass --weights PATH or --weights none."
+            ) from None
+        raise UserError(
+            f"Could not download the ImageNet weights for {arch} from {url} ({exc}). If this "
+            f"machine is offline, fetch that file elsewhere and place it at {cached}; or pass "
+            "--weights PATH (a torchvision state dict or a resnext checkpoint), or --weights none "
+            "to start from random weights."
+        ) from None
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A torchvision-style state dict, or the model inside a checkpoint written by this tool."""
+    from resnext_cli.checkpoint import CHECKPOINT_FORMAT, safe_torch_load
+
+    obj = safe_torch_load(path, what="weights file")
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path} does not hold a state dict (a mapping of parameter names).")
+    import torch
+
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{path} is not a state dict: entries {_names(bad)} are not tensors.")
+    return obj
+
+
+def apply_state_dict(
+    model: ResNet, state: dict[str, torch.Tensor], source: str, log: Callable[[str], None]
+) -> None:
+    """Strict load except for a classifier of another shape, which is replaced and reported."""
+    state = {_strip_prefix(k): v.float() if v.is_floating_point() else v for k, v in state.items()}
+    own = model.state_dict()
+    head_keys = [k for k in ("fc.weight", "fc.bias") if k in state and k in own]
+    if any(state[k].shape != own[k].shape for k in head_keys):
+        old = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
+        for k in head_keys:
+            del state[k]
+        log(
+            f"Replaced the classifier of {source}: {old} outputs -> {model.fc.out_features} "
+            "classes (new head, random init)."
+        )
+    missing = sorted(set(own) - set(state) - set(head_keys))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_names(unexpected)}")
+    if wrong_shape:
+        problems.append(f"keys of the wrong shape {_names(wrong_shape)}")
+    if problems:
+        raise UserError(
+            f"The weights in {source} do not fit this architecture: {'; '.join(problems)}. "
+            "Check --arch matches the file (`resnext archs` lists the architectures)."
+        )
+    model.load_state_dict(state, strict=False)
+    log(f"Weights: loaded {len(state)} tensors from {source}.")
+
+
+def set_backbone_trainable(model: ResNet, trainable: bool) -> None:
+    for name, param in model.named_parameters():
+        if not name.startswith("fc."):
+            param.requires_grad_(trainable)
+
+
+def set_train_mode(model: ResNet, backbone_frozen: bool) -> None:
+    """Train mode for what trains: a frozen backbone stays in eval mode so its BN stats stay put."""
+    if backbone_frozen:
+        model.eval()
+        model.fc.train()
+    else:
+        model.train()
+
+
+def backbone_features(model: ResNet, images: torch.Tensor) -> torch.Tensor:
+    """The pooled features that feed `fc`, through torchvision's own layers."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return model.avgpool(x).flatten(1)
+
+
+def _strip_prefix(key: str) -> str:
+    # DataParallel / DistributedDataParallel / torch.compile wrap names
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

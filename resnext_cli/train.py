@@ -1,0 +1,342 @@
+"""`resnext train`: the tutorial's transfer-learning recipe without its silent failures."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resnext_cli import ui
+from resnext_cli.config import TrainConfig, to_plain_dict
+from resnext_cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_val_acc: float
+    best_epoch: int
+    epochs_completed: int
+
+
+class LrSchedule:
+    """Per-step multiplier: linear warmup, then cosine to zero, step decay or constant.
+
+    A plain object (not a closure) so the scheduler's state dict holds only plain types.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int, steps_per_epoch: int):
+        self.kind = kind
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = warmup_steps
+        # step decay: x0.1 at one third and two thirds of training
+        self.step_every = max(1, math.ceil(total_steps / 3 / steps_per_epoch)) * steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if self.kind == "step":
+            return 0.1 ** (step // self.step_every)
+        return 1.0
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(
+    model: torch.nn.Module, config: TrainConfig, backbone_will_train: bool, frozen_now: bool
+) -> torch.optim.Optimizer:
+    """Head and backbone in separate groups; the backbone gets `backbone_lr_mult` when it is
+    fine-tuned after a frozen phase (`--unfreeze-after`), the full rate with `--no-freeze`."""
+    import torch
+
+    head = list(model.fc.parameters())
+    groups = [{"params": head, "lr": config.lr, "name": "head"}]
+    if backbone_will_train:
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in model.parameters() if id(p) not in head_ids]
+        mult = config.backbone_lr_mult if frozen_now else 1.0
+        groups.insert(0, {"params": backbone, "lr": config.lr * mult, "name": "backbone"})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    import torch
+
+    from resnext_cli import checkpoint as ckpt
+    from resnext_cli import data, models
+    from resnext_cli.device import pin_memory_for, select_device
+
+    explicit_freeze = config.freeze
+    cfg = config.resolved()
+    assert cfg.seed is not None and cfg.workers is not None and cfg.freeze is not None
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+
+    layout = data.discover_dataset(cfg.data, cfg.val_split, cfg.seed)
+    for message in layout.warnings:
+        ui.warn(message)
+    if cfg.weights == "none" and explicit_freeze:
+        ui.warn(
+            "--freeze with --weights none keeps a random backbone fixed; only the head trains "
+            "and it will learn little. Going on as asked."
+        )
+
+    model = models.build_model(cfg.arch, len(layout.classes))
+    models.load_weights(model, cfg.arch, cfg.weights, ui.info)
+    frozen = cfg.freeze and cfg.unfreeze_after != 0
+    backbone_will_train = not frozen or cfg.unfreeze_after is not None
+    models.set_backbone_trainable(model, not frozen)
+    model.to(device)
+
+    run_dir = ckpt.make_run_dir(cfg.out, cfg.name)
+    resolved = to_plain_dict(cfg)
+    _write_run_files(run_dir, resolved, layout)
+    ui.info(
+        f"Run folder: {run_dir}  |  {cfg.arch} on {device}  |  {len(layout.classes)} classes, "
+        f"{len(layout.train)} train / {len(layout.val)} val images"
+    )
+    ui.info(
+        f"Trainable parameters: {models.count_parameters(model, trainable_only=True):,} of "
+        f"{models.count_parameters(model):,} ({'backbone frozen' if frozen else 'all layers'})"
+    )
+
+    mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
+    decode_size = data.resize_size(cfg.img_size)
+    pin = pin_memory_for(device)
+    train_loader = data.make_loader(
+        data.ImageListDataset(layout.train, data.train_transform(cfg.img_size, mean, std), decode_size),
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        shuffle=True,
+        seed=cfg.seed,
+        pin_memory=pin,
+        # a lone last image cannot be batch-normalised in train mode
+        drop_last=len(layout.train) % cfg.batch_size == 1,
+    )
+    val_loader = data.make_loader(
+        data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size, mean, std), decode_size),
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        pin_memory=pin,
+    )
+    optimizer = build_optimizer(model, cfg, backbone_will_train, frozen)
+    steps_per_epoch = max(1, len(train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        LrSchedule(
+            cfg.scheduler,
+            cfg.epochs * steps_per_epoch,
+            cfg.warmup_epochs * steps_per_epoch,
+            steps_per_epoch,
+        ),
+    )
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    failures: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    best_acc, best_epoch, epoch = -1.0, 0, 0
+    meta = dict(arch=cfg.arch, classes=layout.classes, img_size=cfg.img_size, mean=mean, std=std)
+
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            if frozen and cfg.unfreeze_after is not None and epoch > cfg.unfreeze_after:
+                frozen = False
+                models.set_backbone_trainable(model, True)
+                ui.info(
+                    f"Epoch {epoch}: unfreezing the backbone (lr x{cfg.backbone_lr_mult}); "
+                    f"{models.count_parameters(model, trainable_only=True):,} parameters train."
+                )
+            started, epoch_lr = time.perf_counter(), optimizer.param_groups[-1]["lr"]
+            train_loss, train_acc = _train_one_epoch(
+                model, train_loader, optimizer, scheduler, criterion, device, frozen,
+                failures, f"epoch {epoch}/{cfg.epochs}",
+            )  # fmt: skip
+            val_loss, val_acc, _ = run_validation(model, val_loader, criterion, device, failures)
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": epoch_lr,  # the head's rate as the epoch began
+                "seconds": time.perf_counter() - started,
+            }
+            rows.append(row)
+            ckpt.write_metrics(run_dir / "metrics.csv", rows)
+            improved = val_acc > best_acc
+            if improved:
+                best_acc, best_epoch = val_acc, epoch
+                ckpt.save_torch(
+                    ckpt.build_checkpoint(model, epoch=epoch, val_acc=val_acc, config=resolved, **meta),
+                    run_dir / "best.pt",
+                )
+            last = ckpt.build_checkpoint(model, epoch=epoch, val_acc=val_acc, config=resolved, **meta)
+            last.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                best_val_acc=best_acc,
+                best_epoch=best_epoch,
+                torch_rng_state=torch.get_rng_state(),
+            )
+            ckpt.save_torch(last, run_dir / "last.pt")
+            _print_epoch_row(row, improved, first=epoch == 1)
+            if cfg.patience and epoch - best_epoch >= cfg.patience:
+                ui.info(f"Early stopping: no val improvement for {cfg.patience} epochs.")
+                break
+    except KeyboardInterrupt:
+        raise UserError(
+            f"Interrupted during epoch {epoch}. {run_dir / 'last.pt'} holds the last completed "
+            "epoch.",
+            EXIT_INTERRUPTED,
+        ) from None
+
+    if failures:
+        ui.warn(f"{len(failures)} unreadable file(s) were skipped (listed above).")
+    ui.info(
+        f"Best val accuracy {best_acc:.2%} at epoch {best_epoch} -> {run_dir / 'best.pt'}"
+    )
+    return TrainResult(run_dir, best_acc, best_epoch, len(rows))
+
+
+def _write_run_files(run_dir: Path, resolved: dict[str, Any], layout: Any) -> None:
+    import json
+
+    import yaml
+
+    from resnext_cli import checkpoint as ckpt
+
+    ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    ckpt.write_class_indices(run_dir / "class_indices.json", layout.classes)
+    if layout.split is not None:
+        ckpt.atomic_write_text(run_dir / "split.json", json.dumps(layout.split, indent=1) + "\n")
+
+
+def _report_failures(
+    batch_failures: list[tuple[int, str]], samples: list[tuple[str, int]], seen: dict[str, str]
+) -> None:
+    """Each unreadable file is reported once, however many epochs meet it."""
+    from tqdm import tqdm
+
+    for index, reason in batch_failures:
+        path = samples[index][0]
+        if path not in seen:
+            seen[path] = reason
+            tqdm.write(f"Warning: skipped unreadable file {path}: {reason}", file=sys.stderr)
+
+
+def _train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    criterion: torch.nn.Module,
+    device: torch.device,
+    frozen: bool,
+    failures: dict[str, str],
+    label: str,
+) -> tuple[float, float]:
+    import torch
+
+    from resnext_cli.models import backbone_features, set_train_mode
+
+    set_train_mode(model, backbone_frozen=frozen)
+    loss_sum, correct, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    bar = ui.progress(loader, desc=label, unit="batch")
+    for batch in bar:
+        _report_failures(batch.failures, loader.dataset.samples, failures)
+        if batch.images is None or (not frozen and len(batch.indices) < 2):
+            continue  # nothing decodable, or a single image batch norm cannot train on
+        images = batch.images.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        if frozen:
+            with torch.no_grad():  # only the head builds a graph
+                features = backbone_features(model, images)
+            logits = model.fc(features)
+        else:
+            logits = model(images)
+        loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = labels.numel()
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += n
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
+                        img_s=f"{seen / max(elapsed, 1e-9):.1f}")  # fmt: skip
+    if seen == 0:
+        raise UserError(
+            "No training image could be read in this epoch (see the warnings above).", EXIT_FAILED
+        )
+    return loss_sum / seen, correct / seen
+
+
+def run_validation(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    criterion: torch.nn.Module,
+    device: torch.device,
+    failures: dict[str, str],
+) -> tuple[float, float, int]:
+    """Mean loss, accuracy (0-1) and the number of images scored, in eval mode."""
+    import torch
+
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    with torch.inference_mode():
+        for batch in ui.progress(loader, desc="val", unit="batch"):
+            _report_failures(batch.failures, loader.dataset.samples, failures)
+            if batch.images is None:
+                continue
+            images = batch.images.to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            logits = model(images)
+            loss_sum += criterion(logits, labels).item() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += labels.numel()
+    if seen == 0:
+        raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
+    return loss_sum / seen, correct / seen, seen
+
+
+def _print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=first, box=None, pad_edge=False)
+    widths = {"epoch": 5, "train_loss": 10, "train_acc": 9, "val_loss": 8, "val_acc": 8,
+              "lr": 9, "seconds": 7}  # fmt: skip
+    for name, width in widths.items():
+        table.add_column(name, justify="right", min_width=width, max_width=width)
+    table.add_column("", min_width=4)
+    table.add_row(
+        str(row["epoch"]),
+        f"{row['train_loss']:.4f}",
+        f"{row['train_acc']:.2%}",
+        f"{row['val_loss']:.4f}",
+        f"{row['val_acc']:.2%}",
+        f"{row['lr']:.2e}",
+        f"{row['seconds']:.1f}",
+        "best" if improved else "",
+    )
+    ui.console().print(table)
