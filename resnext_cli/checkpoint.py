@@ -75,11 +75,14 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = next(
+            (line.strip() for line in str(exc).splitlines() if "Unsupported" in line),
+            "objects other than tensors and plain types",
+        )
         raise UserError(
-            f"Refused to load {p}: it contains pickled objects other than tensors and plain "
-            f"types, and loading it could run code ({first_line}). Only weights_only files are "
-            "accepted; re-save the state dict with torch.save(model.state_dict(), path)."
+            f"Refused to load {p}: unpickling it could run code ({reason}). Only files that load "
+            "with weights_only=True are accepted; if you trust the file, re-save its tensors with "
+            "torch.save(model.state_dict(), path)."
         ) from None
     except Exception as exc:  # zip/pickle/EOF errors: a truncated or foreign file
         raise UserError(f"The {what} {p} could not be read: {exc}") from None
@@ -115,8 +118,8 @@ def build_checkpoint(
         "config": config,
         "versions": {
             "resnext_cli": __version__,
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
+            "torch": str(torch.__version__),  # a TorchVersion object otherwise
+            "torchvision": str(torchvision.__version__),
         },
     }
 

@@ -1,0 +1,371 @@
+"""`resnext predict` and `resnext batch-predict`: the val transform of training, a model in eval
+mode under inference_mode, and results that stream out as batches finish."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from resnext_cli import ui
+from resnext_cli.config import BatchPredictConfig, InferenceConfig, PredictConfig
+from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class InferenceModel:
+    model: torch.nn.Module
+    classes: list[str]
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    source: str  # the checkpoint or weights file, as shown to the user
+
+    def transform(self) -> Any:
+        from resnext_cli.data import eval_transform
+
+        return eval_transform(self.img_size, self.mean, self.std)
+
+    @property
+    def decode_min_size(self) -> int:
+        from resnext_cli.data import resize_size
+
+        return resize_size(self.img_size)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(images.to(self.device, non_blocking=True))
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> InferenceModel:
+    """A resnext checkpoint (given, or the newest runs/*/best.pt), or the tutorial's artefacts:
+    a plain state dict with --arch and --class-indices."""
+    from resnext_cli import checkpoint as ckpt
+    from resnext_cli import models
+    from resnext_cli.device import select_device
+
+    device = select_device(cfg.device)
+    mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
+    if cfg.weights:
+        assert cfg.arch and cfg.class_indices
+        classes = ckpt.read_class_indices(cfg.class_indices)
+        state = models.read_state_dict(cfg.weights)
+        _check_class_count(state, classes, cfg.weights, cfg.class_indices)
+        model = models.build_model(cfg.arch, len(classes))
+        models.apply_state_dict(model, state, cfg.weights, log=lambda _: None)
+        source, img_size = cfg.weights, cfg.img_size or 224
+    else:
+        path = Path(cfg.checkpoint) if cfg.checkpoint else ckpt.latest_checkpoint()
+        if announce and not cfg.checkpoint:
+            ui.console(stderr=True).print(f"Using the newest checkpoint: {path}", markup=False)
+        checkpoint = ckpt.load_checkpoint(path)
+        classes = list(checkpoint["classes"])
+        if cfg.class_indices:
+            named = ckpt.read_class_indices(cfg.class_indices)
+            _check_class_count(checkpoint["model"], named, str(path), cfg.class_indices)
+            classes = named
+        if cfg.arch and cfg.arch != checkpoint["arch"]:
+            raise UserError(f"--arch {cfg.arch} disagrees with {path}, a {checkpoint['arch']}.")
+        model = models.build_model(checkpoint["arch"], len(classes))
+        models.apply_state_dict(model, checkpoint["model"], str(path), log=lambda _: None)
+        source = str(path)
+        img_size = cfg.img_size or int(checkpoint["img_size"])
+        mean, std = tuple(checkpoint["mean"]), tuple(checkpoint["std"])
+    model.eval().to(device)
+    return InferenceModel(model, classes, img_size, mean, std, device, source)
+
+
+def _check_class_count(
+    state: dict[str, torch.Tensor], classes: list[str], weights: str, class_file: str
+) -> None:
+    outputs = state["fc.weight"].shape[0] if "fc.weight" in state else None
+    if outputs is not None and outputs != len(classes):
+        raise UserError(
+            f"{weights} has a classifier with {outputs} outputs but {class_file} names "
+            f"{len(classes)} classes. Use the class_indices.json written with these weights."
+        )
+
+
+def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
+    import torch
+
+    values, indices = torch.topk(probs, min(k, len(classes)), dim=1)
+    return [
+        [(classes[i], float(v)) for v, i in zip(row_v.tolist(), row_i.tolist())]
+        for row_v, row_i in zip(values, indices)
+    ]
+
+
+# ---------------------------------------------------------------- predict
+
+
+def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
+    import torch
+
+    from resnext_cli.data import describe_failure, load_rgb
+
+    for image in cfg.images:
+        p = Path(image)
+        if not p.exists():
+            raise UserError(f"The image {image} does not exist.")
+        if p.is_dir():
+            raise UserError(
+                f"{image} is a folder; predict takes image files. For a folder of images use "
+                f"`resnext batch-predict {image}`."
+            )
+    engine = load_inference_model(cfg, announce=not cfg.json)
+    transform = engine.transform()
+    pictures, problems = [], []
+    for image in cfg.images:
+        try:
+            pictures.append(load_rgb(image, engine.decode_min_size))
+        except Exception as exc:
+            problems.append(f"{image} ({describe_failure(exc)})")
+    if problems:
+        raise UserError(f"Could not read the image(s): {'; '.join(problems)}.")
+    probs = engine.probabilities(torch.stack([transform(p) for p in pictures]))
+    results = [
+        {
+            "path": image,
+            "topk": [{"class": c, "prob": round(p, 6)} for c, p in ranked],
+            "checkpoint": engine.source,
+        }
+        for image, ranked in zip(cfg.images, top_k(probs, engine.classes, cfg.topk))
+    ]
+    if cfg.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        _print_prediction_tables(results)
+    if cfg.plot:
+        save_prediction_plot(cfg.plot, pictures, results)
+        if not cfg.json:
+            ui.info(f"Saved {cfg.plot}")
+    return results
+
+
+def _print_prediction_tables(results: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    for result in results:
+        table = Table("#", "class", "prob", title=result["path"], title_justify="left", box=None)
+        for rank, entry in enumerate(result["topk"], 1):
+            table.add_row(str(rank), entry["class"], f"{entry['prob']:.2%}")
+        ui.console().print(table)
+
+
+def save_prediction_plot(path: str, pictures: list[Any], results: list[dict[str, Any]]) -> None:
+    """Each image under a title line `class: prob`, side by side in one PNG; never a window."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from resnext_cli.checkpoint import atomic_write
+
+    tile, title_h = 320, 36
+    canvas = Image.new("RGB", (tile * len(pictures), tile + title_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=20)
+    except TypeError:  # Pillow < 10.1 has only the bitmap font
+        font = ImageFont.load_default()
+    for i, (picture, result) in enumerate(zip(pictures, results)):
+        thumb = picture.copy()
+        thumb.thumbnail((tile, tile))
+        x = i * tile
+        canvas.paste(thumb, (x + (tile - thumb.width) // 2, title_h + (tile - thumb.height) // 2))
+        best = result["topk"][0]
+        draw.text((x + 8, 8), f"{best['class']}: {best['prob']:.1%}", fill="black", font=font)
+    target = Path(path)
+    if target.parent and not target.parent.exists():
+        raise UserError(f"Cannot save the plot: the folder {target.parent} does not exist.")
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    atomic_write(target, lambda handle: handle.write(buffer.getvalue()))
+
+
+# ---------------------------------------------------------------- batch-predict
+
+
+class ResultWriter:
+    """Streams rows to `<output>.partial` one whole batch per write, renamed into place when the
+    run ends: a reader never sees half a line, and an earlier file survives a failed run."""
+
+    def __init__(self, output: str, topk: int) -> None:
+        self.path = Path(output)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.jsonl = self.path.suffix.lower() == ".jsonl"
+        self.topk = topk
+        if not self.path.parent.is_dir():
+            raise UserError(f"Cannot write {output}: the folder {self.path.parent} does not exist.")
+        try:
+            self.handle = open(self.partial, "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise UserError(f"Cannot write {self.partial}: {exc.strerror}.") from None
+        if not self.jsonl:
+            header = ["path", "class", "prob", "error"]
+            for k in range(2, topk + 1):
+                header += [f"class_{k}", f"prob_{k}"]
+            self._write([header])
+
+    def add(self, rows: list[tuple[str, list[tuple[str, float]] | None, str]]) -> None:
+        """rows: (path, ranked classes or None, error message or "")."""
+        if self.jsonl:
+            lines = [
+                json.dumps(
+                    {
+                        "path": path,
+                        "class": ranked[0][0] if ranked else None,
+                        "prob": round(ranked[0][1], 6) if ranked else None,
+                        "topk": [{"class": c, "prob": round(p, 6)} for c, p in ranked or []],
+                        "error": error,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for path, ranked, error in rows
+            ]
+            self.handle.write("".join(lines))
+        else:
+            records = []
+            for path, ranked, error in rows:
+                cells = [path, "", "", error]
+                if ranked:
+                    cells[1:3] = [ranked[0][0], f"{ranked[0][1]:.6f}"]
+                for k in range(1, self.topk):
+                    if ranked and k < len(ranked):
+                        cells += [ranked[k][0], f"{ranked[k][1]:.6f}"]
+                    else:
+                        cells += ["", ""]
+                records.append(cells)
+            self._write(records)
+        self.handle.flush()
+
+    def _write(self, records: list[list[str]]) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(records)
+        self.handle.write(buffer.getvalue())
+
+    def close(self, keep: bool) -> None:
+        self.handle.close()
+        if keep:
+            os.replace(self.partial, self.path)
+
+
+def batch_predict(cfg: BatchPredictConfig) -> int:
+    """Predict every image in DIR; returns the exit code (1 when none could be predicted)."""
+    from resnext_cli.config import default_workers
+    from resnext_cli.data import ImageListDataset, list_images, make_loader
+    from resnext_cli.device import pin_memory_for
+
+    assert cfg.dir is not None
+    folder = Path(cfg.dir)
+    if not folder.exists():
+        raise UserError(f"The folder {cfg.dir} does not exist.")
+    if not folder.is_dir():
+        raise UserError(
+            f"{cfg.dir} is a file; batch-predict takes a folder. For single images use "
+            f"`resnext predict {cfg.dir}`."
+        )
+    paths = list_images(folder, cfg.recursive)
+    if not paths:
+        hint = "" if cfg.recursive else " (sub-folders are searched with --recursive)"
+        ui.warn(f"No image files in {cfg.dir}{hint}.")
+        return EXIT_FAILED
+    engine = load_inference_model(cfg)
+    ui.console(stderr=True).print(
+        f"{len(paths)} images in {cfg.dir}  |  {engine.source} on {engine.device}", markup=False
+    )
+    dataset = ImageListDataset([(p, -1) for p in paths], engine.transform(), engine.decode_min_size)
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    loader = make_loader(
+        dataset,
+        batch_size=cfg.batch_size,
+        workers=min(workers, len(paths)),
+        pin_memory=pin_memory_for(engine.device),
+    )
+    writer = ResultWriter(cfg.output, cfg.topk) if cfg.output else None
+    per_class: Counter[str] = Counter()
+    failures: list[tuple[str, str]] = []  # the first few, for the summary
+    failure_count = 0
+    started = time.perf_counter()
+    bar = ui.progress(total=len(paths), desc="predict", unit="img")
+    finished = False
+    try:
+        for rows in _predicted_rows(loader, engine, cfg.topk, paths):
+            for path, ranked, error in rows:
+                if ranked:
+                    per_class[ranked[0][0]] += 1
+                    if not cfg.quiet:
+                        bar.write(f"image: {path}  class: {ranked[0][0]}  prob: {ranked[0][1]:.3f}")
+                else:
+                    failure_count += 1
+                    if len(failures) < 20:
+                        failures.append((path, error))
+                    bar.write(f"Warning: unreadable {path}: {error}", file=sys.stderr)
+            if writer:
+                writer.add(rows)
+            bar.update(len(rows))
+        finished = True
+    finally:
+        bar.close()
+        if writer:
+            writer.close(keep=finished)
+    seconds = time.perf_counter() - started
+    _print_batch_summary(per_class, failures, failure_count, seconds, cfg.output)
+    return EXIT_OK if per_class else EXIT_FAILED
+
+
+def _predicted_rows(
+    loader: Any, engine: InferenceModel, k: int, paths: list[str]
+) -> Iterator[list[tuple[str, list[tuple[str, float]] | None, str]]]:
+    """One list of rows per batch, in file order, failures in their place."""
+    for batch in loader:
+        ranked_by_index: dict[int, Any] = {}
+        if batch.images is not None:
+            ranked = top_k(engine.probabilities(batch.images), engine.classes, k)
+            ranked_by_index = dict(zip(batch.indices, ranked))
+        errors = dict(batch.failures)
+        order = sorted([*ranked_by_index, *errors])
+        yield [(paths[i], ranked_by_index.get(i), errors.get(i, "")) for i in order]
+
+
+def _print_batch_summary(
+    per_class: Counter[str],
+    failures: list[tuple[str, str]],
+    failure_count: int,
+    seconds: float,
+    output: str | None,
+) -> None:
+    from rich.table import Table
+
+    predicted = sum(per_class.values())
+    console = ui.console()
+    console.print(
+        f"Predicted {predicted} image(s), {failure_count} unreadable, in {seconds:.1f} s "
+        f"({predicted / max(seconds, 1e-9):.1f} images/s).",
+        markup=False,
+    )
+    if per_class:
+        table = Table("class", "images", box=None)
+        for name, count in sorted(per_class.items(), key=lambda kv: (-kv[1], kv[0])):
+            table.add_row(name, str(count))
+        console.print(table)
+    if failures:
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in failures)
+        rest = failure_count - len(failures)
+        more = f"\n  ... and {rest} more (the output file lists them all)" if rest else ""
+        ui.warn(f"{failure_count} file(s) could not be read:\n{shown}{more}")
+    if output:
+        console.print(f"Results: {output}", markup=False)
