@@ -203,5 +203,23 @@ def archs() -> None:
     run_command(action)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console script: usage errors, too, become one `Error:` paragraph with exit code 2."""
+    from typer.main import get_command
+
+    command = get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="resnext", standalone_mode=False)
+    except Exception as exc:
+        # click's UsageError family (typer may vendor its own click, so match by shape)
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "resnext"
+        message = exc.format_message().rstrip()
+        _print_error(f"{message}{'' if message.endswith('.') else '.'} See `{where} --help`.")
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

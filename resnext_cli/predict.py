@@ -169,7 +169,7 @@ def _print_prediction_tables(results: list[dict[str, Any]]) -> None:
 
 def save_prediction_plot(path: str, pictures: list[Any], results: list[dict[str, Any]]) -> None:
     """Each image under a title line `class: prob`, side by side in one PNG; never a window."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     from resnext_cli.checkpoint import atomic_write
 
@@ -181,8 +181,7 @@ def save_prediction_plot(path: str, pictures: list[Any], results: list[dict[str,
     except TypeError:  # Pillow < 10.1 has only the bitmap font
         font = ImageFont.load_default()
     for i, (picture, result) in enumerate(zip(pictures, results)):
-        thumb = picture.copy()
-        thumb.thumbnail((tile, tile))
+        thumb = ImageOps.contain(picture, (tile, tile))  # up- or down-scaled to fit
         x = i * tile
         canvas.paste(thumb, (x + (tile - thumb.width) // 2, title_h + (tile - thumb.height) // 2))
         best = result["topk"][0]

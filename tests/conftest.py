@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny generated datasets (32-48 px) and one short training run."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from resnext_cli.cli import app
+
+# colour per class: a trivially learnable signal, so a couple of epochs give a usable model
+CLASS_COLOURS = {"alpha": (220, 40, 40), "beta": (40, 200, 60), "gamma": (40, 60, 220)}
+
+
+def draw_image(colour: tuple[int, int, int], rng: random.Random, size: int = 40) -> Image.Image:
+    img = Image.new("RGB", (size, size), tuple(rng.randint(90, 140) for _ in range(3)))
+    x0, y0 = rng.randint(0, size // 3), rng.randint(0, size // 3)
+    shade = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in colour)
+    img.paste(shade, (x0, y0, x0 + size // 2 + 4, y0 + size // 2 + 4))
+    return img
+
+
+def make_dataset(
+    root: Path,
+    train_per_class: int = 8,
+    val_per_class: int = 4,
+    classes: dict[str, tuple[int, int, int]] = CLASS_COLOURS,
+    seed: int = 0,
+    split_folders: bool = True,
+) -> Path:
+    rng = random.Random(seed)
+    splits = {"train": train_per_class, "val": val_per_class} if split_folders else {"": train_per_class}
+    for split, count in splits.items():
+        for name, colour in classes.items():
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                draw_image(colour, rng).save(folder / f"{name}_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", train_per_class=12, val_per_class=6)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(args: list[str], cwd: Path | None = None):
+    """Run the CLI in-process (torch stays imported between tests)."""
+    previous = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(previous)
+
+
+def run_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """The real console entry point, for what only a fresh process shows (usage errors, exit codes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "resnext_cli", *[str(a) for a in args]],
+        cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs,
+    )
+
+
+TINY_TRAIN = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+    """A 3-class resnet18: a fixed random backbone (colour survives it) and a trained head."""
+    work = tmp_path_factory.mktemp("trained")
+    result = invoke(
+        ["train", "--data", dataset, *TINY_TRAIN, "--weights", "none", "--freeze", "--epochs", "6",
+         "--seed", "0", "--lr", "0.02", "--out", work / "run"]
+    )
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return work / "run"
