@@ -107,7 +107,11 @@ def build_checkpoint(
 
     return {
         "format": CHECKPOINT_FORMAT,
-        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        # contiguous CPU copies: the file is the same whatever layout the model trained in
+        "model": {
+            k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in model.state_dict().items()
+        },
         "arch": arch,
         "classes": list(classes),
         "img_size": int(img_size),

@@ -31,6 +31,11 @@ app = typer.Typer(
 )
 
 _T = TrainConfig()
+PRECISION_HELP = (
+    "auto | fp32 | bf16 | fp16. auto: bf16 on CPUs with native bf16 and on recent GPUs, fp16 on "
+    "older GPUs, else fp32. [default: auto]"
+)
+LAYOUT_HELP = "Channels-last memory layout (faster convolutions). [default: on]"
 CONFIG_HELP = "YAML file of option: value (snake_case); flags given here override it."
 
 
@@ -105,6 +110,8 @@ def train(
         None, help="Seed; on the CPU the same seed repeats a run exactly. [default: random, saved]"
     ),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps [default: auto]"),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
     workers: Optional[int] = typer.Option(
         None, help="Decoding worker processes. [default: half the cores, 1 to 8]"
     ),
@@ -139,6 +146,8 @@ def predict(
     topk: Optional[int] = typer.Option(None, help="Classes to show per image. [default: 5]"),
     img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
     json: Optional[bool] = typer.Option(None, "--json", help="Print JSON instead of tables."),
     plot: Optional[str] = typer.Option(None, help="Save the image titled with its prediction (PNG)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
@@ -168,6 +177,8 @@ def batch_predict(
     workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: half the cores]"),
     img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="No line per image."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from resnext_cli.device import PRECISIONS
 from resnext_cli.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -42,6 +43,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int | None = None  # None: drawn at start and recorded in config.yaml
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32 (fp16 on old GPUs)
+    channels_last: bool = True
     workers: int | None = None  # None: chosen for the machine
     out: str | None = None
     name: str | None = None
@@ -78,6 +81,7 @@ class TrainConfig:
         if self.out and self.name:
             raise UserError("Give either --out DIR or --name NAME, not both.")
         check_device_string(self.device)
+        _check_choice("precision", self.precision, PRECISIONS)
 
     def resolved(self) -> TrainConfig:
         """Fill the choices left to the tool, so the saved config reproduces the run."""
@@ -97,6 +101,8 @@ class InferenceConfig:
     class_indices: str | None = None
     img_size: int | None = None  # None: the checkpoint's
     device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
 
     def validate(self) -> None:
         if self.checkpoint and self.weights:
@@ -113,6 +119,7 @@ class InferenceConfig:
         if self.img_size is not None:
             _check_range("img_size", self.img_size, low=16)
         check_device_string(self.device)
+        _check_choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass

@@ -31,6 +31,8 @@ class InferenceModel:
     std: tuple[float, ...]
     device: torch.device
     source: str  # the checkpoint or weights file, as shown to the user
+    precision: str
+    channels_last: bool
 
     def transform(self) -> Any:
         from resnext_cli.data import eval_transform
@@ -46,9 +48,11 @@ class InferenceModel:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 
-        with torch.inference_mode():
-            logits = self.model(images.to(self.device, non_blocking=True))
-            return torch.softmax(logits.float(), dim=1).cpu()
+        from resnext_cli.device import autocast, to_device
+
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits = self.model(to_device(images, self.device, self.channels_last))
+        return torch.softmax(logits.float(), dim=1).cpu()
 
 
 def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> InferenceModel:
@@ -56,9 +60,10 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
     a plain state dict with --arch and --class-indices."""
     from resnext_cli import checkpoint as ckpt
     from resnext_cli import models
-    from resnext_cli.device import select_device
+    from resnext_cli.device import precision_for, prepare_model, select_device
 
     device = select_device(cfg.device)
+    precision = precision_for(cfg.precision, device)
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
     if cfg.weights:
         assert cfg.arch and cfg.class_indices
@@ -85,8 +90,11 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         source = str(path)
         img_size = cfg.img_size or int(checkpoint["img_size"])
         mean, std = tuple(checkpoint["mean"]), tuple(checkpoint["std"])
-    model.eval().to(device)
-    return InferenceModel(model, classes, img_size, mean, std, device, source)
+    model.eval()
+    prepare_model(model, device, cfg.channels_last)
+    return InferenceModel(
+        model, classes, img_size, mean, std, device, source, precision, cfg.channels_last
+    )
 
 
 def _check_class_count(
@@ -284,7 +292,9 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
         return EXIT_FAILED
     engine = load_inference_model(cfg)
     ui.console(stderr=True).print(
-        f"{len(paths)} images in {cfg.dir}  |  {engine.source} on {engine.device}", markup=False
+        f"{len(paths)} images in {cfg.dir}  |  {engine.source} on {engine.device} "
+        f"({engine.precision}{', channels-last' if engine.channels_last else ''})",
+        markup=False,
     )
     dataset = ImageListDataset([(p, -1) for p in paths], engine.transform(), engine.decode_min_size)
     workers = cfg.workers if cfg.workers is not None else default_workers()

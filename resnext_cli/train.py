@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -83,13 +84,15 @@ def train(config: TrainConfig) -> TrainResult:
 
     from resnext_cli import checkpoint as ckpt
     from resnext_cli import data, models
-    from resnext_cli.device import pin_memory_for, select_device
+    from resnext_cli.device import make_grad_scaler, pin_memory_for, precision_for, prepare_model
+    from resnext_cli.device import select_device
 
     explicit_freeze = config.freeze
     cfg = config.resolved()
     assert cfg.seed is not None and cfg.workers is not None and cfg.freeze is not None
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
+    cfg = dataclasses.replace(cfg, precision=precision_for(cfg.precision, device))
 
     layout = data.discover_dataset(cfg.data, cfg.val_split, cfg.seed)
     for message in layout.warnings:
@@ -105,13 +108,15 @@ def train(config: TrainConfig) -> TrainResult:
     frozen = cfg.freeze and cfg.unfreeze_after != 0
     backbone_will_train = not frozen or cfg.unfreeze_after is not None
     models.set_backbone_trainable(model, not frozen)
-    model.to(device)
+    prepare_model(model, device, cfg.channels_last)
 
     run_dir = ckpt.make_run_dir(cfg.out, cfg.name)
     resolved = to_plain_dict(cfg)
     _write_run_files(run_dir, resolved, layout)
+    layout_name = ", channels-last" if cfg.channels_last else ""
     ui.info(
-        f"Run folder: {run_dir}  |  {cfg.arch} on {device}  |  {len(layout.classes)} classes, "
+        f"Run folder: {run_dir}  |  {cfg.arch} on {device} ({cfg.precision}{layout_name})  |  "
+        f"{len(layout.classes)} classes, "
         f"{len(layout.train)} train / {len(layout.val)} val images"
     )
     ui.info(
@@ -150,6 +155,8 @@ def train(config: TrainConfig) -> TrainResult:
         ),
     )
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scaler = make_grad_scaler(device, cfg.precision)
+    step = StepContext(device, cfg.precision, cfg.channels_last, criterion)
     failures: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     best_acc, best_epoch, epoch = -1.0, 0, 0
@@ -166,10 +173,10 @@ def train(config: TrainConfig) -> TrainResult:
                 )
             started, epoch_lr = time.perf_counter(), optimizer.param_groups[-1]["lr"]
             train_loss, train_acc = _train_one_epoch(
-                model, train_loader, optimizer, scheduler, criterion, device, frozen,
+                model, train_loader, optimizer, scheduler, scaler, step, frozen,
                 failures, f"epoch {epoch}/{cfg.epochs}",
             )  # fmt: skip
-            val_loss, val_acc, _ = run_validation(model, val_loader, criterion, device, failures)
+            val_loss, val_acc, _ = run_validation(model, val_loader, step, failures)
             row = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -192,6 +199,7 @@ def train(config: TrainConfig) -> TrainResult:
             last.update(
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
                 best_val_acc=best_acc,
                 best_epoch=best_epoch,
                 torch_rng_state=torch.get_rng_state(),
@@ -242,13 +250,34 @@ def _report_failures(
             tqdm.write(f"Warning: skipped unreadable file {path}: {reason}", file=sys.stderr)
 
 
+@dataclass
+class StepContext:
+    """How a batch is placed and computed: the same for training and validation."""
+
+    device: torch.device
+    precision: str
+    channels_last: bool
+    criterion: torch.nn.Module
+
+    def inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from resnext_cli.device import to_device
+
+        images = to_device(batch.images, self.device, self.channels_last)
+        return images, batch.labels.to(self.device, non_blocking=True)
+
+    def autocast(self) -> Any:
+        from resnext_cli.device import autocast
+
+        return autocast(self.device, self.precision)
+
+
 def _train_one_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    criterion: torch.nn.Module,
-    device: torch.device,
+    scaler: Any,
+    step: StepContext,
     frozen: bool,
     failures: dict[str, str],
     label: str,
@@ -265,18 +294,19 @@ def _train_one_epoch(
         _report_failures(batch.failures, loader.dataset.samples, failures)
         if batch.images is None or (not frozen and len(batch.indices) < 2):
             continue  # nothing decodable, or a single image batch norm cannot train on
-        images = batch.images.to(device, non_blocking=True)
-        labels = batch.labels.to(device, non_blocking=True)
-        if frozen:
-            with torch.no_grad():  # only the head builds a graph
-                features = backbone_features(model, images)
-            logits = model.fc(features)
-        else:
-            logits = model(images)
-        loss = criterion(logits, labels)
+        images, labels = step.inputs(batch)
+        with step.autocast():
+            if frozen:
+                with torch.no_grad():  # only the head builds a graph
+                    features = backbone_features(model, images)
+                logits = model.fc(features)
+            else:
+                logits = model(images)
+            loss = step.criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         n = labels.numel()
         loss_sum += loss.item() * n
@@ -293,11 +323,7 @@ def _train_one_epoch(
 
 
 def run_validation(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    criterion: torch.nn.Module,
-    device: torch.device,
-    failures: dict[str, str],
+    model: torch.nn.Module, loader: DataLoader, step: StepContext, failures: dict[str, str]
 ) -> tuple[float, float, int]:
     """Mean loss, accuracy (0-1) and the number of images scored, in eval mode."""
     import torch
@@ -309,10 +335,10 @@ def run_validation(
             _report_failures(batch.failures, loader.dataset.samples, failures)
             if batch.images is None:
                 continue
-            images = batch.images.to(device, non_blocking=True)
-            labels = batch.labels.to(device, non_blocking=True)
-            logits = model(images)
-            loss_sum += criterion(logits, labels).item() * labels.numel()
+            images, labels = step.inputs(batch)
+            with step.autocast():
+                logits = model(images).float()
+            loss_sum += step.criterion(logits, labels).item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
     if seen == 0:

@@ -1,0 +1,171 @@
+"""Batch prediction throughput: model alone vs `resnext batch-predict` vs the tutorial's loop.
+
+Measured in one process, on the same images, model weights and batch size:
+  (a) model only: the network on random tensors (the ceiling for end-to-end throughput);
+  (b) resnext batch-predict end to end: checkpoint load, file listing, decoding in DataLoader
+      workers, model, CSV output (the same function the CLI calls);
+  (c) the tutorial's batch_predict loop re-implemented faithfully: PIL decode and transforms in
+      the main process, no workers, `torch.no_grad`.
+on the photos as given and on the same photos upscaled to 3000x2000 JPEGs.
+
+    python benchmarks/bench_predict.py ../shared/data/flowers5
+    python benchmarks/bench_predict.py ../shared/data/flowers5 --archs resnet18 --large-count 40
+
+Weights are a fixed random init (seed 0): throughput does not depend on their values.
+Targets on a 2-core CPU: b/a >= 0.85 on the photos as given; b/c >= 1.5 on the large photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from resnext_cli import checkpoint as ckpt
+from resnext_cli import models
+from resnext_cli.config import BatchPredictConfig, default_workers
+from resnext_cli.data import list_images
+from resnext_cli.predict import batch_predict
+
+
+def tutorial_batch_predict(model: torch.nn.Module, paths: list[str], batch_size: int) -> int:
+    """The tutorial's loop: decode + transform each image in the main process, batch, predict.
+
+    Kept faithful except that it is given the same file list as (b) rather than listing `*.jpg`
+    itself, and it formats its per-image line without printing it (b runs with --quiet).
+    """
+    from torchvision import transforms
+
+    data_transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    model.eval()
+    done = 0
+    with torch.no_grad():
+        for ids in range(0, len(paths) // batch_size):
+            img_list = []
+            for img_path in paths[ids * batch_size : (ids + 1) * batch_size]:
+                img = Image.open(img_path)
+                img = data_transform(img)
+                img_list.append(img)
+            batch_img = torch.stack(img_list, dim=0)
+            output = model(batch_img).cpu()
+            predict = torch.softmax(output, dim=1)
+            probs, classes = torch.max(predict, dim=1)
+            for idx, (pro, cla) in enumerate(zip(probs, classes)):
+                _ = f"image: {img_list[idx].shape}  class: {int(cla)}  prob: {float(pro):.3}"
+                done += 1
+    return done
+
+
+def model_only(model: torch.nn.Module, n_images: int, batch_size: int) -> float:
+    batch = torch.randn(batch_size, 3, 224, 224)
+    model.eval()
+    with torch.inference_mode():
+        model(batch)  # warm-up
+        started = time.perf_counter()
+        done = 0
+        while done < n_images:
+            torch.softmax(model(batch), dim=1)
+            done += batch_size
+    return done / (time.perf_counter() - started)
+
+
+def make_large_copies(paths: list[str], folder: Path, size: tuple[int, int]) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, path in enumerate(paths):
+        target = folder / f"large_{i:04d}.jpg"
+        with Image.open(path) as img:
+            img.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(target, quality=90)
+        out.append(str(target))
+    return out
+
+
+def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: Path,
+              batch_size: int, workers: int, repeats: int) -> dict[str, float]:
+    model = models.build_model(arch, 5)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    a = model_only(model, len(paths), batch_size)
+    b_runs, c_runs = [], []
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+        out = Path(tempfile.mkdtemp()) / "preds.csv"
+        started = time.perf_counter()
+        code = batch_predict(BatchPredictConfig(dir=str(folder), checkpoint=str(checkpoint),
+                                                batch_size=batch_size, workers=workers,
+                                                output=str(out), quiet=True, device="cpu"))
+        b_runs.append(len(paths) / (time.perf_counter() - started))
+        assert code == 0 and sum(1 for _ in out.open()) == len(paths) + 1
+        started = time.perf_counter()
+        done = tutorial_batch_predict(model, paths, batch_size)
+        c_runs.append(done / (time.perf_counter() - started))
+    b, c = max(b_runs), max(c_runs)
+    return {"set": name, "arch": arch, "images": len(paths), "a": a, "b": b, "c": c,
+            "b/a": b / a, "b/c": b / c}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a folder of photos (searched recursively)")
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnext50_32x4d"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--large-count", type=int, default=80, help="photos to upscale")
+    parser.add_argument("--large-size", default="3000x2000")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    photos = list_images(args.folder, recursive=True)
+    if not photos:
+        raise SystemExit(f"no images in {args.folder}")
+    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    flat = work / "photos"
+    flat.mkdir()
+    for i, p in enumerate(photos):  # one flat folder, as batch-predict and the tutorial read it
+        os.symlink(os.path.abspath(p), flat / f"photo_{i:04d}{Path(p).suffix.lower()}")
+    flat_paths = list_images(flat, recursive=False)
+    width, height = (int(v) for v in args.large_size.split("x"))
+    large = work / "large"
+    large_paths = make_large_copies(flat_paths[: args.large_count], large, (width, height))
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size}, "
+          f"{args.workers} decode worker(s)")
+    rows = []
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model = models.build_model(arch, 5)
+        checkpoint = work / f"{arch}.pt"
+        ckpt.save_torch(ckpt.build_checkpoint(
+            model, arch=arch, classes=[f"c{i}" for i in range(5)], img_size=224,
+            mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, epoch=0, val_acc=0.0, config={},
+        ), checkpoint)
+        for name, folder, paths in (("224px", flat, flat_paths),
+                                    (f"{width}x{height}", large, large_paths)):
+            row = bench_set(name, folder, paths, arch, checkpoint, args.batch_size,
+                            args.workers, args.repeats)
+            rows.append(row)
+            print(f"  done {arch} {name}", flush=True)
+
+    header = f"| {'arch':16} | {'photos':9} | {'n':>4} | {'(a) model':>9} | {'(b) resnext':>11} | " \
+             f"{'(c) tutorial':>12} | {'b/a':>5} | {'b/c':>5} |"
+    print("\nimages/s (higher is better)\n" + header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in rows:
+        print(f"| {r['arch']:16} | {r['set']:9} | {r['images']:>4} | {r['a']:9.1f} | {r['b']:11.1f} | "
+              f"{r['c']:12.1f} | {r['b/a']:5.2f} | {r['b/c']:5.2f} |")
+
+
+if __name__ == "__main__":
+    main()
