@@ -31,6 +31,7 @@ from resnext_cli import checkpoint as ckpt
 from resnext_cli import models
 from resnext_cli.config import BatchPredictConfig, default_workers
 from resnext_cli.data import list_images
+from resnext_cli.device import autocast, cpu_has_native_bf16, precision_for, prepare_model, to_device
 from resnext_cli.predict import batch_predict
 
 
@@ -69,10 +70,14 @@ def tutorial_batch_predict(model: torch.nn.Module, paths: list[str], batch_size:
     return done
 
 
-def model_only(model: torch.nn.Module, n_images: int, batch_size: int) -> float:
-    batch = torch.randn(batch_size, 3, 224, 224)
+def model_only(model: torch.nn.Module, n_images: int, batch_size: int, precision: str,
+               channels_last: bool) -> float:
+    """The network alone, with the same precision and layout batch-predict uses."""
+    device = torch.device("cpu")
+    prepare_model(model, device, channels_last)
+    batch = to_device(torch.randn(batch_size, 3, 224, 224), device, channels_last)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         model(batch)  # warm-up
         started = time.perf_counter()
         done = 0
@@ -94,17 +99,23 @@ def make_large_copies(paths: list[str], folder: Path, size: tuple[int, int]) -> 
 
 
 def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: Path,
-              batch_size: int, workers: int, repeats: int) -> dict[str, float]:
-    model = models.build_model(arch, 5)
-    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    a = model_only(model, len(paths), batch_size)
+              batch_size: int, workers: int, repeats: int, precision: str,
+              channels_last: bool) -> dict[str, float]:
+    def load() -> torch.nn.Module:
+        model = models.build_model(arch, 5)
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+        return model
+
+    a = model_only(load(), len(paths), batch_size, precision, channels_last)
+    model = load()  # the tutorial's model: fp32, default layout
     b_runs, c_runs = [], []
     for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
         out = Path(tempfile.mkdtemp()) / "preds.csv"
         started = time.perf_counter()
         code = batch_predict(BatchPredictConfig(dir=str(folder), checkpoint=str(checkpoint),
                                                 batch_size=batch_size, workers=workers,
-                                                output=str(out), quiet=True, device="cpu"))
+                                                output=str(out), quiet=True, device="cpu",
+                                                precision=precision, channels_last=channels_last))
         b_runs.append(len(paths) / (time.perf_counter() - started))
         assert code == 0 and sum(1 for _ in out.open()) == len(paths) + 1
         started = time.perf_counter()
@@ -124,6 +135,8 @@ def main() -> None:
     parser.add_argument("--large-count", type=int, default=80, help="photos to upscale")
     parser.add_argument("--large-size", default="3000x2000")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precision", default="auto", help="for (a) and (b); (c) is fp32")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     args = parser.parse_args()
 
     photos = list_images(args.folder, recursive=True)
@@ -139,9 +152,11 @@ def main() -> None:
     large = work / "large"
     large_paths = make_large_copies(flat_paths[: args.large_count], large, (width, height))
 
+    precision = precision_for(args.precision, torch.device("cpu"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size}, "
-          f"{args.workers} decode worker(s)")
+          f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; batch {args.batch_size}, {args.workers} decode "
+          f"worker(s); (a),(b): {precision}{', channels-last' if args.channels_last else ''}")
     rows = []
     for arch in args.archs:
         torch.manual_seed(0)
@@ -154,7 +169,7 @@ def main() -> None:
         for name, folder, paths in (("224px", flat, flat_paths),
                                     (f"{width}x{height}", large, large_paths)):
             row = bench_set(name, folder, paths, arch, checkpoint, args.batch_size,
-                            args.workers, args.repeats)
+                            args.workers, args.repeats, precision, args.channels_last)
             rows.append(row)
             print(f"  done {arch} {name}", flush=True)
 

@@ -9,7 +9,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from resnext_cli.errors import UserError
 
@@ -89,30 +89,29 @@ def resize_size(img_size: int) -> int:
     return int(round(img_size * 256 / 224))
 
 
-def train_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+def train_transform(img_size: int) -> Any:
+    """Random crop and flip, to a uint8 tensor: normalisation happens per batch on the device."""
     from torchvision import transforms as T
 
-    return T.Compose(
-        [
-            T.RandomResizedCrop(img_size),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
-def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+def eval_transform(img_size: int) -> Any:
+    """Resize + centre crop, to a uint8 tensor (4x less to pass between processes than float)."""
     from torchvision import transforms as T
 
-    return T.Compose(
-        [
-            T.Resize(resize_size(img_size)),
-            T.CenterCrop(img_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return T.Compose([T.Resize(resize_size(img_size)), T.CenterCrop(img_size), T.PILToTensor()])
+
+
+def normalize_batch(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 NCHW (any device, any layout) -> float, scaled to 0-1 and standardised."""
+    import torch
+
+    scale = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255.0
+    shift = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255.0
+    return (images.float() - shift) / scale
 
 
 # ---------------------------------------------------------------- datasets
@@ -133,25 +132,82 @@ class LoadedBatch(NamedTuple):
 
 
 class ImageListDataset:
-    """(path, label) pairs; a file that fails to decode yields a failure, never an exception."""
+    """(path, label) pairs; a file that fails to decode yields a failure, never an exception.
+
+    Indexed by position, or by (epoch, position) from an `EpochSampler`: then the random
+    augmentation is seeded from (augment_seed, epoch, position) alone, so it is the same whichever
+    worker decodes the image, however many workers there are, and after a resume.
+    """
 
     def __init__(
-        self, samples: list[tuple[str, int]], transform: Callable, decode_min_size: int | None
+        self,
+        samples: list[tuple[str, int]],
+        transform: Callable,
+        decode_min_size: int | None,
+        augment_seed: int | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.decode_min_size = decode_min_size
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
         try:
-            image = self.transform(load_rgb(path, self.decode_min_size))
+            picture = load_rgb(path, self.decode_min_size)
+            if self.augment_seed is None:
+                image = self.transform(picture)
+            else:
+                import torch
+
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_mix(self.augment_seed, epoch, index))
+                    image = self.transform(picture)
         except Exception as exc:  # any decoder error means "unreadable", never a crash
             return Sample(None, label, index, describe_failure(exc))
         return Sample(image, label, index, None)
+
+
+class EpochSampler:
+    """A permutation per epoch that depends only on (seed, epoch); yields (epoch, position).
+
+    Unlike a sampler drawing from a running generator, epoch k's order can be rebuilt without
+    replaying epochs 1..k-1, which is what an exact `--resume` needs.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        import torch
+
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(_mix(self.seed, self.epoch, -1))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        return iter([(self.epoch, i) for i in order])
+
+
+def _mix(seed: int, epoch: int, index: int) -> int:
+    """A well-spread 63-bit seed from three small integers (splitmix64's finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x ^= x >> 27
+    return x & ((1 << 63) - 1)
 
 
 def collate_skipping_failures(samples: list[Sample]) -> LoadedBatch:
@@ -171,28 +227,23 @@ def make_loader(
     *,
     batch_size: int,
     workers: int,
-    shuffle: bool = False,
-    seed: int = 0,
+    sampler: EpochSampler | None = None,
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """Decoding in worker processes, kept alive across epochs; seeded so runs repeat exactly."""
-    import torch
+    """Decoding in worker processes kept alive across epochs; in file order without a sampler."""
     from torch.utils.data import DataLoader
 
-    generator = torch.Generator()
-    generator.manual_seed(seed)
     return DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,  # type: ignore[arg-type]
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin_memory,
         drop_last=drop_last,
         collate_fn=collate_skipping_failures,
-        generator=generator,
     )
 
 

@@ -120,3 +120,16 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return images.to(device, non_blocking=True, memory_format=layout)
+
+
+def model_inputs(
+    images: torch.Tensor,
+    device: torch.device,
+    channels_last: bool,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> torch.Tensor:
+    """A uint8 batch from the loader -> normalised float on the device, in the model's layout."""
+    from resnext_cli.data import normalize_batch
+
+    return normalize_batch(to_device(images, device, channels_last), mean, std)

@@ -37,7 +37,7 @@ class InferenceModel:
     def transform(self) -> Any:
         from resnext_cli.data import eval_transform
 
-        return eval_transform(self.img_size, self.mean, self.std)
+        return eval_transform(self.img_size)
 
     @property
     def decode_min_size(self) -> int:
@@ -46,12 +46,14 @@ class InferenceModel:
         return resize_size(self.img_size)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for a uint8 batch from `transform()`."""
         import torch
 
-        from resnext_cli.device import autocast, to_device
+        from resnext_cli.device import autocast, model_inputs
 
         with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.model(to_device(images, self.device, self.channels_last))
+            inputs = model_inputs(images, self.device, self.channels_last, self.mean, self.std)
+            logits = self.model(inputs)
         return torch.softmax(logits.float(), dim=1).cpu()
 
 

@@ -127,18 +127,20 @@ def train(config: TrainConfig) -> TrainResult:
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
     decode_size = data.resize_size(cfg.img_size)
     pin = pin_memory_for(device)
+    train_sampler = data.EpochSampler(len(layout.train), cfg.seed)
     train_loader = data.make_loader(
-        data.ImageListDataset(layout.train, data.train_transform(cfg.img_size, mean, std), decode_size),
+        data.ImageListDataset(
+            layout.train, data.train_transform(cfg.img_size), decode_size, augment_seed=cfg.seed
+        ),
         batch_size=cfg.batch_size,
         workers=cfg.workers,
-        shuffle=True,
-        seed=cfg.seed,
+        sampler=train_sampler,
         pin_memory=pin,
         # a lone last image cannot be batch-normalised in train mode
         drop_last=len(layout.train) % cfg.batch_size == 1,
     )
     val_loader = data.make_loader(
-        data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size, mean, std), decode_size),
+        data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size), decode_size),
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         pin_memory=pin,
@@ -156,7 +158,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = make_grad_scaler(device, cfg.precision)
-    step = StepContext(device, cfg.precision, cfg.channels_last, criterion)
+    step = StepContext(device, cfg.precision, cfg.channels_last, criterion, mean, std)
     failures: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     best_acc, best_epoch, epoch = -1.0, 0, 0
@@ -171,6 +173,7 @@ def train(config: TrainConfig) -> TrainResult:
                     f"Epoch {epoch}: unfreezing the backbone (lr x{cfg.backbone_lr_mult}); "
                     f"{models.count_parameters(model, trainable_only=True):,} parameters train."
                 )
+            train_sampler.set_epoch(epoch)
             started, epoch_lr = time.perf_counter(), optimizer.param_groups[-1]["lr"]
             train_loss, train_acc = _train_one_epoch(
                 model, train_loader, optimizer, scheduler, scaler, step, frozen,
@@ -258,11 +261,13 @@ class StepContext:
     precision: str
     channels_last: bool
     criterion: torch.nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        from resnext_cli.device import to_device
+        from resnext_cli.device import model_inputs
 
-        images = to_device(batch.images, self.device, self.channels_last)
+        images = model_inputs(batch.images, self.device, self.channels_last, self.mean, self.std)
         return images, batch.labels.to(self.device, non_blocking=True)
 
     def autocast(self) -> Any:

@@ -141,7 +141,7 @@ def test_unreadable_files_become_failures_not_exceptions(tmp_path: Path):
     Image.new("RGB", (200, 200), (5, 5, 5)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
     samples = [(str(p), 0) for p in (good, tmp_path / "bad.jpg", tmp_path / "empty.png", truncated)]
-    ds = data.ImageListDataset(samples, data.eval_transform(16, (0.5,) * 3, (0.5,) * 3), None)
+    ds = data.ImageListDataset(samples, data.eval_transform(16), None)
     batch = data.collate_skipping_failures([ds[i] for i in range(len(ds))])
     assert batch.indices == [0] and batch.images.shape == (1, 3, 16, 16)
     assert [i for i, _ in batch.failures] == [1, 2, 3]
@@ -156,3 +156,16 @@ def test_list_images_sorted_any_case(tmp_path: Path):
     flat = [Path(p).name for p in data.list_images(tmp_path, recursive=False)]
     assert flat == ["a.png", "b.JPG", "c.jpeg"]
     assert len(data.list_images(tmp_path, recursive=True)) == 4
+
+
+def test_normalisation_matches_torchvision():
+    import torch
+    from torchvision import transforms as T
+
+    img = Image.new("RGB", (40, 30), (10, 200, 90))
+    img.paste((250, 3, 60), (5, 5, 20, 20))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    reference = T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(), T.Normalize(mean, std)])(img)
+    ours = data.normalize_batch(data.eval_transform(32)(img).unsqueeze(0), mean, std)[0]
+    assert data.eval_transform(32)(img).dtype == torch.uint8
+    assert torch.allclose(ours, reference, atol=1e-5)
