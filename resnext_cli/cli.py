@@ -120,15 +120,23 @@ def train(
     patience: Optional[int] = typer.Option(
         None, help="Stop after N epochs without val improvement. [default: off]"
     ),
+    resume: Optional[str] = typer.Option(
+        None, help="Continue an interrupted run: its folder or last.pt (--epochs may extend it)."
+    ),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Train a classifier on a folder of class folders: pretrained backbone, new head."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
 
     def action() -> None:
+        from resnext_cli.train import resume_config
         from resnext_cli.train import train as run_train
 
-        run_train(build_config(TrainConfig, config, overrides))
+        if resume and config:
+            raise UserError("--resume uses the run's own config.yaml; leave out --config.")
+        run_train(
+            resume_config(resume, overrides) if resume else build_config(TrainConfig, config, overrides)
+        )
 
     run_command(action)
 
@@ -180,6 +188,9 @@ def batch_predict(
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="No line per image."),
+    resume_output: Optional[bool] = typer.Option(
+        None, "--resume-output", help="Skip images already in --output (after an interruption)."
+    ),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Classify every image in a folder, streaming results as batches finish."""

@@ -49,6 +49,7 @@ class TrainConfig:
     out: str | None = None
     name: str | None = None
     patience: int | None = None
+    resume: str | None = None  # a run folder (or its last.pt) to continue
 
     def validate(self) -> None:
         from resnext_cli.models import ARCHS
@@ -145,9 +146,12 @@ class BatchPredictConfig(InferenceConfig):
     output: str | None = None
     workers: int | None = None
     quiet: bool = False
+    resume_output: bool = False
 
     def validate(self) -> None:
         super().validate()
+        if self.resume_output and not self.output:
+            raise UserError("--resume-output needs --output FILE: the file to continue.")
         if not self.dir:
             raise UserError("No folder given. Usage: resnext batch-predict DIR.")
         _check_range("batch_size", self.batch_size, low=1)

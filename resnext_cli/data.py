@@ -46,14 +46,18 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     With `min_size`, JPEGs are decoded at the smallest DCT scale whose shorter side stays
     >= min_size (Pillow's draft mode): a 4000x3000 photo decodes several times faster.
     """
+    import warnings
+
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
-        if min_size and img.format == "JPEG":
-            img.draft("RGB", (min_size, min_size))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+    with warnings.catch_warnings():
+        # over Pillow's pixel limit is unreadable, not a warning: a decompression bomb
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if min_size and img.format == "JPEG":
+                img.draft("RGB", (min_size, min_size))
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -276,12 +280,11 @@ def scan_class_folders(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
             continue
         paths = []
         for dirpath, dirnames, filenames in os.walk(entry.path):
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-            paths.extend(
-                os.path.join(dirpath, f)
-                for f in sorted(filenames)
-                if not is_hidden(f) and is_image_name(f)
-            )
+            # a folder named like an image is listed (and later reported unreadable), not entered
+            names = [f for f in filenames if is_image_name(f)]
+            names += [d for d in dirnames if is_image_name(d)]
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not is_image_name(d))
+            paths.extend(os.path.join(dirpath, f) for f in sorted(names) if not is_hidden(f))
         classes[entry.name] = paths
     if hidden:
         warnings.append(f"Ignored hidden folders in {folder}: {', '.join(hidden)}.")

@@ -211,22 +211,55 @@ class ResultWriter:
     """Streams rows to `<output>.partial` one whole batch per write, renamed into place when the
     run ends: a reader never sees half a line, and an earlier file survives a failed run."""
 
-    def __init__(self, output: str, topk: int) -> None:
+    def __init__(self, output: str, topk: int, resume: bool = False) -> None:
         self.path = Path(output)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.jsonl = self.path.suffix.lower() == ".jsonl"
         self.topk = topk
+        self.done: dict[str, bool] = {}  # path -> predicted (not an error), from an earlier run
         if not self.path.parent.is_dir():
             raise UserError(f"Cannot write {output}: the folder {self.path.parent} does not exist.")
+        header = ["path", "class", "prob", "error"]
+        for k in range(2, topk + 1):
+            header += [f"class_{k}", f"prob_{k}"]
+        try:
+            earlier = self._earlier_lines(header) if resume else None
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise UserError(
+                f"Cannot resume {output}: it is not an output of batch-predict ({exc}). Write to "
+                "a new --output instead."
+            ) from None
         try:
             self.handle = open(self.partial, "w", encoding="utf-8", newline="")
         except OSError as exc:
             raise UserError(f"Cannot write {self.partial}: {exc.strerror}.") from None
-        if not self.jsonl:
-            header = ["path", "class", "prob", "error"]
-            for k in range(2, topk + 1):
-                header += [f"class_{k}", f"prob_{k}"]
+        if earlier:
+            self.handle.write(earlier)
+        elif not self.jsonl:
             self._write([header])
+
+    def _earlier_lines(self, header: list[str]) -> str:
+        """The complete lines of an interrupted (`.partial`) or finished earlier output; a torn
+        last line is dropped, so its image is predicted again."""
+        source = next((p for p in (self.partial, self.path) if p.is_file()), None)
+        if source is None:
+            return ""
+        text = source.read_text(encoding="utf-8")
+        text = text[: text.rfind("\n") + 1]
+        lines = text.splitlines()
+        if self.jsonl:
+            for line in lines:
+                record = json.loads(line)
+                self.done[record["path"]] = not record["error"]
+            return text
+        if lines and next(csv.reader([lines[0]])) != header:
+            raise UserError(
+                f"{source} has other columns than this run would write (was --topk different?); "
+                "resume with the same options, or write to a new --output."
+            )
+        for row in csv.reader(lines[1:]):
+            self.done[row[0]] = not row[3]
+        return text
 
     def add(self, rows: list[tuple[str, list[tuple[str, float]] | None, str]]) -> None:
         """rows: (path, ranked classes or None, error message or "")."""
@@ -293,6 +326,14 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
         ui.warn(f"No image files in {cfg.dir}{hint}.")
         return EXIT_FAILED
     engine = load_inference_model(cfg)
+    writer = ResultWriter(cfg.output, cfg.topk, cfg.resume_output) if cfg.output else None
+    earlier = writer.done if writer else {}
+    if earlier:
+        paths = [p for p in paths if p not in earlier]
+        ui.console(stderr=True).print(
+            f"Resuming {cfg.output}: {len(earlier)} image(s) already there, {len(paths)} to go.",
+            markup=False,
+        )
     ui.console(stderr=True).print(
         f"{len(paths)} images in {cfg.dir}  |  {engine.source} on {engine.device} "
         f"({engine.precision}{', channels-last' if engine.channels_last else ''})",
@@ -306,7 +347,6 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
         workers=min(workers, len(paths)),
         pin_memory=pin_memory_for(engine.device),
     )
-    writer = ResultWriter(cfg.output, cfg.topk) if cfg.output else None
     per_class: Counter[str] = Counter()
     failures: list[tuple[str, str]] = []  # the first few, for the summary
     failure_count = 0
@@ -335,7 +375,7 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
             writer.close(keep=finished)
     seconds = time.perf_counter() - started
     _print_batch_summary(per_class, failures, failure_count, seconds, cfg.output)
-    return EXIT_OK if per_class else EXIT_FAILED
+    return EXIT_OK if per_class or any(earlier.values()) else EXIT_FAILED
 
 
 def _predicted_rows(

@@ -90,6 +90,15 @@ def train(config: TrainConfig) -> TrainResult:
     explicit_freeze = config.freeze
     cfg = config.resolved()
     assert cfg.seed is not None and cfg.workers is not None and cfg.freeze is not None
+    resume = load_resume_state(cfg.resume) if cfg.resume else None
+    if resume is not None and _finished(cfg, resume):
+        ui.info(
+            f"The run in {cfg.resume} already finished (epoch {resume['epoch']} of {cfg.epochs}, "
+            f"best val accuracy {resume['best_val_acc']:.2%}); nothing to do. Pass --epochs N "
+            "with --resume to train it further."
+        )
+        run_dir = Path(cfg.resume)
+        return TrainResult(run_dir, resume["best_val_acc"], resume["best_epoch"], resume["epoch"])
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     cfg = dataclasses.replace(cfg, precision=precision_for(cfg.precision, device))
@@ -102,23 +111,32 @@ def train(config: TrainConfig) -> TrainResult:
             "--freeze with --weights none keeps a random backbone fixed; only the head trains "
             "and it will learn little. Going on as asked."
         )
+    if resume is not None and resume["classes"] != layout.classes:
+        raise UserError(
+            f"The classes in {cfg.data} changed since the run started "
+            f"({', '.join(resume['classes'])} -> {', '.join(layout.classes)}); cannot resume."
+        )
 
     model = models.build_model(cfg.arch, len(layout.classes))
-    models.load_weights(model, cfg.arch, cfg.weights, ui.info)
-    frozen = cfg.freeze and cfg.unfreeze_after != 0
-    backbone_will_train = not frozen or cfg.unfreeze_after is not None
+    if resume is None:
+        models.load_weights(model, cfg.arch, cfg.weights, ui.info)
+    else:
+        model.load_state_dict(resume["model"])
+    start_epoch = resume["epoch"] + 1 if resume else 1
+    frozen = backbone_frozen_at(cfg, start_epoch)
     models.set_backbone_trainable(model, not frozen)
     prepare_model(model, device, cfg.channels_last)
 
-    run_dir = ckpt.make_run_dir(cfg.out, cfg.name)
-    resolved = to_plain_dict(cfg)
+    run_dir = Path(cfg.resume) if cfg.resume else ckpt.make_run_dir(cfg.out, cfg.name)
+    resolved = to_plain_dict(dataclasses.replace(cfg, resume=None))
     _write_run_files(run_dir, resolved, layout)
     layout_name = ", channels-last" if cfg.channels_last else ""
     ui.info(
         f"Run folder: {run_dir}  |  {cfg.arch} on {device} ({cfg.precision}{layout_name})  |  "
-        f"{len(layout.classes)} classes, "
-        f"{len(layout.train)} train / {len(layout.val)} val images"
+        f"{len(layout.classes)} classes, {len(layout.train)} train / {len(layout.val)} val images"
     )
+    if resume is not None:
+        ui.info(f"Resuming after epoch {resume['epoch']} of {cfg.epochs}.")
     ui.info(
         f"Trainable parameters: {models.count_parameters(model, trainable_only=True):,} of "
         f"{models.count_parameters(model):,} ({'backbone frozen' if frozen else 'all layers'})"
@@ -145,7 +163,8 @@ def train(config: TrainConfig) -> TrainResult:
         workers=cfg.workers,
         pin_memory=pin,
     )
-    optimizer = build_optimizer(model, cfg, backbone_will_train, frozen)
+    backbone_will_train = not backbone_frozen_at(cfg, 1) or cfg.unfreeze_after is not None
+    optimizer = build_optimizer(model, cfg, backbone_will_train, backbone_frozen_at(cfg, 1))
     steps_per_epoch = max(1, len(train_loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -161,12 +180,22 @@ def train(config: TrainConfig) -> TrainResult:
     step = StepContext(device, cfg.precision, cfg.channels_last, criterion, mean, std)
     failures: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    best_acc, best_epoch, epoch = -1.0, 0, 0
+    best_acc, best_epoch = -1.0, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        # the position in the schedule, not its shape: --epochs may have extended the run
+        position = dict(resume["scheduler"], lr_lambdas=[None] * len(optimizer.param_groups))
+        scheduler.load_state_dict(position)
+        scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["torch_rng_state"])
+        rows = [dict(row) for row in resume["metrics"]]
+        best_acc, best_epoch = resume["best_val_acc"], resume["best_epoch"]
     meta = dict(arch=cfg.arch, classes=layout.classes, img_size=cfg.img_size, mean=mean, std=std)
+    completed = start_epoch - 1
 
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            if frozen and cfg.unfreeze_after is not None and epoch > cfg.unfreeze_after:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if frozen and not backbone_frozen_at(cfg, epoch):
                 frozen = False
                 models.set_backbone_trainable(model, True)
                 ui.info(
@@ -180,17 +209,19 @@ def train(config: TrainConfig) -> TrainResult:
                 failures, f"epoch {epoch}/{cfg.epochs}",
             )  # fmt: skip
             val_loss, val_acc, _ = run_validation(model, val_loader, step, failures)
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": epoch_lr,  # the head's rate as the epoch began
-                "seconds": time.perf_counter() - started,
-            }
-            rows.append(row)
-            ckpt.write_metrics(run_dir / "metrics.csv", rows)
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "lr": epoch_lr,  # the head's rate as the epoch began
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            # order matters for a kill at any point: best.pt, then last.pt (the resume point),
+            # then metrics.csv, which a resume rewrites from last.pt
             improved = val_acc > best_acc
             if improved:
                 best_acc, best_epoch = val_acc, epoch
@@ -205,26 +236,90 @@ def train(config: TrainConfig) -> TrainResult:
                 scaler=scaler.state_dict(),
                 best_val_acc=best_acc,
                 best_epoch=best_epoch,
+                metrics=rows,
                 torch_rng_state=torch.get_rng_state(),
             )
             ckpt.save_torch(last, run_dir / "last.pt")
-            _print_epoch_row(row, improved, first=epoch == 1)
+            ckpt.write_metrics(run_dir / "metrics.csv", rows)
+            completed = epoch
+            _print_epoch_row(rows[-1], improved, first=epoch == start_epoch)
             if cfg.patience and epoch - best_epoch >= cfg.patience:
                 ui.info(f"Early stopping: no val improvement for {cfg.patience} epochs.")
                 break
     except KeyboardInterrupt:
-        raise UserError(
-            f"Interrupted during epoch {epoch}. {run_dir / 'last.pt'} holds the last completed "
-            "epoch.",
-            EXIT_INTERRUPTED,
-        ) from None
+        saved = (
+            f"{run_dir / 'last.pt'} holds epoch {completed}; continue with "
+            f"`resnext train --resume {run_dir}`."
+            if completed
+            else "No epoch had completed, so nothing was saved."
+        )
+        raise UserError(f"Interrupted during epoch {completed + 1}. {saved}", EXIT_INTERRUPTED) from None
 
     if failures:
         ui.warn(f"{len(failures)} unreadable file(s) were skipped (listed above).")
-    ui.info(
-        f"Best val accuracy {best_acc:.2%} at epoch {best_epoch} -> {run_dir / 'best.pt'}"
-    )
+    ui.info(f"Best val accuracy {best_acc:.2%} at epoch {best_epoch} -> {run_dir / 'best.pt'}")
     return TrainResult(run_dir, best_acc, best_epoch, len(rows))
+
+
+def backbone_frozen_at(cfg: TrainConfig, epoch: int) -> bool:
+    """Frozen while --freeze holds and the --unfreeze-after epochs have not yet passed."""
+    return bool(cfg.freeze) and (cfg.unfreeze_after is None or epoch <= cfg.unfreeze_after)
+
+
+def _finished(cfg: TrainConfig, state: dict[str, Any]) -> bool:
+    stopped_early = bool(cfg.patience) and state["epoch"] - state["best_epoch"] >= cfg.patience
+    return state["epoch"] >= cfg.epochs or stopped_early
+
+
+def resume_config(resume: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's saved config, with only the flags that cannot change its result so far."""
+    from resnext_cli.config import check_fields, read_yaml_config
+
+    run_dir = _resume_dir(resume)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fixed = sorted(set(given) - RESUME_OVERRIDABLE)
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise UserError(
+            f"--resume continues {run_dir} exactly as it was configured, so {flags} cannot be "
+            f"changed; only {', '.join('--' + k for k in sorted(RESUME_OVERRIDABLE))} can. "
+            "Start a new run to change the others."
+        )
+    values = read_yaml_config(str(run_dir / "config.yaml"))
+    values.update(given, resume=str(run_dir))
+    check_fields(TrainConfig, values, source=str(run_dir / "config.yaml"))
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+RESUME_OVERRIDABLE = {"epochs", "workers", "device"}
+
+
+def _resume_dir(resume: str) -> Path:
+    path = Path(resume)
+    run_dir = path.parent if path.name == "last.pt" else path
+    if not (run_dir / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        raise UserError(
+            f"Cannot resume from {resume}: expected a run folder holding last.pt and config.yaml "
+            "(or the path of such a last.pt). A run interrupted before its first epoch ended "
+            "has nothing to resume; start it again."
+        )
+    return run_dir
+
+
+def load_resume_state(run_dir: str) -> dict[str, Any]:
+    from resnext_cli.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(run_dir) / "last.pt")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise UserError(f"{run_dir}/last.pt lacks what a resume needs: {', '.join(missing)}.")
+    return state
+
+
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "best_val_acc", "best_epoch", "metrics",
+               "torch_rng_state")  # fmt: skip
 
 
 def _write_run_files(run_dir: Path, resolved: dict[str, Any], layout: Any) -> None:

@@ -1,0 +1,200 @@
+"""Interruption, faults and hostile input: what the README's Reliability section promises."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from resnext_cli import data
+from tests.conftest import TINY_TRAIN, invoke, make_dataset, run_subprocess
+from tests.test_predict import image_folder
+
+TRAIN_ARGS = [*TINY_TRAIN, "--weights", "none", "--seed", "5", "--lr", "0.003"]
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((run / "metrics.csv").open())]
+
+
+def start_training(args: list, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "resnext_cli", "train", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(run: Path, process: subprocess.Popen, epochs: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.csv").exists() and len(metrics_rows(run)) >= epochs:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("training too slow")
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("resume") / "ds", train_per_class=10, val_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, resume_data) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = invoke(["train", "--data", resume_data, *TRAIN_ARGS, "--epochs", "6", "--out", out])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_sigkill_then_resume_matches_a_straight_run(tmp_path, resume_data, straight_run):
+    run = tmp_path / "run"
+    process = start_training(["--data", resume_data, *TRAIN_ARGS, "--epochs", "6", "--out", run], tmp_path)
+    wait_for_epochs(run, process, 2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert 2 <= killed_at < 6
+    result = run_subprocess(["train", "--resume", run], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"Resuming after epoch {killed_at}" in result.stdout
+    assert metrics_rows(run) == metrics_rows(straight_run)
+    resumed = torch.load(run / "best.pt", weights_only=True)
+    straight = torch.load(straight_run / "best.pt", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"]
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    again = run_subprocess(["train", "--resume", run / "last.pt"], cwd=tmp_path)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_sigint_stops_with_130_and_the_run_resumes(tmp_path, resume_data, straight_run):
+    run = tmp_path / "run"
+    process = start_training(["--data", resume_data, *TRAIN_ARGS, "--workers", "1", "--epochs", "6",
+                              "--out", run], tmp_path)
+    wait_for_epochs(run, process, 1)
+    process.send_signal(signal.SIGINT)
+    started = time.time()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert time.time() - started < 30
+    assert "Interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 6
+    assert len(metrics_rows(run)) == state["epoch"]
+    result = run_subprocess(["train", "--resume", run, "--workers", "0"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert metrics_rows(run) == metrics_rows(straight_run)
+
+
+def test_resume_refuses_changed_settings(tmp_path, straight_run):
+    result = run_subprocess(["train", "--resume", straight_run, "--lr", "0.1"], cwd=tmp_path)
+    assert result.returncode == 2 and "--lr cannot be changed" in result.stderr
+    nothing = run_subprocess(["train", "--resume", tmp_path], cwd=tmp_path)
+    assert nothing.returncode == 2 and "Cannot resume" in nothing.stderr
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path, straight_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    result = invoke(["train", "--resume", run, "--epochs", "7"])
+    assert result.exit_code == 0, result.stderr
+    assert [r["epoch"] for r in metrics_rows(run)] == [str(e) for e in range(1, 8)]
+
+
+def test_disk_full_during_a_checkpoint_write(tmp_path, resume_data, monkeypatch):
+    """The write fails half-way in epoch 2: the error is clear and epoch 1's files still load."""
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, handle, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # epoch 1 wrote best.pt and last.pt
+            handle.write(b"PK\x03\x04 half a zip")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    run = tmp_path / "run"
+    result = invoke(["train", "--data", resume_data, *TRAIN_ARGS, "--epochs", "3", "--out", run])
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert "epoch 3" not in result.stdout  # training did not go on without saving
+    monkeypatch.setattr(torch, "save", real_save)
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(run / name, weights_only=True)["epoch"] == 1
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def hostile_files(folder: Path) -> list[str]:
+    """Files that must be reported as unreadable, never crash anything."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("1", (12000, 12000)).save(folder / "bomb.png")  # 144 Mpx: over Pillow's limit
+    good = folder / "_tmp.jpg"
+    Image.new("RGB", (300, 300), (9, 9, 9)).save(good)
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[:400])
+    good.unlink()
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "random.jpeg").write_bytes(os.urandom(2048))
+    (folder / "folder.jpg").mkdir()
+    return ["bomb.png", "truncated.jpg", "zero.png", "random.jpeg", "folder.jpg"]
+
+
+def test_hostile_images_are_unreadable_not_crashes(tmp_path, trained_run):
+    names = hostile_files(tmp_path / "bad")
+    for name in names:
+        with pytest.raises(Exception):
+            data.load_rgb(tmp_path / "bad" / name)
+    image_folder(tmp_path / "bad", ["ok.png"])
+    out = tmp_path / "preds.csv"
+    result = run_subprocess(["batch-predict", tmp_path / "bad", "--checkpoint", trained_run / "best.pt",
+                             "--output", out, "--workers", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {*names, "ok.png"}
+    assert all(rows[n]["error"] for n in names) and rows["ok.png"]["class"]
+    assert "DecompressionBomb" in rows["bomb.png"]["error"]
+    for name in names:
+        single = run_subprocess(["predict", tmp_path / "bad" / name, "--checkpoint", trained_run / "best.pt"],
+                                cwd=tmp_path)
+        assert single.returncode == 2 and single.stderr.startswith("Error:"), single.stderr
+        assert "Traceback" not in single.stderr
+
+
+def test_hostile_images_in_training_data(tmp_path):
+    root = make_dataset(tmp_path / "ds", train_per_class=4, val_per_class=2)
+    names = hostile_files(root / "train" / "alpha")
+    result = invoke(["train", "--data", root, *TRAIN_ARGS, "--epochs", "1", "--out", tmp_path / "run"])
+    assert result.exit_code == 0, result.stderr
+    assert "12 train" not in result.stdout and "17 train" in result.stdout  # listed, then reported
+    for name in names:
+        assert sum(name in line for line in result.stderr.splitlines()) >= 1, name
+
+
+def test_batch_predict_resume_output(tmp_path, trained_run):
+    folder = image_folder(tmp_path / "imgs", [f"{i:02d}.png" for i in range(10)])
+    out = tmp_path / "preds.csv"
+    base = ["batch-predict", folder, "--checkpoint", trained_run / "best.pt", "--workers", "0",
+            "--batch-size", "3", "--topk", "2", "--output", out]
+    assert invoke(base).exit_code == 0
+    complete = out.read_text()
+    # an interrupted run: a .partial with 4 rows and a torn fifth line
+    lines = complete.splitlines(keepends=True)
+    partial = tmp_path / "preds.csv.partial"
+    partial.write_text("".join(lines[:5]) + lines[5][:7])
+    out.unlink()
+    result = invoke([*base, "--resume-output"])
+    assert result.exit_code == 0, result.stderr
+    assert "4 image(s) already there, 6 to go" in result.stderr
+    assert result.stdout.count("image: ") == 6
+    assert out.read_text() == complete and not partial.exists()
+    mismatch = invoke([*base[:-4], "--topk", "3", "--output", out, "--resume-output"])
+    assert mismatch.exit_code == 2 and "other columns" in mismatch.stderr
