@@ -15,6 +15,7 @@ from resnext_cli.config import (
     OPTIMIZERS,
     SCHEDULERS,
     BatchPredictConfig,
+    ExportConfig,
     PredictConfig,
     TrainConfig,
     build_config,
@@ -191,6 +192,9 @@ def batch_predict(
     resume_output: Optional[bool] = typer.Option(
         None, "--resume-output", help="Skip images already in --output (after an interruption)."
     ),
+    onnx: Optional[str] = typer.Option(
+        None, help="Run an exported model.onnx on onnxruntime instead of a checkpoint."
+    ),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Classify every image in a folder, streaming results as batches finish."""
@@ -204,6 +208,31 @@ def batch_predict(
     code = run_command(action)
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def export(
+    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
+    format: Optional[str] = typer.Option(None, "--format", help="onnx | torchscript [default: onnx]"),
+    dynamic_batch: Optional[bool] = typer.Option(
+        None, "--dynamic-batch", help="Any batch size (default: batch 1)."
+    ),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset, 18 or newer. [default: 18]"),
+    out: Optional[str] = typer.Option(None, help="Output folder. [default: beside the checkpoint, export/]"),
+    tolerance: Optional[float] = typer.Option(
+        None, help="Largest logit difference to PyTorch accepted. [default: 1e-3]"
+    ),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript, verified against PyTorch."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> None:
+        from resnext_cli.export import export as run_export
+
+        run_export(build_config(ExportConfig, config, overrides))
+
+    run_command(action)
 
 
 @app.command()

@@ -147,9 +147,12 @@ class BatchPredictConfig(InferenceConfig):
     workers: int | None = None
     quiet: bool = False
     resume_output: bool = False
+    onnx: str | None = None  # an exported model.onnx instead of a checkpoint
 
     def validate(self) -> None:
         super().validate()
+        if self.onnx and (self.checkpoint or self.weights):
+            raise UserError("Give either --onnx or --checkpoint/--weights, not both.")
         if self.resume_output and not self.output:
             raise UserError("--resume-output needs --output FILE: the file to continue.")
         if not self.dir:
@@ -160,6 +163,24 @@ class BatchPredictConfig(InferenceConfig):
             _check_range("workers", self.workers, low=0)
         if self.output and Path(self.output).suffix.lower() not in (".csv", ".jsonl"):
             raise UserError(f"--output must end in .csv or .jsonl, got {self.output!r}.")
+
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = None
+    format: str = "onnx"
+    dynamic_batch: bool = False
+    opset: int = 18
+    out: str | None = None
+    tolerance: float = 1e-3  # the largest logit difference accepted against PyTorch
+
+    def validate(self) -> None:
+        _check_choice("format", self.format, EXPORT_FORMATS)
+        _check_range("opset", self.opset, low=18)
+        _check_range("tolerance", self.tolerance, low=0, inclusive=False)
 
 
 def default_workers() -> int:

@@ -23,16 +23,14 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class InferenceModel:
-    model: torch.nn.Module
+class Preprocessing:
+    """What turns a file into model input; the same for every engine."""
+
     classes: list[str]
     img_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    device: torch.device
-    source: str  # the checkpoint or weights file, as shown to the user
-    precision: str
-    channels_last: bool
+    source: str  # the checkpoint or model file, as shown to the user
 
     def transform(self) -> Any:
         from resnext_cli.data import eval_transform
@@ -44,6 +42,25 @@ class InferenceModel:
         from resnext_cli.data import resize_size
 
         return resize_size(self.img_size)
+
+
+@dataclass
+class InferenceModel(Preprocessing):
+    model: torch.nn.Module = None  # type: ignore[assignment]
+    arch: str = ""
+    device: torch.device = None  # type: ignore[assignment]
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def describe(self) -> str:
+        layout = ", channels-last" if self.channels_last else ""
+        return f"{self.source} on {self.device} ({self.precision}{layout})"
+
+    @property
+    def pin_memory(self) -> bool:
+        from resnext_cli.device import pin_memory_for
+
+        return pin_memory_for(self.device)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities for a uint8 batch from `transform()`."""
@@ -74,7 +91,7 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         _check_class_count(state, classes, cfg.weights, cfg.class_indices)
         model = models.build_model(cfg.arch, len(classes))
         models.apply_state_dict(model, state, cfg.weights, log=lambda _: None)
-        source, img_size = cfg.weights, cfg.img_size or 224
+        source, img_size, arch = cfg.weights, cfg.img_size or 224, cfg.arch
     else:
         path = Path(cfg.checkpoint) if cfg.checkpoint else ckpt.latest_checkpoint()
         if announce and not cfg.checkpoint:
@@ -87,7 +104,8 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
             classes = named
         if cfg.arch and cfg.arch != checkpoint["arch"]:
             raise UserError(f"--arch {cfg.arch} disagrees with {path}, a {checkpoint['arch']}.")
-        model = models.build_model(checkpoint["arch"], len(classes))
+        arch = checkpoint["arch"]
+        model = models.build_model(arch, len(classes))
         models.apply_state_dict(model, checkpoint["model"], str(path), log=lambda _: None)
         source = str(path)
         img_size = cfg.img_size or int(checkpoint["img_size"])
@@ -95,8 +113,54 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
     model.eval()
     prepare_model(model, device, cfg.channels_last)
     return InferenceModel(
-        model, classes, img_size, mean, std, device, source, precision, cfg.channels_last
+        classes, img_size, mean, std, source, model, arch, device, precision, cfg.channels_last
     )
+
+
+@dataclass
+class OnnxModel(Preprocessing):
+    """An exported model on onnxruntime, with the class map and preprocessing written beside it."""
+
+    session: Any = None
+
+    pin_memory = False  # onnxruntime reads host memory
+
+    def describe(self) -> str:
+        return f"{self.source} on onnxruntime (CPU, fp32)"
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        from resnext_cli.data import normalize_batch
+        from resnext_cli.export import run_onnx
+
+        inputs = normalize_batch(images, self.mean, self.std).numpy()
+        return torch.softmax(run_onnx(self.session, inputs).float(), dim=1)
+
+
+def load_onnx_model(path: str, class_indices: str | None) -> OnnxModel:
+    from resnext_cli.checkpoint import read_class_indices
+    from resnext_cli.export import onnx_session, require_onnx
+
+    require_onnx("onnxruntime")
+    model_file = Path(path)
+    if not model_file.is_file():
+        raise UserError(f"The ONNX model {path} does not exist.")
+    preprocess_file = model_file.parent / "preprocess.json"
+    try:
+        preprocessing = json.loads(preprocess_file.read_text(encoding="utf-8"))
+        img_size, mean, std = preprocessing["img_size"], preprocessing["mean"], preprocessing["std"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"{preprocess_file} (written by `resnext export` beside the model) is missing or "
+            f"unreadable ({exc}); it holds the image size and normalisation the model expects."
+        ) from None
+    classes = read_class_indices(class_indices or model_file.parent / "class_indices.json")
+    session = onnx_session(model_file)
+    outputs = session.get_outputs()[0].shape[-1]
+    if isinstance(outputs, int) and outputs != len(classes):
+        raise UserError(f"{path} has {outputs} outputs but the class file names {len(classes)}.")
+    return OnnxModel(classes, int(img_size), tuple(mean), tuple(std), str(model_file), session)
 
 
 def _check_class_count(
@@ -309,7 +373,6 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
     """Predict every image in DIR; returns the exit code (1 when none could be predicted)."""
     from resnext_cli.config import default_workers
     from resnext_cli.data import ImageListDataset, list_images, make_loader
-    from resnext_cli.device import pin_memory_for
 
     assert cfg.dir is not None
     folder = Path(cfg.dir)
@@ -325,7 +388,9 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
         hint = "" if cfg.recursive else " (sub-folders are searched with --recursive)"
         ui.warn(f"No image files in {cfg.dir}{hint}.")
         return EXIT_FAILED
-    engine = load_inference_model(cfg)
+    engine: InferenceModel | OnnxModel = (
+        load_onnx_model(cfg.onnx, cfg.class_indices) if cfg.onnx else load_inference_model(cfg)
+    )
     writer = ResultWriter(cfg.output, cfg.topk, cfg.resume_output) if cfg.output else None
     earlier = writer.done if writer else {}
     if earlier:
@@ -335,9 +400,7 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
             markup=False,
         )
     ui.console(stderr=True).print(
-        f"{len(paths)} images in {cfg.dir}  |  {engine.source} on {engine.device} "
-        f"({engine.precision}{', channels-last' if engine.channels_last else ''})",
-        markup=False,
+        f"{len(paths)} images in {cfg.dir}  |  {engine.describe()}", markup=False
     )
     dataset = ImageListDataset([(p, -1) for p in paths], engine.transform(), engine.decode_min_size)
     workers = cfg.workers if cfg.workers is not None else default_workers()
@@ -345,7 +408,7 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
         dataset,
         batch_size=cfg.batch_size,
         workers=min(workers, len(paths)),
-        pin_memory=pin_memory_for(engine.device),
+        pin_memory=engine.pin_memory,
     )
     per_class: Counter[str] = Counter()
     failures: list[tuple[str, str]] = []  # the first few, for the summary
@@ -379,7 +442,7 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
 
 
 def _predicted_rows(
-    loader: Any, engine: InferenceModel, k: int, paths: list[str]
+    loader: Any, engine: InferenceModel | OnnxModel, k: int, paths: list[str]
 ) -> Iterator[list[tuple[str, list[tuple[str, float]] | None, str]]]:
     """One list of rows per batch, in file order, failures in their place."""
     for batch in loader:

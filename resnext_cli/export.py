@@ -1,0 +1,186 @@
+"""`resnext export`: ONNX or TorchScript, checked against the PyTorch model before it is kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resnext_cli import ui
+from resnext_cli.config import ExportConfig, InferenceConfig
+from resnext_cli.errors import EXIT_FAILED, UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+EXPORT_EXTRA = "pip install 'resnext-cli[export]'  (onnx, onnxruntime, onnxscript)"
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+
+
+def require_onnx(*modules: str) -> None:
+    """The ONNX packages are an optional extra: say what to install instead of a traceback."""
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"ONNX support needs {', '.join(missing)}: {EXPORT_EXTRA}.")
+
+
+def realistic_batch(n: int, img_size: int, mean: Any, std: Any, seed: int = 0) -> torch.Tensor:
+    """Normalised inputs with photo-like statistics: smooth colour fields plus fine noise,
+    rather than white noise, which no real image resembles."""
+    import torch
+    import torch.nn.functional as F
+
+    from resnext_cli.data import normalize_batch
+
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 6, 6, generator=generator) * 255
+    smooth = F.interpolate(coarse, size=(img_size, img_size), mode="bicubic", align_corners=False)
+    noise = torch.randn(n, 3, img_size, img_size, generator=generator) * 12
+    pixels = (smooth + noise).clamp(0, 255).round().to(torch.uint8)
+    return normalize_batch(pixels, tuple(mean), tuple(std))
+
+
+def export(cfg: ExportConfig) -> Path:
+    import torch
+
+    from resnext_cli import checkpoint as ckpt
+    from resnext_cli.data import resize_size
+    from resnext_cli.predict import load_inference_model
+
+    if cfg.format == "onnx":
+        require_onnx("onnx", "onnxruntime", "onnxscript")
+    engine = load_inference_model(
+        InferenceConfig(checkpoint=cfg.checkpoint, device="cpu", precision="fp32", channels_last=False)
+    )
+    out_dir = Path(cfg.out) if cfg.out else Path(engine.source).parent / "export"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create {out_dir}: {exc.strerror or exc}.") from None
+    target = out_dir / MODEL_FILES[cfg.format]
+    inputs = realistic_batch(8, engine.img_size, engine.mean, engine.std)
+    with torch.inference_mode():
+        expected = engine.model(inputs).float()
+    temporary = out_dir / f".{target.name}.tmp"
+    try:
+        if cfg.format == "onnx":
+            _export_onnx(engine.model, inputs, temporary, cfg)
+            actual = run_onnx_file(temporary, inputs.numpy())
+        else:
+            _export_torchscript(engine.model, inputs, temporary)
+            actual = _run_torchscript_file(temporary, inputs)
+        max_diff = float((actual - expected).abs().max())
+        agreement = float((actual.argmax(1) == expected.argmax(1)).float().mean())
+        ui.info(
+            f"Parity with PyTorch on {len(inputs)} inputs: max |logit difference| {max_diff:.2e} "
+            f"(tolerance {cfg.tolerance:.0e}), top-1 agreement {agreement:.0%}."
+        )
+        if max_diff > cfg.tolerance or agreement < 1.0:
+            raise UserError(
+                f"The exported {cfg.format} model disagrees with the PyTorch model (max logit "
+                f"difference {max_diff:.2e}, top-1 agreement {agreement:.0%}); nothing was "
+                "written. Try another --opset, or report the architecture and versions.",
+                EXIT_FAILED,
+            )
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+    ckpt.write_class_indices(out_dir / "class_indices.json", engine.classes)
+    preprocessing = {
+        "arch": engine.arch,
+        "format": cfg.format,
+        "input": "float32 NCHW RGB: decode, resize shorter side, centre crop, /255, (x-mean)/std",
+        "img_size": engine.img_size,
+        "resize_size": resize_size(engine.img_size),
+        "interpolation": "bilinear",
+        "mean": list(engine.mean),
+        "std": list(engine.std),
+        "batch": "dynamic" if cfg.dynamic_batch else 1,
+        "opset": cfg.opset if cfg.format == "onnx" else None,
+        "output": "logits, one per class of class_indices.json (apply softmax for probabilities)",
+        "checkpoint": engine.source,
+    }
+    ckpt.atomic_write_text(out_dir / "preprocess.json", json.dumps(preprocessing, indent=2) + "\n")
+    ui.info(f"Exported {target}, class_indices.json and preprocess.json to {out_dir}")
+    return target
+
+
+def _export_onnx(model: Any, inputs: torch.Tensor, path: Path, cfg: ExportConfig) -> None:
+    import contextlib
+    import io
+
+    import torch
+
+    example = inputs if cfg.dynamic_batch else inputs[:1]
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if cfg.dynamic_batch else None
+    chatter = io.StringIO()  # the exporter narrates its stages on stdout
+    try:
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=True, input_names=["images"],
+                output_names=["logits"], dynamic_shapes=dynamic, opset_version=cfg.opset,
+                external_data=False,
+            )  # fmt: skip
+    except Exception as exc:
+        raise UserError(f"ONNX export failed (opset {cfg.opset}): {exc}", EXIT_FAILED) from None
+
+
+def _export_torchscript(model: Any, inputs: torch.Tensor, path: Path) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still loadable
+        traced = torch.jit.trace(model, inputs[:1])
+        traced.save(str(path))
+
+
+def _run_torchscript_file(path: Path, inputs: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return loaded(inputs).float()
+
+
+def onnx_session(path: str | Path) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise UserError(f"onnxruntime could not load {path}: {exc}") from None
+
+
+def run_onnx(session: Any, inputs: np.ndarray) -> torch.Tensor:
+    """Logits for a float32 NCHW batch; a model with a fixed batch size gets it in chunks."""
+    import numpy as np
+    import torch
+
+    spec = session.get_inputs()[0]
+    fixed = spec.shape[0] if isinstance(spec.shape[0], int) else None
+    if fixed is None:
+        return torch.from_numpy(session.run(None, {spec.name: inputs})[0])
+    outputs = []
+    for start in range(0, len(inputs), fixed):
+        chunk = inputs[start : start + fixed]
+        padded = np.concatenate([chunk, np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(session.run(None, {spec.name: padded})[0][: len(chunk)])
+    return torch.from_numpy(np.concatenate(outputs))
+
+
+def run_onnx_file(path: Path, inputs: np.ndarray) -> torch.Tensor:
+    return run_onnx(onnx_session(path), inputs)
