@@ -11,7 +11,13 @@ on the photos as given and on the same photos upscaled to 3000x2000 JPEGs.
     python benchmarks/bench_predict.py ../shared/data/flowers5
     python benchmarks/bench_predict.py ../shared/data/flowers5 --archs resnet18 --large-count 40
 
-Weights are a fixed random init (seed 0): throughput does not depend on their values.
+A second table compares numerics on the same photos: (b) at its default precision and
+(e) `resnext batch-predict --onnx` (an ONNX export on onnxruntime), each as images/s and top-1
+agreement with batch-predict in fp32.
+
+Weights are a fixed random init (seed 0), or a resnext checkpoint given with --checkpoint for
+its architecture: throughput does not depend on the values, but agreement does (near-uniform
+random-init probabilities make it a worst case).
 Targets on a 2-core CPU: b/a >= 0.85 on the photos as given; b/c >= 1.5 on the large photos.
 """
 
@@ -29,9 +35,10 @@ from PIL import Image
 
 from resnext_cli import checkpoint as ckpt
 from resnext_cli import models
-from resnext_cli.config import BatchPredictConfig, default_workers
+from resnext_cli.config import BatchPredictConfig, ExportConfig, default_workers
 from resnext_cli.data import list_images
 from resnext_cli.device import autocast, cpu_has_native_bf16, precision_for, prepare_model, to_device
+from resnext_cli.export import export
 from resnext_cli.predict import batch_predict
 
 
@@ -98,6 +105,33 @@ def make_large_copies(paths: list[str], folder: Path, size: tuple[int, int]) -> 
     return out
 
 
+def predicted_classes(folder: Path, batch_size: int, workers: int, **source) -> tuple[list[str], float]:
+    """One batch-predict pass: top-1 classes in file order, and images/s."""
+    out = Path(tempfile.mkdtemp()) / "preds.csv"
+    started = time.perf_counter()
+    code = batch_predict(BatchPredictConfig(dir=str(folder), batch_size=batch_size, workers=workers,
+                                            output=str(out), quiet=True, device="cpu", **source))
+    seconds = time.perf_counter() - started
+    assert code == 0
+    classes = [line.split(",")[1] for line in out.read_text().splitlines()[1:]]
+    return classes, len(classes) / seconds
+
+
+def agreement(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def numerics_row(name: str, folder: Path, arch: str, checkpoint: Path, onnx: Path,
+                 batch_size: int, workers: int, precision: str, channels_last: bool) -> dict:
+    fp32, _ = predicted_classes(folder, batch_size, workers, checkpoint=str(checkpoint),
+                                precision="fp32", channels_last=False)
+    default, b = predicted_classes(folder, batch_size, workers, checkpoint=str(checkpoint),
+                                   precision=precision, channels_last=channels_last)
+    on_onnx, e = predicted_classes(folder, batch_size, workers, onnx=str(onnx))
+    return {"set": name, "arch": arch, "b": b, "b_agree": agreement(default, fp32), "e": e,
+            "e_agree": agreement(on_onnx, fp32)}
+
+
 def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: Path,
               batch_size: int, workers: int, repeats: int, precision: str,
               channels_last: bool) -> dict[str, float]:
@@ -137,6 +171,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", default="auto", help="for (a) and (b); (c) is fp32")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="a resnext checkpoint to use for its arch instead of random weights")
     args = parser.parse_args()
 
     photos = list_images(args.folder, recursive=True)
@@ -157,20 +193,29 @@ def main() -> None:
           f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size}, {args.workers} decode "
           f"worker(s); (a),(b): {precision}{', channels-last' if args.channels_last else ''}")
-    rows = []
+    given = {ckpt.load_checkpoint(p)["arch"]: Path(p) for p in args.checkpoint}
+    rows, numerics = [], []
     for arch in args.archs:
-        torch.manual_seed(0)
-        model = models.build_model(arch, 5)
-        checkpoint = work / f"{arch}.pt"
-        ckpt.save_torch(ckpt.build_checkpoint(
-            model, arch=arch, classes=[f"c{i}" for i in range(5)], img_size=224,
-            mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, epoch=0, val_acc=0.0, config={},
-        ), checkpoint)
+        checkpoint = given.get(arch) or work / f"{arch}.pt"
+        if arch not in given:
+            torch.manual_seed(0)
+            model = models.build_model(arch, 5)
+            ckpt.save_torch(ckpt.build_checkpoint(
+                model, arch=arch, classes=[f"c{i}" for i in range(5)], img_size=224,
+                mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, epoch=0, val_acc=0.0,
+                config={},
+            ), checkpoint)
+        onnx = export(ExportConfig(checkpoint=str(checkpoint), dynamic_batch=True,
+                                   out=str(work / f"{arch}_onnx")))
+        weights = f"trained ({checkpoint})" if arch in given else "random init"
         for name, folder, paths in (("224px", flat, flat_paths),
                                     (f"{width}x{height}", large, large_paths)):
             row = bench_set(name, folder, paths, arch, checkpoint, args.batch_size,
                             args.workers, args.repeats, precision, args.channels_last)
             rows.append(row)
+            numeric = numerics_row(name, folder, arch, checkpoint, onnx, args.batch_size,
+                                   args.workers, precision, args.channels_last)
+            numerics.append({**numeric, "weights": weights})
             print(f"  done {arch} {name}", flush=True)
 
     header = f"| {'arch':16} | {'photos':9} | {'n':>4} | {'(a) model':>9} | {'(b) resnext':>11} | " \
@@ -180,6 +225,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['arch']:16} | {r['set']:9} | {r['images']:>4} | {r['a']:9.1f} | {r['b']:11.1f} | "
               f"{r['c']:12.1f} | {r['b/a']:5.2f} | {r['b/c']:5.2f} |")
+    print(f"\nnumerics: top-1 agreement with batch-predict in fp32 (images/s from one pass)\n"
+          f"| arch | photos | weights | (b) {precision} img/s | (b) top-1 = fp32 | "
+          f"(e) onnxruntime img/s | (e) top-1 = fp32 |\n|---|---|---|---|---|---|---|")
+    for r in numerics:
+        print(f"| {r['arch']} | {r['set']} | {r['weights']} | {r['b']:.1f} | {r['b_agree']:.1%} | "
+              f"{r['e']:.1f} | {r['e_agree']:.1%} |")
 
 
 if __name__ == "__main__":
