@@ -96,8 +96,12 @@ def train(
         None, help=f"Val share when DATA has no val folder. [default: {_T.val_split}]"
     ),
     epochs: Optional[int] = typer.Option(None, help=f"[default: {_T.epochs}]"),
-    batch_size: Optional[int] = typer.Option(None, help=f"[default: {_T.batch_size}]"),
-    lr: Optional[float] = typer.Option(None, help=f"Head learning rate. [default: {_T.lr}]"),
+    batch_size: Optional[int] = typer.Option(
+        None, help=f"Per process under torchrun (global = this x processes). [default: {_T.batch_size}]"
+    ),
+    lr: Optional[float] = typer.Option(
+        None, help=f"Head learning rate, used as given under torchrun (not scaled). [default: {_T.lr}]"
+    ),
     weight_decay: Optional[float] = typer.Option(None, help=f"[default: {_T.weight_decay}]"),
     optimizer: Optional[str] = typer.Option(
         None, help=f"{' | '.join(OPTIMIZERS)} [default: {_T.optimizer}]"
@@ -120,6 +124,9 @@ def train(
     name: Optional[str] = typer.Option(None, help="Run folder runs/NAME."),
     patience: Optional[int] = typer.Option(
         None, help="Stop after N epochs without val improvement. [default: off]"
+    ),
+    sync_bn: Optional[bool] = typer.Option(
+        None, "--sync-bn", help="Under torchrun: batch norm statistics over all processes."
     ),
     resume: Optional[str] = typer.Option(
         None, help="Continue an interrupted run: its folder or last.pt (--epochs may extend it)."

@@ -49,6 +49,7 @@ class TrainConfig:
     out: str | None = None
     name: str | None = None
     patience: int | None = None
+    sync_bn: bool = False  # under torchrun: batch norm statistics over all processes
     resume: str | None = None  # a run folder (or its last.pt) to continue
 
     def validate(self) -> None:

@@ -180,17 +180,31 @@ class EpochSampler:
     """A permutation per epoch that depends only on (seed, epoch); yields (epoch, position).
 
     Unlike a sampler drawing from a running generator, epoch k's order can be rebuilt without
-    replaying epochs 1..k-1, which is what an exact `--resume` needs.
+    replaying epochs 1..k-1, which is what an exact `--resume` needs. Under torchrun each process
+    takes every world_size-th position: with `pad` (training) the order is first padded by
+    repeating its start so all processes take the same number of steps; without (validation)
+    every image is seen exactly once across processes.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
+    ) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.rank, self.world_size, self.pad = rank, world_size, pad
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        if self.pad:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         import torch
@@ -201,7 +215,10 @@ class EpochSampler:
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        return iter([(self.epoch, i) for i in order])
+        if self.pad and self.world_size > 1 and order:
+            total = len(self) * self.world_size
+            order = (order * -(-total // len(order)))[:total]
+        return iter([(self.epoch, i) for i in order[self.rank :: self.world_size]])
 
 
 def _mix(seed: int, epoch: int, index: int) -> int:

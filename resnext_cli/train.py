@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,12 +79,26 @@ def build_optimizer(
 
 
 def train(config: TrainConfig) -> TrainResult:
+    """Single process, or one of torchrun's processes (DistributedDataParallel)."""
+    from resnext_cli.distributed import init_distributed, shutdown
+
+    ctx = init_distributed(config.device)
+    if not ctx.is_main:
+        ui.silence()
+    try:
+        return _train(config, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(config: TrainConfig, ctx: Any) -> TrainResult:
     import torch
 
     from resnext_cli import checkpoint as ckpt
     from resnext_cli import data, models
     from resnext_cli.device import make_grad_scaler, pin_memory_for, precision_for, prepare_model
     from resnext_cli.device import select_device
+    from resnext_cli.distributed import broadcast_object, process_device
 
     explicit_freeze = config.freeze
     cfg = config.resolved()
@@ -99,9 +112,19 @@ def train(config: TrainConfig) -> TrainResult:
         )
         run_dir = Path(cfg.resume)
         return TrainResult(run_dir, resume["best_val_acc"], resume["best_epoch"], resume["epoch"])
+    if ctx.enabled:
+        # one seed for all processes, so they start from the same weights and order
+        cfg = dataclasses.replace(cfg, seed=broadcast_object(ctx, cfg.seed))
     seed_everything(cfg.seed)
-    device = select_device(cfg.device)
+    device = select_device(process_device(ctx, cfg.device))
     cfg = dataclasses.replace(cfg, precision=precision_for(cfg.precision, device))
+    if cfg.sync_bn and not ctx.enabled:
+        ui.warn("--sync-bn has no effect in a single process (it is for torchrun jobs).")
+    elif cfg.sync_bn and device.type != "cuda":
+        raise UserError(
+            "--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU. "
+            "Leave it out; each process then normalises over its own batch."
+        )
 
     layout = data.discover_dataset(cfg.data, cfg.val_split, cfg.seed)
     for message in layout.warnings:
@@ -125,16 +148,25 @@ def train(config: TrainConfig) -> TrainResult:
     start_epoch = resume["epoch"] + 1 if resume else 1
     frozen = backbone_frozen_at(cfg, start_epoch)
     models.set_backbone_trainable(model, not frozen)
+    if cfg.sync_bn and ctx.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     prepare_model(model, device, cfg.channels_last)
 
-    run_dir = Path(cfg.resume) if cfg.resume else ckpt.make_run_dir(cfg.out, cfg.name)
     resolved = to_plain_dict(dataclasses.replace(cfg, resume=None))
-    _write_run_files(run_dir, resolved, layout)
+    if ctx.is_main:
+        run_dir = Path(cfg.resume) if cfg.resume else ckpt.make_run_dir(cfg.out, cfg.name)
+        _write_run_files(run_dir, resolved, layout)
+    run_dir = Path(broadcast_object(ctx, str(run_dir) if ctx.is_main else None))
     layout_name = ", channels-last" if cfg.channels_last else ""
     ui.info(
         f"Run folder: {run_dir}  |  {cfg.arch} on {device} ({cfg.precision}{layout_name})  |  "
         f"{len(layout.classes)} classes, {len(layout.train)} train / {len(layout.val)} val images"
     )
+    if ctx.enabled:
+        ui.info(
+            f"Distributed: {ctx.world_size} processes, batch {cfg.batch_size} per process "
+            f"({cfg.batch_size * ctx.world_size} global)."
+        )
     if resume is not None:
         ui.info(f"Resuming after epoch {resume['epoch']} of {cfg.epochs}.")
     ui.info(
@@ -145,7 +177,9 @@ def train(config: TrainConfig) -> TrainResult:
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
     decode_size = data.resize_size(cfg.img_size)
     pin = pin_memory_for(device)
-    train_sampler = data.EpochSampler(len(layout.train), cfg.seed)
+    train_sampler = data.EpochSampler(
+        len(layout.train), cfg.seed, rank=ctx.rank, world_size=ctx.world_size
+    )
     train_loader = data.make_loader(
         data.ImageListDataset(
             layout.train, data.train_transform(cfg.img_size), decode_size, augment_seed=cfg.seed
@@ -155,12 +189,16 @@ def train(config: TrainConfig) -> TrainResult:
         sampler=train_sampler,
         pin_memory=pin,
         # a lone last image cannot be batch-normalised in train mode
-        drop_last=len(layout.train) % cfg.batch_size == 1,
+        drop_last=len(train_sampler) % cfg.batch_size == 1,
     )
     val_loader = data.make_loader(
         data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size), decode_size),
         batch_size=cfg.batch_size,
         workers=cfg.workers,
+        sampler=data.EpochSampler(
+            len(layout.val), cfg.seed, shuffle=False, rank=ctx.rank, world_size=ctx.world_size,
+            pad=False,
+        ),
         pin_memory=pin,
     )
     backbone_will_train = not backbone_frozen_at(cfg, 1) or cfg.unfreeze_after is not None
@@ -177,7 +215,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = make_grad_scaler(device, cfg.precision)
-    step = StepContext(device, cfg.precision, cfg.channels_last, criterion, mean, std)
+    step = StepContext(device, cfg.precision, cfg.channels_last, criterion, mean, std, ctx)
     failures: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     best_acc, best_epoch = -1.0, 0
@@ -192,12 +230,14 @@ def train(config: TrainConfig) -> TrainResult:
         best_acc, best_epoch = resume["best_val_acc"], resume["best_epoch"]
     meta = dict(arch=cfg.arch, classes=layout.classes, img_size=cfg.img_size, mean=mean, std=std)
     completed = start_epoch - 1
+    trainer = None if frozen else wrap_for_training(model, ctx, device)
 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if frozen and not backbone_frozen_at(cfg, epoch):
                 frozen = False
                 models.set_backbone_trainable(model, True)
+                trainer = wrap_for_training(model, ctx, device)
                 ui.info(
                     f"Epoch {epoch}: unfreezing the backbone (lr x{cfg.backbone_lr_mult}); "
                     f"{models.count_parameters(model, trainable_only=True):,} parameters train."
@@ -205,7 +245,7 @@ def train(config: TrainConfig) -> TrainResult:
             train_sampler.set_epoch(epoch)
             started, epoch_lr = time.perf_counter(), optimizer.param_groups[-1]["lr"]
             train_loss, train_acc = _train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler, step, frozen,
+                model, trainer, train_loader, optimizer, scheduler, scaler, step,
                 failures, f"epoch {epoch}/{cfg.epochs}",
             )  # fmt: skip
             val_loss, val_acc, _ = run_validation(model, val_loader, step, failures)
@@ -225,22 +265,26 @@ def train(config: TrainConfig) -> TrainResult:
             improved = val_acc > best_acc
             if improved:
                 best_acc, best_epoch = val_acc, epoch
+            if improved and ctx.is_main:
                 ckpt.save_torch(
                     ckpt.build_checkpoint(model, epoch=epoch, val_acc=val_acc, config=resolved, **meta),
                     run_dir / "best.pt",
                 )
-            last = ckpt.build_checkpoint(model, epoch=epoch, val_acc=val_acc, config=resolved, **meta)
-            last.update(
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-                best_val_acc=best_acc,
-                best_epoch=best_epoch,
-                metrics=rows,
-                torch_rng_state=torch.get_rng_state(),
-            )
-            ckpt.save_torch(last, run_dir / "last.pt")
-            ckpt.write_metrics(run_dir / "metrics.csv", rows)
+            if ctx.is_main:
+                last = ckpt.build_checkpoint(
+                    model, epoch=epoch, val_acc=val_acc, config=resolved, **meta
+                )
+                last.update(
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                    best_val_acc=best_acc,
+                    best_epoch=best_epoch,
+                    metrics=rows,
+                    torch_rng_state=torch.get_rng_state(),
+                )
+                ckpt.save_torch(last, run_dir / "last.pt")
+                ckpt.write_metrics(run_dir / "metrics.csv", rows)
             completed = epoch
             _print_epoch_row(rows[-1], improved, first=epoch == start_epoch)
             if cfg.patience and epoch - best_epoch >= cfg.patience:
@@ -339,13 +383,11 @@ def _report_failures(
     batch_failures: list[tuple[int, str]], samples: list[tuple[str, int]], seen: dict[str, str]
 ) -> None:
     """Each unreadable file is reported once, however many epochs meet it."""
-    from tqdm import tqdm
-
     for index, reason in batch_failures:
         path = samples[index][0]
         if path not in seen:
             seen[path] = reason
-            tqdm.write(f"Warning: skipped unreadable file {path}: {reason}", file=sys.stderr)
+            ui.warn(f"skipped unreadable file {path}: {reason}")
 
 
 @dataclass
@@ -358,6 +400,7 @@ class StepContext:
     criterion: torch.nn.Module
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    dist: Any = None  # DistContext: sums over processes
 
     def inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         from resnext_cli.device import model_inputs
@@ -371,21 +414,35 @@ class StepContext:
         return autocast(self.device, self.precision)
 
 
+def wrap_for_training(model: torch.nn.Module, ctx: Any, device: torch.device) -> torch.nn.Module:
+    """What the whole network trains through: DistributedDataParallel under torchrun."""
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
 def _train_one_epoch(
     model: torch.nn.Module,
+    trainer: torch.nn.Module | None,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
     step: StepContext,
-    frozen: bool,
     failures: dict[str, str],
     label: str,
 ) -> tuple[float, float]:
+    """One pass over this process's shard. `trainer` is None while the backbone is frozen: the
+    backbone then runs without autograd and only the head's gradients are averaged."""
     import torch
 
+    from resnext_cli.distributed import all_reduce_sums, average_gradients
     from resnext_cli.models import backbone_features, set_train_mode
 
+    frozen = trainer is None
     set_train_mode(model, backbone_frozen=frozen)
     loss_sum, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
@@ -401,10 +458,12 @@ def _train_one_epoch(
                     features = backbone_features(model, images)
                 logits = model.fc(features)
             else:
-                logits = model(images)
+                logits = trainer(images)
             loss = step.criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if frozen:
+            average_gradients(step.dist, list(model.fc.parameters()))
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -415,6 +474,7 @@ def _train_one_epoch(
         elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
                         img_s=f"{seen / max(elapsed, 1e-9):.1f}")  # fmt: skip
+    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
     if seen == 0:
         raise UserError(
             "No training image could be read in this epoch (see the warnings above).", EXIT_FAILED
@@ -441,9 +501,12 @@ def run_validation(
             loss_sum += step.criterion(logits, labels).item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
+    from resnext_cli.distributed import all_reduce_sums
+
+    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
     if seen == 0:
         raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
-    return loss_sum / seen, correct / seen, seen
+    return loss_sum / seen, correct / seen, int(seen)
 
 
 def _print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
@@ -465,4 +528,4 @@ def _print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
         f"{row['seconds']:.1f}",
         "best" if improved else "",
     )
-    ui.console().print(table)
+    ui.show(table)

@@ -7,6 +7,15 @@ import sys
 from typing import Any
 
 
+_silenced = False
+
+
+def silence() -> None:
+    """For the non-main processes of a torchrun job: rank 0 alone talks."""
+    global _silenced
+    _silenced = True
+
+
 @functools.lru_cache(maxsize=None)
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
@@ -15,15 +24,27 @@ def console(stderr: bool = False) -> Any:
 
 
 def info(message: str) -> None:
-    console().print(message, markup=False)
+    if not _silenced:
+        console().print(message, markup=False)
+
+
+def show(renderable: Any) -> None:
+    """A rich table or other renderable on stdout."""
+    if not _silenced:
+        console().print(renderable)
 
 
 def warn(message: str) -> None:
-    console(stderr=True).print(f"Warning: {message}", markup=False, style="yellow")
+    """A warning that may interrupt a progress bar without breaking it."""
+    if not _silenced:
+        from tqdm import tqdm
+
+        tqdm.write(f"Warning: {message}", file=sys.stderr)
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
     """A tqdm bar on stderr that stays quiet when stderr is not a terminal (CI, pipes)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, file=sys.stderr, disable=None, dynamic_ncols=True, leave=False, **kwargs)
+    disable = True if _silenced else None
+    return tqdm(iterable, file=sys.stderr, disable=disable, dynamic_ncols=True, leave=False, **kwargs)

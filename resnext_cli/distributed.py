@@ -1,0 +1,118 @@
+"""Multi-process training under torchrun: process group, sharding and reductions.
+
+One process per GPU (NCCL) or per CPU share (gloo). `--batch-size` is per process, so the global
+batch is batch_size x world size; `--lr` is used as given, not rescaled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from resnext_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device_name: str) -> DistContext:
+    """Join the process group torchrun describes in the environment; a no-op without it."""
+    if not launched_by_torchrun():
+        return DistContext()
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s): start at "
+                "most one process per GPU (--nproc_per_node)."
+            )
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def process_device(ctx: DistContext, requested: str) -> str:
+    """Under torchrun each process takes the GPU of its local rank."""
+    if ctx.enabled and requested in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{ctx.local_rank}"
+        return "cpu" if requested == "auto" else requested
+    return requested
+
+
+def all_reduce_sums(ctx: DistContext, values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over all processes (counts, loss sums), in float64."""
+    if not ctx.enabled:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    reduce_device = device if device.type == "cuda" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=reduce_device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def average_gradients(ctx: DistContext, parameters: list[torch.nn.Parameter]) -> None:
+    """Mean of each gradient over processes: for the frozen phase, where only the small head
+    trains and DDP's bucketing would buy nothing."""
+    if not ctx.enabled:
+        return
+    import torch.distributed as dist
+
+    for param in parameters:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad.div_(ctx.world_size)
+
+
+def broadcast_object(ctx: DistContext, obj: Any) -> Any:
+    if not ctx.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

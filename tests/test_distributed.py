@@ -1,0 +1,78 @@
+"""torchrun + DistributedDataParallel on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resnext_cli.data import EpochSampler
+from tests.conftest import invoke, make_dataset
+
+
+@pytest.mark.parametrize("size", [1, 7, 17, 18])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharding_counts_every_image(size, world):
+    shards = [list(EpochSampler(size, seed=3, shuffle=False, rank=r, world_size=world, pad=False))
+              for r in range(world)]
+    assert sorted(i for shard in shards for _, i in shard) == list(range(size))  # each exactly once
+    train = [list(EpochSampler(size, seed=3, rank=r, world_size=world)) for r in range(world)]
+    assert len({len(t) for t in train}) == 1  # equal steps on every process
+    assert {i for t in train for _, i in t} == set(range(size))
+    for r, t in enumerate(train):
+        assert len(t) == len(EpochSampler(size, seed=3, rank=r, world_size=world))
+
+
+def test_shards_of_a_global_batch_are_the_single_process_batch():
+    single = [i for _, i in EpochSampler(36, seed=0)]
+    ranks = [[i for _, i in EpochSampler(36, seed=0, rank=r, world_size=2)] for r in range(2)]
+    for step in range(36 // 8):
+        assert sorted(ranks[0][step * 4:(step + 1) * 4] + ranks[1][step * 4:(step + 1) * 4]) == \
+            sorted(single[step * 8:(step + 1) * 8])
+
+
+def rows(path: Path) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in r.items() if k != "seconds"} for r in csv.DictReader(path.open())]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    data = make_dataset(tmp_path / "ds", train_per_class=12, val_per_class=6)
+    (data / "val" / "gamma" / "gamma_05.png").unlink()  # 17 val images: uneven over 2 ranks
+    common = ["--data", data, "--arch", "resnet18", "--weights", "none", "--freeze", "--epochs", "3",
+              "--img-size", "32", "--workers", "0", "--seed", "0", "--lr", "0.02", "--precision", "fp32"]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "resnext_cli", "train", *map(str, common), "--batch-size", "4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["exp"]  # rank 0 alone writes
+    assert ddp.stdout.count("Best val accuracy") == 1  # and prints
+    assert "2 processes, batch 4 per process (8 global)" in ddp.stdout
+    single = invoke(["train", *common, "--batch-size", "8", "--out", tmp_path / "single"])
+    assert single.exit_code == 0, single.stderr
+    distributed, reference = rows(tmp_path / "runs" / "exp" / "metrics.csv"), rows(tmp_path / "single" / "metrics.csv")
+    assert len(distributed) == len(reference) == 3
+    for d, s in zip(distributed, reference):
+        scored = d["val_acc"] * 17  # 17 images, each counted once (csv keeps 6 decimals)
+        assert abs(scored - round(scored)) < 1e-4
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert d[key] == pytest.approx(s[key], abs=1e-5), key  # the stated tolerance
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "resnext_cli", "train", "--resume", "runs/exp", "--epochs", "4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming after epoch 3" in resumed.stdout
+    assert len(rows(tmp_path / "runs" / "exp" / "metrics.csv")) == 4
+
+
+def test_sync_bn_on_cpu_is_refused_only_under_torchrun(tmp_path, dataset):
+    result = invoke(["train", "--data", dataset, "--arch", "resnet18", "--weights", "none", "--epochs", "1",
+                     "--img-size", "32", "--workers", "0", "--sync-bn", "--out", tmp_path / "r"])
+    assert result.exit_code == 0 and "no effect in a single process" in result.stderr
