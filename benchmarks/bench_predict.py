@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import tutorial  # benchmarks/tutorial.py: the baseline loops
 from PIL import Image
 
 from resnext_cli import checkpoint as ckpt
@@ -40,41 +41,6 @@ from resnext_cli.data import list_images
 from resnext_cli.device import autocast, cpu_has_native_bf16, precision_for, prepare_model, to_device
 from resnext_cli.export import export
 from resnext_cli.predict import batch_predict
-
-
-def tutorial_batch_predict(model: torch.nn.Module, paths: list[str], batch_size: int) -> int:
-    """The tutorial's loop: decode + transform each image in the main process, batch, predict.
-
-    Kept faithful except that it is given the same file list as (b) rather than listing `*.jpg`
-    itself, and it formats its per-image line without printing it (b runs with --quiet).
-    """
-    from torchvision import transforms
-
-    data_transform = transforms.Compose(
-        [
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
-    )
-    model.eval()
-    done = 0
-    with torch.no_grad():
-        for ids in range(0, len(paths) // batch_size):
-            img_list = []
-            for img_path in paths[ids * batch_size : (ids + 1) * batch_size]:
-                img = Image.open(img_path)
-                img = data_transform(img)
-                img_list.append(img)
-            batch_img = torch.stack(img_list, dim=0)
-            output = model(batch_img).cpu()
-            predict = torch.softmax(output, dim=1)
-            probs, classes = torch.max(predict, dim=1)
-            for idx, (pro, cla) in enumerate(zip(probs, classes)):
-                _ = f"image: {img_list[idx].shape}  class: {int(cla)}  prob: {float(pro):.3}"
-                done += 1
-    return done
 
 
 def model_only(model: torch.nn.Module, n_images: int, batch_size: int, precision: str,
@@ -153,7 +119,7 @@ def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: 
         b_runs.append(len(paths) / (time.perf_counter() - started))
         assert code == 0 and sum(1 for _ in out.open()) == len(paths) + 1
         started = time.perf_counter()
-        done = tutorial_batch_predict(model, paths, batch_size)
+        done = tutorial.batch_predict(model, paths, batch_size)
         c_runs.append(done / (time.perf_counter() - started))
     b, c = max(b_runs), max(c_runs)
     return {"set": name, "arch": arch, "images": len(paths), "a": a, "b": b, "c": c,

@@ -92,6 +92,17 @@ def train(
         None, help=f"Backbone lr = lr x this after --unfreeze-after. [default: {_T.backbone_lr_mult}]"
     ),
     img_size: Optional[int] = typer.Option(None, help=f"Crop size S. [default: {_T.img_size}]"),
+    augment: Optional[bool] = typer.Option(
+        None, "--augment/--no-augment", help="RandomResizedCrop + flip in training. [default: on]"
+    ),
+    cache_features: Optional[bool] = typer.Option(
+        None, "--cache-features",
+        help="Frozen phase: run the backbone once per image, cache the features on disk, train "
+        "the head on them.",
+    ),
+    feature_views: Optional[int] = typer.Option(
+        None, help="With --cache-features: 1 plain + K-1 augmented views, cycled over epochs. [default: 1]"
+    ),
     val_split: Optional[float] = typer.Option(
         None, help=f"Val share when DATA has no val folder. [default: {_T.val_split}]"
     ),
@@ -117,6 +128,9 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps [default: auto]"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile", help="torch.compile the training forward (opt-in; compiling takes a while)."
+    ),
     workers: Optional[int] = typer.Option(
         None, help="Decoding worker processes. [default: half the cores, 1 to 8]"
     ),
@@ -164,6 +178,7 @@ def predict(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (opt-in)."),
     json: Optional[bool] = typer.Option(None, "--json", help="Print JSON instead of tables."),
     plot: Optional[str] = typer.Option(None, help="Save the image titled with its prediction (PNG)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
@@ -195,6 +210,7 @@ def batch_predict(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (opt-in)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="No line per image."),
     resume_output: Optional[bool] = typer.Option(
         None, "--resume-output", help="Skip images already in --output (after an interruption)."
@@ -280,4 +296,17 @@ def main(argv: list[str] | None = None) -> None:
         message = exc.format_message().rstrip()
         _print_error(f"{message}{'' if message.endswith('.') else '.'} See `{where} --help`.")
         sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+    _exit(code if isinstance(code, int) else 0)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. If data-loader helper threads are still alive (after Ctrl-C or an error
+    mid-epoch), skip interpreter teardown, where they would print tracebacks after our one
+    paragraph; every file was already written atomically and closed."""
+    import threading
+
+    if threading.active_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

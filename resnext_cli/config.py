@@ -32,6 +32,9 @@ class TrainConfig:
     unfreeze_after: int | None = None
     backbone_lr_mult: float = 0.1
     img_size: int = 224
+    augment: bool = True  # RandomResizedCrop + flip; off: the val transform for training too
+    cache_features: bool = False  # frozen phase: backbone features computed once, kept on disk
+    feature_views: int = 1  # with cache_features: view 1 plain, views 2..K augmented, cycled
     val_split: float = 0.1
     epochs: int = 10
     batch_size: int = 16
@@ -45,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32 (fp16 on old GPUs)
     channels_last: bool = True
+    compile: bool = False  # torch.compile the training forward (opt-in: compiling takes minutes)
     workers: int | None = None  # None: chosen for the machine
     out: str | None = None
     name: str | None = None
@@ -67,6 +71,7 @@ class TrainConfig:
         _check_range("weight_decay", self.weight_decay, low=0)
         _check_range("backbone_lr_mult", self.backbone_lr_mult, low=0)
         _check_range("warmup_epochs", self.warmup_epochs, low=0)
+        _check_range("feature_views", self.feature_views, low=1)
         _check_range("label_smoothing", self.label_smoothing, low=0, high=1)
         _check_range("val_split", self.val_split, low=0, high=1, inclusive=False)
         if self.unfreeze_after is not None:
@@ -105,6 +110,7 @@ class InferenceConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model: pays off only for large batches of images
 
     def validate(self) -> None:
         if self.checkpoint and self.weights:

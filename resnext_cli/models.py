@@ -129,9 +129,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def apply_state_dict(
-    model: ResNet, state: dict[str, torch.Tensor], source: str, log: Callable[[str], None]
+    model: ResNet,
+    state: dict[str, torch.Tensor],
+    source: str,
+    log: Callable[[str], None],
+    assign: bool = False,
 ) -> None:
-    """Strict load except for a classifier of another shape, which is replaced and reported."""
+    """Strict load except for a classifier of another shape, which is replaced and reported.
+
+    `assign` adopts the loaded tensors instead of copying into the model's: for a model built
+    on the meta device, which skips random initialisation that would be overwritten anyway.
+    """
     state = {_strip_prefix(k): v.float() if v.is_floating_point() else v for k, v in state.items()}
     own = model.state_dict()
     head_keys = [k for k in ("fc.weight", "fc.bias") if k in state and k in own]
@@ -158,7 +166,7 @@ def apply_state_dict(
             f"The weights in {source} do not fit this architecture: {'; '.join(problems)}. "
             "Check --arch matches the file (`resnext archs` lists the architectures)."
         )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=assign)
     log(f"Weights: loaded {len(state)} tensors from {source}.")
 
 

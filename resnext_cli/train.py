@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 import random
 import time
 from dataclasses import dataclass
@@ -180,9 +181,10 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
     train_sampler = data.EpochSampler(
         len(layout.train), cfg.seed, rank=ctx.rank, world_size=ctx.world_size
     )
+    train_transform = data.train_transform if cfg.augment else data.eval_transform
     train_loader = data.make_loader(
         data.ImageListDataset(
-            layout.train, data.train_transform(cfg.img_size), decode_size, augment_seed=cfg.seed
+            layout.train, train_transform(cfg.img_size), decode_size, augment_seed=cfg.seed
         ),
         batch_size=cfg.batch_size,
         workers=cfg.workers,
@@ -216,6 +218,8 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = make_grad_scaler(device, cfg.precision)
     step = StepContext(device, cfg.precision, cfg.channels_last, criterion, mean, std, ctx)
+    if cfg.compile:
+        step.features = compiled_features(model)
     failures: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     best_acc, best_epoch = -1.0, 0
@@ -230,25 +234,37 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
         best_acc, best_epoch = resume["best_val_acc"], resume["best_epoch"]
     meta = dict(arch=cfg.arch, classes=layout.classes, img_size=cfg.img_size, mean=mean, std=std)
     completed = start_epoch - 1
-    trainer = None if frozen else wrap_for_training(model, ctx, device)
+    trainer = None if frozen else wrap_for_training(model, ctx, device, cfg.compile)
+    cache = None
+    if cfg.cache_features and frozen:
+        cache = _feature_cache(model, layout, cfg, step, ctx, pin, failures)
+    train_labels = torch.tensor([label for _, label in layout.train])
+    val_labels = torch.tensor([label for _, label in layout.val])
 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if frozen and not backbone_frozen_at(cfg, epoch):
                 frozen = False
                 models.set_backbone_trainable(model, True)
-                trainer = wrap_for_training(model, ctx, device)
+                trainer = wrap_for_training(model, ctx, device, cfg.compile)
                 ui.info(
                     f"Epoch {epoch}: unfreezing the backbone (lr x{cfg.backbone_lr_mult}); "
                     f"{models.count_parameters(model, trainable_only=True):,} parameters train."
                 )
             train_sampler.set_epoch(epoch)
             started, epoch_lr = time.perf_counter(), optimizer.param_groups[-1]["lr"]
-            train_loss, train_acc = _train_one_epoch(
-                model, trainer, train_loader, optimizer, scheduler, scaler, step,
-                failures, f"epoch {epoch}/{cfg.epochs}",
-            )  # fmt: skip
-            val_loss, val_acc, _ = run_validation(model, val_loader, step, failures)
+            if cache is not None and frozen:
+                view = (epoch - 1) % cache.views
+                train_loss, train_acc = _train_head_on_features(
+                    model, cache, view, train_labels, train_loader, optimizer, scheduler, scaler, step
+                )
+                val_loss, val_acc, _ = _validate_on_features(model, cache, val_labels, step)
+            else:
+                train_loss, train_acc = _train_one_epoch(
+                    model, trainer, train_loader, optimizer, scheduler, scaler, step,
+                    failures, f"epoch {epoch}/{cfg.epochs}",
+                )  # fmt: skip
+                val_loss, val_acc, _ = run_validation(model, val_loader, step, failures)
             rows.append(
                 {
                     "epoch": epoch,
@@ -401,6 +417,7 @@ class StepContext:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     dist: Any = None  # DistContext: sums over processes
+    features: Any = None  # images -> pooled backbone features; None: models.backbone_features
 
     def inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         from resnext_cli.device import model_inputs
@@ -414,14 +431,123 @@ class StepContext:
         return autocast(self.device, self.precision)
 
 
-def wrap_for_training(model: torch.nn.Module, ctx: Any, device: torch.device) -> torch.nn.Module:
-    """What the whole network trains through: DistributedDataParallel under torchrun."""
+def wrap_for_training(
+    model: torch.nn.Module, ctx: Any, device: torch.device, compile: bool = False
+) -> torch.nn.Module:
+    """What the whole network trains through: compiled if asked, and DistributedDataParallel
+    under torchrun. The checkpoint is always taken from the plain `model`."""
+    import torch
+
+    trainer = torch.compile(model) if compile else model
     if not ctx.enabled:
-        return model
+        return trainer
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(trainer, device_ids=device_ids)
+
+
+def compiled_features(model: torch.nn.Module) -> Any:
+    import torch
+
+    from resnext_cli.models import backbone_features
+
+    return torch.compile(partial(backbone_features, model))
+
+
+def _feature_cache(
+    model: torch.nn.Module, layout: Any, cfg: TrainConfig, step: StepContext, ctx: Any,
+    pin: bool, failures: dict[str, str],
+) -> Any:
+    """Rank 0 computes (or finds) the cache; under torchrun the others then read it."""
+    from resnext_cli import features
+    from resnext_cli.distributed import barrier
+
+    def compute() -> features.FeatureCache:
+        return features.compute_features(
+            model, layout, cfg, lambda batch: step.inputs(batch)[0], step.autocast,
+            cfg.workers or 0, pin, lambda found, samples: _report_failures(found, samples, failures),
+        )  # fmt: skip
+
+    cache = features.load_or_compute(model, layout, cfg, compute) if ctx.is_main else None
+    barrier(ctx)
+    if not ctx.is_main:
+        cache = features.load_or_compute(model, layout, cfg, compute)
+    return cache
+
+
+def _train_head_on_features(
+    model: torch.nn.Module,
+    cache: Any,
+    view: int,
+    labels: torch.Tensor,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    step: StepContext,
+) -> tuple[float, float]:
+    """The head's epoch on cached features, in the batches the image loader would have made
+    (same sampler order, batch size and drop_last)."""
+    import torch
+
+    from resnext_cli.distributed import all_reduce_sums, average_gradients
+
+    order = [index for _, index in loader.sampler]
+    size = loader.batch_size or 1
+    batches = [order[k : k + size] for k in range(0, len(order), size)]
+    if loader.drop_last and batches and len(batches[-1]) < size:
+        batches.pop()
+    model.fc.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for positions in batches:
+        index = torch.tensor([i for i in positions if cache.train_ok[i]], dtype=torch.long)
+        if len(index) == 0:
+            continue
+        features = cache.train[view][index].to(step.device)
+        targets = labels[index].to(step.device)
+        with step.autocast():
+            logits = model.fc(features)
+            loss = step.criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        average_gradients(step.dist, list(model.fc.parameters()))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.item() * len(index)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(index)
+    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
+    if seen == 0:
+        raise UserError("No training image could be read (see the warnings above).", EXIT_FAILED)
+    return loss_sum / seen, correct / seen
+
+
+def _validate_on_features(
+    model: torch.nn.Module, cache: Any, labels: torch.Tensor, step: StepContext
+) -> tuple[float, float, int]:
+    import torch
+
+    from resnext_cli.distributed import all_reduce_sums
+
+    rank, world = (step.dist.rank, step.dist.world_size) if step.dist else (0, 1)
+    index = torch.tensor(
+        [i for i in range(rank, len(labels), world) if cache.val_ok[i]], dtype=torch.long
+    )
+    model.fc.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    if len(index):
+        with torch.inference_mode(), step.autocast():
+            logits = model.fc(cache.val[index].to(step.device)).float()
+        targets = labels[index].to(step.device)
+        loss_sum = step.criterion(logits, targets).item() * len(index)
+        correct = (logits.argmax(1) == targets).sum().item()
+        seen = len(index)
+    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
+    if seen == 0:
+        raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
+    return loss_sum / seen, correct / seen, int(seen)
 
 
 def _train_one_epoch(
@@ -455,7 +581,7 @@ def _train_one_epoch(
         with step.autocast():
             if frozen:
                 with torch.no_grad():  # only the head builds a graph
-                    features = backbone_features(model, images)
+                    features = (step.features or partial(backbone_features, model))(images)
                 logits = model.fc(features)
             else:
                 logits = trainer(images)

@@ -1,0 +1,179 @@
+"""Cached backbone features: with a frozen backbone, push each image through it once, not once
+per epoch, and train the head on the stored features.
+
+The cache lives on disk (`$RESNEXT_CACHE`, default `~/.cache/resnext/features`), keyed by
+everything that changes the features: the files (paths, sizes, mtimes), the architecture, the
+weights, image size, views, precision and seed. Re-running with other head settings reuses it;
+touching the data makes a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from resnext_cli import ui
+
+if TYPE_CHECKING:
+    import torch
+
+    from resnext_cli.config import TrainConfig
+    from resnext_cli.data import DatasetLayout
+
+
+@dataclass
+class FeatureCache:
+    """train: [views, N, D]; val: [M, D]; *_ok marks the images that decoded."""
+
+    train: torch.Tensor
+    train_ok: torch.Tensor
+    val: torch.Tensor
+    val_ok: torch.Tensor
+
+    @property
+    def views(self) -> int:
+        return int(self.train.shape[0])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RESNEXT_CACHE", Path.home() / ".cache" / "resnext" / "features"))
+
+
+def cache_key(layout: DatasetLayout, cfg: TrainConfig) -> str:
+    """A digest of what the features depend on (not of the head's hyperparameters)."""
+    digest = hashlib.sha256()
+    for split, samples in (("train", layout.train), ("val", layout.val)):
+        for path, label in samples:
+            try:
+                stat = os.stat(path)
+                identity = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                identity = "missing"
+            digest.update(f"{split}|{os.path.abspath(path)}|{identity}|{label}\n".encode())
+    digest.update(json.dumps(_feature_settings(cfg), sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _feature_settings(cfg: TrainConfig) -> dict[str, Any]:
+    weights: Any = cfg.weights
+    if cfg.weights not in ("imagenet", "none") and os.path.exists(cfg.weights):
+        stat = os.stat(cfg.weights)
+        weights = [os.path.abspath(cfg.weights), stat.st_size, stat.st_mtime_ns]
+    return {
+        "arch": cfg.arch,
+        "weights": weights,
+        "img_size": cfg.img_size,
+        "views": cfg.feature_views,
+        "augment": cfg.augment,
+        "precision": cfg.precision,
+        # random init (--weights none) and the augmented views both depend on the seed
+        "seed": cfg.seed,
+        "format": 1,
+    }
+
+
+def load_or_compute(
+    model: torch.nn.Module,
+    layout: DatasetLayout,
+    cfg: TrainConfig,
+    compute: Callable[[], FeatureCache],
+) -> FeatureCache:
+    """Read the cache if it is there; otherwise compute and store it (atomically)."""
+    import torch
+
+    from resnext_cli.checkpoint import save_torch
+
+    path = cache_root() / f"{cache_key(layout, cfg)}.pt"
+    if path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            ui.info(f"Features: reusing the cache {path}")
+            return FeatureCache(**stored)
+        except Exception as exc:  # a damaged cache is recomputed, not fatal
+            ui.warn(f"ignoring the unreadable feature cache {path}: {exc}")
+    cache = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_torch(cache.__dict__, path)
+        ui.info(f"Features: cached in {path}")
+    except Exception as exc:  # training goes on; only the reuse is lost
+        ui.warn(f"could not store the feature cache in {path}: {exc}")
+    return cache
+
+
+def compute_features(
+    model: torch.nn.Module,
+    layout: DatasetLayout,
+    cfg: TrainConfig,
+    inputs: Callable[[Any], torch.Tensor],
+    autocast: Callable[[], Any],
+    workers: int,
+    pin_memory: bool,
+    report_failures: Callable[[Any, list[tuple[str, int]]], None],
+) -> FeatureCache:
+    """View 0 is the deterministic val transform; views 1..K-1 are seeded random augmentations
+    (the same crops a normal run would draw for epochs 1..K-1)."""
+    from resnext_cli import data
+
+    decode = data.resize_size(cfg.img_size)
+    train_views = []
+    train_ok = None
+    for view in range(cfg.feature_views):
+        augmented = view > 0 and cfg.augment
+        transform = data.train_transform(cfg.img_size) if augmented else data.eval_transform(cfg.img_size)
+        dataset = data.ImageListDataset(layout.train, transform, decode, augment_seed=cfg.seed)
+        features, ok = _extract(model, dataset, view, cfg, inputs, autocast, workers, pin_memory,
+                                report_failures, f"features {view + 1}/{cfg.feature_views}")  # fmt: skip
+        train_views.append(features)
+        train_ok = ok if train_ok is None else train_ok & ok
+    val_dataset = data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size), decode)
+    val, val_ok = _extract(model, val_dataset, 0, cfg, inputs, autocast, workers, pin_memory,
+                           report_failures, "features val")  # fmt: skip
+    import torch
+
+    return FeatureCache(torch.stack(train_views), train_ok, val, val_ok)
+
+
+def _extract(
+    model: torch.nn.Module,
+    dataset: Any,
+    view: int,
+    cfg: TrainConfig,
+    inputs: Callable[[Any], torch.Tensor],
+    autocast: Callable[[], Any],
+    workers: int,
+    pin_memory: bool,
+    report_failures: Callable[[Any, list[tuple[str, int]]], None],
+    label: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    from resnext_cli import data
+    from resnext_cli.models import backbone_features
+
+    sampler = data.EpochSampler(len(dataset), cfg.seed, shuffle=False, pad=False)
+    sampler.set_epoch(view)  # keys the augmentation of this view
+    loader = data.make_loader(dataset, batch_size=cfg.batch_size, workers=workers,
+                              sampler=sampler, pin_memory=pin_memory)  # fmt: skip
+    features = None
+    ok = torch.zeros(len(dataset), dtype=torch.bool)
+    model.eval()
+    with torch.inference_mode():
+        for batch in ui.progress(loader, desc=label, unit="batch"):
+            report_failures(batch.failures, dataset.samples)
+            if batch.images is None:
+                continue
+            with autocast():
+                out = backbone_features(model, inputs(batch)).float().cpu()
+            if features is None:
+                features = torch.zeros(len(dataset), out.shape[1])
+            index = torch.tensor(batch.indices)
+            features[index] = out
+            ok[index] = True
+    if features is None:
+        features = torch.zeros(len(dataset), model.fc.in_features)
+    return features, ok
