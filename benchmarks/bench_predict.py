@@ -11,9 +11,9 @@ on the photos as given and on the same photos upscaled to 3000x2000 JPEGs.
     python benchmarks/bench_predict.py ../shared/data/flowers5
     python benchmarks/bench_predict.py ../shared/data/flowers5 --archs resnet18 --large-count 40
 
-A second table compares numerics on the same photos: (b) at its default precision and
-(e) `resnext batch-predict --onnx` (an ONNX export on onnxruntime), each as images/s and top-1
-agreement with batch-predict in fp32.
+A second table runs batch-predict once per precision/layout setting (fp32, fp32 channels-last,
+bf16, bf16 channels-last) and with --onnx (an ONNX export on onnxruntime): images/s and top-1
+agreement with the fp32 pass.
 
 Weights are a fixed random init (seed 0), or a resnext checkpoint given with --checkpoint for
 its architecture: throughput does not depend on the values, but agreement does (near-uniform
@@ -87,15 +87,27 @@ def agreement(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
-def numerics_row(name: str, folder: Path, arch: str, checkpoint: Path, onnx: Path,
-                 batch_size: int, workers: int, precision: str, channels_last: bool) -> dict:
-    fp32, _ = predicted_classes(folder, batch_size, workers, checkpoint=str(checkpoint),
-                                precision="fp32", channels_last=False)
-    default, b = predicted_classes(folder, batch_size, workers, checkpoint=str(checkpoint),
-                                   precision=precision, channels_last=channels_last)
-    on_onnx, e = predicted_classes(folder, batch_size, workers, onnx=str(onnx))
-    return {"set": name, "arch": arch, "b": b, "b_agree": agreement(default, fp32), "e": e,
-            "e_agree": agreement(on_onnx, fp32)}
+SETTINGS = {  # name: batch-predict options; fp32 without channels-last is the reference
+    "fp32": dict(precision="fp32", channels_last=False),
+    "fp32 channels-last": dict(precision="fp32", channels_last=True),
+    "bf16": dict(precision="bf16", channels_last=False),
+    "bf16 channels-last": dict(precision="bf16", channels_last=True),
+}
+
+
+def numerics_rows(name: str, folder: Path, arch: str, checkpoint: Path, onnx: Path,
+                  batch_size: int, workers: int, weights: str) -> list[dict]:
+    """One batch-predict pass per precision/layout setting and on onnxruntime: images/s and
+    top-1 agreement with the fp32 pass."""
+    results = {}
+    for setting, options in SETTINGS.items():
+        results[setting] = predicted_classes(folder, batch_size, workers,
+                                             checkpoint=str(checkpoint), **options)
+    results["onnxruntime (fp32)"] = predicted_classes(folder, batch_size, workers, onnx=str(onnx))
+    reference = results["fp32"][0]
+    return [{"set": name, "arch": arch, "weights": weights, "setting": setting,
+             "images_per_s": speed, "agree": agreement(classes, reference)}
+            for setting, (classes, speed) in results.items()]
 
 
 def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: Path,
@@ -137,6 +149,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", default="auto", help="for (a) and (b); (c) is fp32")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--numerics-only", action="store_true",
+                        help="only the precision/layout/onnxruntime table")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a resnext checkpoint to use for its arch instead of random weights")
     args = parser.parse_args()
@@ -176,12 +190,11 @@ def main() -> None:
         weights = f"trained ({checkpoint})" if arch in given else "random init"
         for name, folder, paths in (("224px", flat, flat_paths),
                                     (f"{width}x{height}", large, large_paths)):
-            row = bench_set(name, folder, paths, arch, checkpoint, args.batch_size,
-                            args.workers, args.repeats, precision, args.channels_last)
-            rows.append(row)
-            numeric = numerics_row(name, folder, arch, checkpoint, onnx, args.batch_size,
-                                   args.workers, precision, args.channels_last)
-            numerics.append({**numeric, "weights": weights})
+            if not args.numerics_only:
+                rows.append(bench_set(name, folder, paths, arch, checkpoint, args.batch_size,
+                                      args.workers, args.repeats, precision, args.channels_last))
+            numerics += numerics_rows(name, folder, arch, checkpoint, onnx, args.batch_size,
+                                      args.workers, weights)
             print(f"  done {arch} {name}", flush=True)
 
     header = f"| {'arch':16} | {'photos':9} | {'n':>4} | {'(a) model':>9} | {'(b) resnext':>11} | " \
@@ -191,12 +204,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['arch']:16} | {r['set']:9} | {r['images']:>4} | {r['a']:9.1f} | {r['b']:11.1f} | "
               f"{r['c']:12.1f} | {r['b/a']:5.2f} | {r['b/c']:5.2f} |")
-    print(f"\nnumerics: top-1 agreement with batch-predict in fp32 (images/s from one pass)\n"
-          f"| arch | photos | weights | (b) {precision} img/s | (b) top-1 = fp32 | "
-          f"(e) onnxruntime img/s | (e) top-1 = fp32 |\n|---|---|---|---|---|---|---|")
+    print("\nbatch-predict per setting: images/s (one pass) and top-1 agreement with fp32\n"
+          "| arch | photos | setting | images/s | top-1 = fp32 |\n|---|---|---|---|---|")
     for r in numerics:
-        print(f"| {r['arch']} | {r['set']} | {r['weights']} | {r['b']:.1f} | {r['b_agree']:.1%} | "
-              f"{r['e']:.1f} | {r['e_agree']:.1%} |")
+        print(f"| {r['arch']} | {r['set']} | {r['setting']} | {r['images_per_s']:.1f} | "
+              f"{r['agree']:.1%} |")
+    print(f"\nweights: {', '.join(sorted({r['arch'] + ': ' + r['weights'] for r in numerics}))}")
 
 
 if __name__ == "__main__":

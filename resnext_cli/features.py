@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from resnext_cli import ui
+from resnext_cli.errors import EXIT_FAILED, UserError
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.data import DataLoader
 
     from resnext_cli.config import TrainConfig
     from resnext_cli.data import DatasetLayout
+    from resnext_cli.train import StepContext
 
 
 @dataclass
@@ -177,3 +180,101 @@ def _extract(
     if features is None:
         features = torch.zeros(len(dataset), model.fc.in_features)
     return features, ok
+
+
+# ---------------------------------------------------------------- training on the cache
+
+
+def prepare_cache(
+    model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: StepContext, ctx: Any,
+    pin: bool, report_failures: Callable[[Any, list[tuple[str, int]]], None],
+) -> FeatureCache:
+    """Rank 0 computes (or finds) the cache; under torchrun the others then read it."""
+    from resnext_cli.distributed import barrier
+
+    def compute() -> FeatureCache:
+        return compute_features(
+            model, layout, cfg, lambda batch: step.inputs(batch)[0], step.autocast,
+            cfg.workers or 0, pin, report_failures,
+        )  # fmt: skip
+
+    cache = load_or_compute(model, layout, cfg, compute) if ctx.is_main else None
+    barrier(ctx)
+    if not ctx.is_main:
+        cache = load_or_compute(model, layout, cfg, compute)
+    assert cache is not None
+    return cache
+
+
+def train_head_epoch(
+    model: torch.nn.Module,
+    cache: FeatureCache,
+    view: int,
+    labels: torch.Tensor,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    step: StepContext,
+) -> tuple[float, float]:
+    """The head's epoch on cached features, in the batches the image loader would have made
+    (same sampler order, batch size and drop_last)."""
+    import torch
+
+    from resnext_cli.distributed import all_reduce_sums, average_gradients
+
+    order = [index for _, index in loader.sampler]
+    size = loader.batch_size or 1
+    batches = [order[k : k + size] for k in range(0, len(order), size)]
+    if loader.drop_last and batches and len(batches[-1]) < size:
+        batches.pop()
+    model.fc.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for positions in batches:
+        index = torch.tensor([i for i in positions if cache.train_ok[i]], dtype=torch.long)
+        if len(index) == 0:
+            continue
+        features = cache.train[view][index].to(step.device)
+        targets = labels[index].to(step.device)
+        with step.autocast():
+            logits = model.fc(features)
+            loss = step.criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        average_gradients(step.dist, list(model.fc.parameters()))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.item() * len(index)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(index)
+    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
+    if seen == 0:
+        raise UserError("No training image could be read (see the warnings above).", EXIT_FAILED)
+    return loss_sum / seen, correct / seen
+
+
+def validate_head(
+    model: torch.nn.Module, cache: FeatureCache, labels: torch.Tensor, step: StepContext
+) -> tuple[float, float, int]:
+    import torch
+
+    from resnext_cli.distributed import all_reduce_sums
+
+    rank, world = (step.dist.rank, step.dist.world_size) if step.dist else (0, 1)
+    index = torch.tensor(
+        [i for i in range(rank, len(labels), world) if cache.val_ok[i]], dtype=torch.long
+    )
+    model.fc.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    if len(index):
+        with torch.inference_mode(), step.autocast():
+            logits = model.fc(cache.val[index].to(step.device)).float()
+        targets = labels[index].to(step.device)
+        loss_sum = step.criterion(logits, targets).item() * len(index)
+        correct = (logits.argmax(1) == targets).sum().item()
+        seen = len(index)
+    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
+    if seen == 0:
+        raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
+    return loss_sum / seen, correct / seen, int(seen)

@@ -96,7 +96,7 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
     import torch
 
     from resnext_cli import checkpoint as ckpt
-    from resnext_cli import data, models
+    from resnext_cli import data, features, models
     from resnext_cli.device import make_grad_scaler, pin_memory_for, precision_for, prepare_model
     from resnext_cli.device import select_device
     from resnext_cli.distributed import broadcast_object, process_device
@@ -237,7 +237,10 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
     trainer = None if frozen else wrap_for_training(model, ctx, device, cfg.compile)
     cache = None
     if cfg.cache_features and frozen:
-        cache = _feature_cache(model, layout, cfg, step, ctx, pin, failures)
+        cache = features.prepare_cache(
+            model, layout, cfg, step, ctx, pin,
+            lambda found, samples: _report_failures(found, samples, failures),
+        )  # fmt: skip
     train_labels = torch.tensor([label for _, label in layout.train])
     val_labels = torch.tensor([label for _, label in layout.val])
 
@@ -255,10 +258,10 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
             started, epoch_lr = time.perf_counter(), optimizer.param_groups[-1]["lr"]
             if cache is not None and frozen:
                 view = (epoch - 1) % cache.views
-                train_loss, train_acc = _train_head_on_features(
+                train_loss, train_acc = features.train_head_epoch(
                     model, cache, view, train_labels, train_loader, optimizer, scheduler, scaler, step
                 )
-                val_loss, val_acc, _ = _validate_on_features(model, cache, val_labels, step)
+                val_loss, val_acc, _ = features.validate_head(model, cache, val_labels, step)
             else:
                 train_loss, train_acc = _train_one_epoch(
                     model, trainer, train_loader, optimizer, scheduler, scaler, step,
@@ -453,101 +456,6 @@ def compiled_features(model: torch.nn.Module) -> Any:
     from resnext_cli.models import backbone_features
 
     return torch.compile(partial(backbone_features, model))
-
-
-def _feature_cache(
-    model: torch.nn.Module, layout: Any, cfg: TrainConfig, step: StepContext, ctx: Any,
-    pin: bool, failures: dict[str, str],
-) -> Any:
-    """Rank 0 computes (or finds) the cache; under torchrun the others then read it."""
-    from resnext_cli import features
-    from resnext_cli.distributed import barrier
-
-    def compute() -> features.FeatureCache:
-        return features.compute_features(
-            model, layout, cfg, lambda batch: step.inputs(batch)[0], step.autocast,
-            cfg.workers or 0, pin, lambda found, samples: _report_failures(found, samples, failures),
-        )  # fmt: skip
-
-    cache = features.load_or_compute(model, layout, cfg, compute) if ctx.is_main else None
-    barrier(ctx)
-    if not ctx.is_main:
-        cache = features.load_or_compute(model, layout, cfg, compute)
-    return cache
-
-
-def _train_head_on_features(
-    model: torch.nn.Module,
-    cache: Any,
-    view: int,
-    labels: torch.Tensor,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    step: StepContext,
-) -> tuple[float, float]:
-    """The head's epoch on cached features, in the batches the image loader would have made
-    (same sampler order, batch size and drop_last)."""
-    import torch
-
-    from resnext_cli.distributed import all_reduce_sums, average_gradients
-
-    order = [index for _, index in loader.sampler]
-    size = loader.batch_size or 1
-    batches = [order[k : k + size] for k in range(0, len(order), size)]
-    if loader.drop_last and batches and len(batches[-1]) < size:
-        batches.pop()
-    model.fc.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for positions in batches:
-        index = torch.tensor([i for i in positions if cache.train_ok[i]], dtype=torch.long)
-        if len(index) == 0:
-            continue
-        features = cache.train[view][index].to(step.device)
-        targets = labels[index].to(step.device)
-        with step.autocast():
-            logits = model.fc(features)
-            loss = step.criterion(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        average_gradients(step.dist, list(model.fc.parameters()))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += loss.item() * len(index)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(index)
-    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
-    if seen == 0:
-        raise UserError("No training image could be read (see the warnings above).", EXIT_FAILED)
-    return loss_sum / seen, correct / seen
-
-
-def _validate_on_features(
-    model: torch.nn.Module, cache: Any, labels: torch.Tensor, step: StepContext
-) -> tuple[float, float, int]:
-    import torch
-
-    from resnext_cli.distributed import all_reduce_sums
-
-    rank, world = (step.dist.rank, step.dist.world_size) if step.dist else (0, 1)
-    index = torch.tensor(
-        [i for i in range(rank, len(labels), world) if cache.val_ok[i]], dtype=torch.long
-    )
-    model.fc.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    if len(index):
-        with torch.inference_mode(), step.autocast():
-            logits = model.fc(cache.val[index].to(step.device)).float()
-        targets = labels[index].to(step.device)
-        loss_sum = step.criterion(logits, targets).item() * len(index)
-        correct = (logits.argmax(1) == targets).sum().item()
-        seen = len(index)
-    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
-    if seen == 0:
-        raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
-    return loss_sum / seen, correct / seen, int(seen)
 
 
 def _train_one_epoch(

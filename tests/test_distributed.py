@@ -76,3 +76,25 @@ def test_sync_bn_on_cpu_is_refused_only_under_torchrun(tmp_path, dataset):
     result = invoke(["train", "--data", dataset, "--arch", "resnet18", "--weights", "none", "--epochs", "1",
                      "--img-size", "32", "--workers", "0", "--sync-bn", "--out", tmp_path / "r"])
     assert result.exit_code == 0 and "no effect in a single process" in result.stderr
+
+
+def test_cached_features_under_torchrun(tmp_path, monkeypatch):
+    """Rank 0 builds the cache, the other rank reads it; the head matches a single process."""
+    data = make_dataset(tmp_path / "ds", train_per_class=8, val_per_class=3)
+    common = ["--data", data, "--arch", "resnet18", "--weights", "none", "--freeze", "--epochs", "2",
+              "--img-size", "32", "--workers", "0", "--seed", "0", "--lr", "0.02", "--precision", "fp32",
+              "--cache-features", "--no-augment"]
+    env = {**__import__("os").environ, "RESNEXT_CACHE": str(tmp_path / "cache")}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "resnext_cli", "train", *map(str, common), "--batch-size", "4", "--out", "ddp"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    single = invoke(["train", *common, "--batch-size", "8", "--out", tmp_path / "single"])
+    assert single.exit_code == 0 and "reusing the cache" in single.stdout
+    for d, s in zip(rows(tmp_path / "ddp" / "metrics.csv"), rows(tmp_path / "single" / "metrics.csv")):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert d[key] == pytest.approx(s[key], abs=1e-5), key

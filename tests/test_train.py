@@ -11,7 +11,6 @@ import torchvision
 import yaml
 
 from resnext_cli.config import TrainConfig, build_config
-from resnext_cli.errors import UserError
 from resnext_cli.train import LrSchedule
 from tests.conftest import TINY_TRAIN, invoke, make_dataset, run_subprocess
 
@@ -216,3 +215,13 @@ def test_lr_schedule_shapes():
     assert [step(s) for s in (0, 29, 30, 60)] == pytest.approx([1, 1, 0.1, 0.01])
     assert LrSchedule("none", 50, 0, 10)(49) == 1.0
     assert all(0 <= cosine(s) <= 1 for s in range(100)) and not math.isnan(cosine(99))
+
+
+def test_default_config_file_is_the_dataclass_defaults():
+    import dataclasses
+
+    written = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    per_run = {"data", "out", "name", "resume"}
+    assert set(written) == set(defaults) - per_run
+    assert written == {k: v for k, v in defaults.items() if k not in per_run}
