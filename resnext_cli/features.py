@@ -80,7 +80,6 @@ def _feature_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def load_or_compute(
-    model: torch.nn.Module,
     layout: DatasetLayout,
     cfg: TrainConfig,
     compute: Callable[[], FeatureCache],
@@ -120,66 +119,62 @@ def compute_features(
 ) -> FeatureCache:
     """View 0 is the deterministic val transform; views 1..K-1 are seeded random augmentations
     (the same crops a normal run would draw for epochs 1..K-1)."""
-    from resnext_cli import data
-
-    decode = data.resize_size(cfg.img_size)
-    train_views = []
-    train_ok = None
-    for view in range(cfg.feature_views):
-        augmented = view > 0 and cfg.augment
-        transform = data.train_transform(cfg.img_size) if augmented else data.eval_transform(cfg.img_size)
-        dataset = data.ImageListDataset(layout.train, transform, decode, augment_seed=cfg.seed)
-        features, ok = _extract(model, dataset, view, cfg, inputs, autocast, workers, pin_memory,
-                                report_failures, f"features {view + 1}/{cfg.feature_views}")  # fmt: skip
-        train_views.append(features)
-        train_ok = ok if train_ok is None else train_ok & ok
-    val_dataset = data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size), decode)
-    val, val_ok = _extract(model, val_dataset, 0, cfg, inputs, autocast, workers, pin_memory,
-                           report_failures, "features val")  # fmt: skip
     import torch
 
+    from resnext_cli import data
+
+    extractor = _Extractor(model, cfg, inputs, autocast, workers, pin_memory, report_failures)
+    decode = data.resize_size(cfg.img_size)
+    train_views = []
+    train_ok = torch.ones(len(layout.train), dtype=torch.bool)
+    for view in range(cfg.feature_views):
+        augmented = view > 0 and cfg.augment
+        transform = data.train_transform if augmented else data.eval_transform
+        dataset = data.ImageListDataset(layout.train, transform(cfg.img_size), decode, cfg.seed)
+        features, ok = extractor.run(dataset, view, f"features {view + 1}/{cfg.feature_views}")
+        train_views.append(features)
+        train_ok &= ok
+    val_dataset = data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size), decode)
+    val, val_ok = extractor.run(val_dataset, 0, "features val")
     return FeatureCache(torch.stack(train_views), train_ok, val, val_ok)
 
 
-def _extract(
-    model: torch.nn.Module,
-    dataset: Any,
-    view: int,
-    cfg: TrainConfig,
-    inputs: Callable[[Any], torch.Tensor],
-    autocast: Callable[[], Any],
-    workers: int,
-    pin_memory: bool,
-    report_failures: Callable[[Any, list[tuple[str, int]]], None],
-    label: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
+@dataclass
+class _Extractor:
+    """Runs the frozen backbone over a dataset once, in file order."""
 
-    from resnext_cli import data
-    from resnext_cli.models import backbone_features
+    model: torch.nn.Module
+    cfg: TrainConfig
+    inputs: Callable[[Any], torch.Tensor]
+    autocast: Callable[[], Any]
+    workers: int
+    pin_memory: bool
+    report_failures: Callable[[Any, list[tuple[str, int]]], None]
 
-    sampler = data.EpochSampler(len(dataset), cfg.seed, shuffle=False, pad=False)
-    sampler.set_epoch(view)  # keys the augmentation of this view
-    loader = data.make_loader(dataset, batch_size=cfg.batch_size, workers=workers,
-                              sampler=sampler, pin_memory=pin_memory)  # fmt: skip
-    features = None
-    ok = torch.zeros(len(dataset), dtype=torch.bool)
-    model.eval()
-    with torch.inference_mode():
-        for batch in ui.progress(loader, desc=label, unit="batch"):
-            report_failures(batch.failures, dataset.samples)
-            if batch.images is None:
-                continue
-            with autocast():
-                out = backbone_features(model, inputs(batch)).float().cpu()
-            if features is None:
-                features = torch.zeros(len(dataset), out.shape[1])
-            index = torch.tensor(batch.indices)
-            features[index] = out
-            ok[index] = True
-    if features is None:
-        features = torch.zeros(len(dataset), model.fc.in_features)
-    return features, ok
+    def run(self, dataset: Any, view: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from resnext_cli import data
+        from resnext_cli.models import backbone_features
+
+        sampler = data.EpochSampler(len(dataset), self.cfg.seed, shuffle=False, pad=False)
+        sampler.set_epoch(view)  # keys the augmentation of this view
+        loader = data.make_loader(dataset, batch_size=self.cfg.batch_size, workers=self.workers,
+                                  sampler=sampler, pin_memory=self.pin_memory)  # fmt: skip
+        features = torch.zeros(len(dataset), self.model.fc.in_features)
+        ok = torch.zeros(len(dataset), dtype=torch.bool)
+        self.model.eval()
+        with torch.inference_mode():
+            for batch in ui.progress(loader, desc=label, unit="batch"):
+                self.report_failures(batch.failures, dataset.samples)
+                if batch.images is None:
+                    continue
+                with self.autocast():
+                    out = backbone_features(self.model, self.inputs(batch)).float().cpu()
+                index = torch.tensor(batch.indices)
+                features[index] = out
+                ok[index] = True
+        return features, ok
 
 
 # ---------------------------------------------------------------- training on the cache
@@ -198,10 +193,10 @@ def prepare_cache(
             cfg.workers or 0, pin, report_failures,
         )  # fmt: skip
 
-    cache = load_or_compute(model, layout, cfg, compute) if ctx.is_main else None
+    cache = load_or_compute(layout, cfg, compute) if ctx.is_main else None
     barrier(ctx)
     if not ctx.is_main:
-        cache = load_or_compute(model, layout, cfg, compute)
+        cache = load_or_compute(layout, cfg, compute)
     assert cache is not None
     return cache
 
