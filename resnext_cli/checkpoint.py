@@ -35,6 +35,8 @@ def atomic_write(path: Path, write: Any) -> None:
     except OSError as exc:
         raise UserError(f"Cannot write {path}: {exc.strerror or exc}.", EXIT_FAILED) from None
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files, which would hide results from others
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -49,6 +51,17 @@ def atomic_write(path: Path, write: Any) -> None:
                 EXIT_FAILED,
             ) from None
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write_text(path: Path, text: str) -> None:

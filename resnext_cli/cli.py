@@ -15,8 +15,11 @@ from resnext_cli.config import (
     OPTIMIZERS,
     SCHEDULERS,
     BatchPredictConfig,
+    CheckDataConfig,
+    EvaluateConfig,
     ExportConfig,
     PredictConfig,
+    ReportConfig,
     TrainConfig,
     build_config,
 )
@@ -145,6 +148,10 @@ def train(
     resume: Optional[str] = typer.Option(
         None, help="Continue an interrupted run: its folder or last.pt (--epochs may extend it)."
     ),
+    report: Optional[bool] = typer.Option(
+        None, "--report/--no-report",
+        help="Evaluate best.pt on the val split and write report.html at the end. [default: on]",
+    ),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Train a classifier on a folder of class folders: pretrained backbone, new head."""
@@ -227,6 +234,84 @@ def batch_predict(
         from resnext_cli.predict import batch_predict as run_batch_predict
 
         return run_batch_predict(build_config(BatchPredictConfig, config, overrides))
+
+    code = run_command(action)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def evaluate(
+    data: Optional[str] = typer.Option(
+        None, help="DIR/<class>/*, or a dataset root (then its val split)."
+    ),
+    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
+    weights: Optional[str] = typer.Option(None, help="A plain state dict (with --arch, --class-indices)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture of --weights."),
+    class_indices: Optional[str] = typer.Option(None, help="class_indices.json for --weights."),
+    batch_size: Optional[int] = typer.Option(None, help="[default: 16]"),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: half the cores]"),
+    out: Optional[str] = typer.Option(None, help="Output folder. [default: beside the checkpoint, eval/]"),
+    json: Optional[bool] = typer.Option(None, "--json", help="Print JSON instead of tables."),
+    img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (opt-in)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> None:
+        from resnext_cli.evaluate import evaluate as run_evaluate
+
+        run_evaluate(build_config(EvaluateConfig, config, overrides))
+
+    run_command(action)
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="A run folder written by `resnext train`."),
+    data: Optional[str] = typer.Option(None, help="Evaluate on this folder. [default: the run's data]"),
+    batch_size: Optional[int] = typer.Option(None, help="[default: 16]"),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: half the cores]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
+    gallery: Optional[int] = typer.Option(None, help="Mistakes shown as thumbnails. [default: 24]"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Write RUN_DIR/report.html: config, curves, confusion matrix, per-class metrics, mistakes."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> None:
+        from resnext_cli.report import write_report
+
+        write_report(build_config(ReportConfig, config, overrides))
+
+    run_command(action)
+
+
+@app.command("check-data")
+def check_data(
+    data: str = typer.Argument(..., help="Dataset folder, as given to `resnext train --data`."),
+    workers: Optional[int] = typer.Option(None, help="Reading processes. [default: every core]"),
+    json: Optional[bool] = typer.Option(
+        None, "--json", help="Print the findings as JSON on stdout (the summary goes to stderr)."
+    ),
+    min_size: Optional[int] = typer.Option(None, help="Shorter side below this is tiny. [default: 32]"),
+    imbalance_ratio: Optional[float] = typer.Option(
+        None, help="Largest / smallest class at or above this is reported. [default: 5]"
+    ),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Inspect a dataset before training: every file read once; exit 1 if training would fail."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> int:
+        from resnext_cli.check_data import check_data as run_check_data
+
+        return run_check_data(build_config(CheckDataConfig, config, overrides))
 
     code = run_command(action)
     if code:

@@ -55,6 +55,7 @@ class TrainConfig:
     patience: int | None = None
     sync_bn: bool = False  # under torchrun: batch norm statistics over all processes
     resume: str | None = None  # a run folder (or its last.pt) to continue
+    report: bool = True  # report.html at the end (evaluates best.pt on the val split)
 
     def validate(self) -> None:
         from resnext_cli.models import ARCHS
@@ -170,6 +171,59 @@ class BatchPredictConfig(InferenceConfig):
             _check_range("workers", self.workers, low=0)
         if self.output and Path(self.output).suffix.lower() not in (".csv", ".jsonl"):
             raise UserError(f"--output must end in .csv or .jsonl, got {self.output!r}.")
+
+
+@dataclass
+class EvaluateConfig(InferenceConfig):
+    data: str | None = None  # DIR/<class>/*, or a dataset root (its val split)
+    batch_size: int = 16
+    workers: int | None = None
+    json: bool = False
+    out: str | None = None  # None: eval/ beside the checkpoint
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise UserError("No data given. Pass --data DIR (DIR/<class>/* or a dataset root).")
+        _check_range("batch_size", self.batch_size, low=1)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str | None = None
+    data: str | None = None  # None: the data the run trained on
+    batch_size: int = 16
+    workers: int | None = None
+    device: str = "auto"
+    gallery: int = 24  # most confident mistakes shown as thumbnails
+
+    def validate(self) -> None:
+        if not self.run_dir:
+            raise UserError("No run folder given. Usage: resnext report RUN_DIR.")
+        _check_range("batch_size", self.batch_size, low=1)
+        _check_range("gallery", self.gallery, low=0)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+        check_device_string(self.device)
+
+
+@dataclass
+class CheckDataConfig:
+    data: str | None = None
+    workers: int | None = None  # None: every core (reading files is the whole job)
+    json: bool = False
+    min_size: int = 32  # images with a shorter side below this are reported as tiny
+    imbalance_ratio: float = 5.0  # largest / smallest class size reported as imbalance
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UserError("No folder given. Usage: resnext check-data DIR.")
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+        _check_range("min_size", self.min_size, low=1)
+        _check_range("imbalance_ratio", self.imbalance_ratio, low=1)
 
 
 EXPORT_FORMATS = ("onnx", "torchscript")

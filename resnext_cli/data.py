@@ -282,10 +282,18 @@ class DatasetLayout:
     warnings: list[str] = field(default_factory=list)
 
 
-def scan_class_folders(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """`folder/<class>/**/<image>` -> {class: sorted paths}; odd entries become warnings."""
+@dataclass
+class ClassFolders:
+    """What `folder/<class>/**/<image>` holds: {class: sorted paths}, plus what was ignored."""
+
+    folder: Path
+    classes: dict[str, list[str]]
+    hidden: list[str]  # hidden folders (".thumbs", "__MACOSX"), not classes
+    stray: list[str]  # files beside the class folders
+
+
+def scan_class_folders(folder: Path) -> ClassFolders:
     classes: dict[str, list[str]] = {}
-    warnings: list[str] = []
     hidden, stray = [], []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if is_hidden(entry.name):
@@ -303,50 +311,130 @@ def scan_class_folders(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
             dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not is_image_name(d))
             paths.extend(os.path.join(dirpath, f) for f in sorted(names) if not is_hidden(f))
         classes[entry.name] = paths
-    if hidden:
-        warnings.append(f"Ignored hidden folders in {folder}: {', '.join(hidden)}.")
-    if stray:
-        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
-        warnings.append(f"Ignored files outside class folders in {folder}: {shown}.")
-    return classes, warnings
+    return ClassFolders(Path(folder), classes, hidden, stray)
 
 
-def discover_dataset(root: str | Path, val_split: float, seed: int) -> DatasetLayout:
-    """`ROOT/train` + `ROOT/val|valid|validation`, or one folder of classes split by `val_split`."""
+def find_val_folder(root: Path) -> Path | None:
+    return next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
+
+
+def find_splits(root: str | Path) -> dict[str, ClassFolders]:
+    """`train` and `val` from ROOT/train + ROOT/val|valid|validation; or `train` alone (ROOT/train,
+    else ROOT itself), which training then splits by --val-split."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"The dataset folder {root} does not exist.")
     if not root.is_dir():
         raise UserError(f"--data must be a folder of class folders, but {root} is a file.")
-    train_dir = root / "train"
-    val_dir = next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
-    if train_dir.is_dir() and val_dir is not None:
-        train_map, warnings = scan_class_folders(train_dir)
-        val_map, val_warnings = scan_class_folders(val_dir)
-        warnings += val_warnings
-        _check_train_classes(train_map, train_dir)
-        classes = sorted(train_map)
-        unknown = sorted(set(val_map) - set(train_map))
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    val_dir = find_val_folder(root) if train_dir != root else None
+    splits = {"train": scan_class_folders(train_dir)}
+    if val_dir is not None:
+        splits["val"] = scan_class_folders(val_dir)
+    return splits
+
+
+ERROR, WARNING, INFO = "error", "warning", "info"  # error: training would refuse or learn nothing
+
+
+@dataclass
+class Finding:
+    """One thing `check-data` (and, for the layout, `train`) tells about a dataset."""
+
+    severity: str
+    check: str
+    message: str  # ends with ":" when `items` complete it
+    items: list[str] = field(default_factory=list)  # the paths or classes concerned
+    hint: str = ""  # what to do
+
+    def text(self, limit: int = 10) -> str:
+        shown = ", ".join(self.items[:limit])
+        more = f" and {len(self.items) - limit} more" if len(self.items) > limit else ""
+        listed = f" {shown}{more}." if self.items else ""
+        return f"{self.message}{listed}{' ' + self.hint if self.hint else ''}"
+
+
+def layout_findings(splits: dict[str, ClassFolders], imbalance_ratio: float = 5.0) -> list[Finding]:
+    """What the folder tree alone shows: cheap enough for `train` to check on every start."""
+    train, val = splits["train"], splits.get("val")
+    found = [f for split in splits.values() for f in ignored_entries(split)]
+    empty = [c for c, paths in train.classes.items() if not paths]
+    if empty:
+        found.append(Finding(ERROR, "empty_class_folders", f"Class folders with no images in "
+                             f"{train.folder}:", empty, "Add images (any format Pillow reads) or "
+                             "remove the folders."))  # fmt: skip
+    if len(train.classes) < 2:
+        have = f"only {next(iter(train.classes))!r}" if train.classes else "none"
+        found.append(Finding(ERROR, "too_few_classes", f"{train.folder} must hold at least 2 class "
+                             f"folders (DIR/<class>/<images>), found {have}.", [], "Expected "
+                             "layout: DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg, or "
+                             "DATA/<class>/*.jpg split with --val-split."))  # fmt: skip
+    if val is not None:
+        unknown = sorted(set(val.classes) - set(train.classes))
         if unknown:
-            raise UserError(
-                f"{val_dir} has classes that {train_dir} does not: {', '.join(unknown)}. The "
-                "model can only learn classes present in train; add their training images or "
-                "remove them from val."
-            )
-        no_val = [c for c in classes if not val_map.get(c)]
-        if no_val:
-            warnings.append(f"Classes with no validation images: {', '.join(no_val)}.")
+            found.append(Finding(ERROR, "val_classes_missing_from_train", f"{val.folder} has "
+                                 f"classes that {train.folder} does not:", unknown, "The model "
+                                 "can only learn classes present in train; add their training "
+                                 "images or remove them from val."))  # fmt: skip
+        no_val = [c for c in sorted(train.classes) if not val.classes.get(c)]
+        if no_val and len(no_val) < len(train.classes):
+            found.append(Finding(WARNING, "train_classes_missing_from_val", "Classes with no "
+                                 "validation images (their accuracy is never measured):", no_val))  # fmt: skip
+        if not any(val.classes.values()):
+            found.append(Finding(ERROR, "no_val_images", f"No validation images in {val.folder}.",
+                                 [], "Add images to its class folders, or remove it so that "
+                                 "--val-split holds out part of train."))  # fmt: skip
+    imbalance = class_imbalance({c: len(p) for c, p in train.classes.items() if p}, imbalance_ratio)
+    return found + ([imbalance] if imbalance else [])
+
+
+def ignored_entries(split: ClassFolders) -> list[Finding]:
+    found = []
+    if split.hidden:
+        found.append(Finding(INFO, "hidden_folders", f"Ignored hidden folders in {split.folder}:",
+                             split.hidden))  # fmt: skip
+    if split.stray:
+        found.append(Finding(INFO, "stray_files", f"Ignored files outside class folders in "
+                             f"{split.folder}:", split.stray))  # fmt: skip
+    return found
+
+
+def class_imbalance(counts: dict[str, int], ratio: float) -> Finding | None:
+    if len(counts) < 2:
+        return None
+    largest, smallest = max(counts, key=counts.__getitem__), min(counts, key=counts.__getitem__)
+    if counts[largest] < ratio * counts[smallest]:
+        return None
+    return Finding(
+        WARNING, "class_imbalance",
+        f"Class imbalance: {largest!r} has {counts[largest]} training images, {smallest!r} only "
+        f"{counts[smallest]} ({counts[largest] / counts[smallest]:.1f}x).", [smallest],
+        "Accuracy will favour the large classes; `resnext evaluate` shows per-class recall.",
+    )  # fmt: skip
+
+
+def discover_dataset(
+    root: str | Path, val_split: float, seed: int, imbalance_ratio: float = 5.0
+) -> DatasetLayout:
+    """The train and val images with their labels; layout errors raise, the rest are warnings."""
+    splits = find_splits(root)
+    findings = layout_findings(splits, imbalance_ratio)
+    errors = [f for f in findings if f.severity == ERROR]
+    if errors:
+        raise UserError(" ".join(f.text() for f in errors))
+    warnings = [f.text() for f in findings]
+    train_map, classes = splits["train"].classes, sorted(splits["train"].classes)
+    if "val" in splits:
+        val_map = splits["val"].classes
         index = {c: i for i, c in enumerate(classes)}
         train = [(p, index[c]) for c in classes for p in train_map[c]]
         val = [(p, index[c]) for c in classes for p in val_map.get(c, [])]
         layout = DatasetLayout(classes, train, val, None, warnings)
     else:
-        folder = train_dir if train_dir.is_dir() else root
-        class_map, warnings = scan_class_folders(folder)
-        if folder == train_dir:
-            warnings.append(f"No val folder beside {train_dir}; holding out {val_split:.0%} of it.")
-        _check_train_classes(class_map, folder)
-        layout = split_stratified(class_map, val_split, seed)
+        folder = splits["train"].folder
+        if folder != Path(root):
+            warnings.append(f"No val folder beside {folder}; holding out {val_split:.0%} of it.")
+        layout = split_stratified(train_map, val_split, seed)
         layout.warnings[:0] = warnings
         layout.split["root"] = str(folder)
     if not layout.val:
@@ -376,22 +464,6 @@ def split_stratified(class_map: dict[str, list[str]], val_split: float, seed: in
         "val": [p for p, _ in val],
     }
     return DatasetLayout(classes, train, val, split, [])
-
-
-def _check_train_classes(class_map: dict[str, list[str]], folder: Path) -> None:
-    empty = [c for c, paths in class_map.items() if not paths]
-    if empty:
-        raise UserError(
-            f"Class folders with no images in {folder}: {', '.join(empty)}. Add images (any "
-            "format Pillow reads) or remove the folders."
-        )
-    if len(class_map) < 2:
-        found = f"only {next(iter(class_map))!r}" if class_map else "none"
-        raise UserError(
-            f"{folder} must hold at least 2 class folders (DIR/<class>/<images>), found {found}. "
-            "Expected layout: DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg, or "
-            "DATA/<class>/*.jpg split with --val-split."
-        )
 
 
 def list_images(folder: str | Path, recursive: bool) -> list[str]:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from resnext_cli.config import TrainConfig
     from resnext_cli.data import DatasetLayout
-    from resnext_cli.train import StepContext
+    from resnext_cli.train import StepContext, Validation
 
 
 @dataclass
@@ -251,25 +251,20 @@ def train_head_epoch(
 
 def validate_head(
     model: torch.nn.Module, cache: FeatureCache, labels: torch.Tensor, step: StepContext
-) -> tuple[float, float, int]:
+) -> Validation:
     import torch
 
-    from resnext_cli.distributed import all_reduce_sums
+    from resnext_cli.train import ValidationTally
 
     rank, world = (step.dist.rank, step.dist.world_size) if step.dist else (0, 1)
     index = torch.tensor(
         [i for i in range(rank, len(labels), world) if cache.val_ok[i]], dtype=torch.long
     )
     model.fc.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    tally = ValidationTally(model.fc.out_features)
     if len(index):
         with torch.inference_mode(), step.autocast():
             logits = model.fc(cache.val[index].to(step.device)).float()
         targets = labels[index].to(step.device)
-        loss_sum = step.criterion(logits, targets).item() * len(index)
-        correct = (logits.argmax(1) == targets).sum().item()
-        seen = len(index)
-    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
-    if seen == 0:
-        raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
-    return loss_sum / seen, correct / seen, int(seen)
+        tally.add(step.criterion(logits, targets), logits, targets)
+    return tally.result(step)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from resnext_cli import ui
-from resnext_cli.config import TrainConfig, to_plain_dict
+from resnext_cli.config import ReportConfig, TrainConfig, to_plain_dict
 from resnext_cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
 
 if TYPE_CHECKING:
@@ -97,9 +97,19 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
 
     from resnext_cli import checkpoint as ckpt
     from resnext_cli import data, features, models
-    from resnext_cli.device import make_grad_scaler, pin_memory_for, precision_for, prepare_model
-    from resnext_cli.device import select_device
+    from resnext_cli.device import (
+        make_grad_scaler,
+        pin_memory_for,
+        precision_for,
+        prepare_model,
+        select_device,
+    )
     from resnext_cli.distributed import broadcast_object, process_device
+    from resnext_cli.plots import (
+        BackgroundWriter,
+        confusion_matrix_png,
+        training_curves_png,
+    )
 
     explicit_freeze = config.freeze
     cfg = config.resolved()
@@ -243,6 +253,7 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
         )  # fmt: skip
     train_labels = torch.tensor([label for _, label in layout.train])
     val_labels = torch.tensor([label for _, label in layout.val])
+    plots = BackgroundWriter()  # results.png and confusion_matrix.png, off the epoch's path
 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -261,19 +272,20 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
                 train_loss, train_acc = features.train_head_epoch(
                     model, cache, view, train_labels, train_loader, optimizer, scheduler, scaler, step
                 )
-                val_loss, val_acc, _ = features.validate_head(model, cache, val_labels, step)
+                validation = features.validate_head(model, cache, val_labels, step)
             else:
                 train_loss, train_acc = _train_one_epoch(
                     model, trainer, train_loader, optimizer, scheduler, scaler, step,
                     failures, f"epoch {epoch}/{cfg.epochs}",
                 )  # fmt: skip
-                val_loss, val_acc, _ = run_validation(model, val_loader, step, failures)
+                validation = run_validation(model, val_loader, step, failures)
+            val_acc = validation.accuracy
             rows.append(
                 {
                     "epoch": epoch,
                     "train_loss": train_loss,
                     "train_acc": train_acc,
-                    "val_loss": val_loss,
+                    "val_loss": validation.loss,
                     "val_acc": val_acc,
                     "lr": epoch_lr,  # the head's rate as the epoch began
                     "seconds": time.perf_counter() - started,
@@ -304,6 +316,11 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
                 )
                 ckpt.save_torch(last, run_dir / "last.pt")
                 ckpt.write_metrics(run_dir / "metrics.csv", rows)
+                plots.submit(run_dir / "results.png", partial(training_curves_png, list(rows)))
+                if improved:
+                    title = f"val split, epoch {epoch}: accuracy {val_acc:.2%}"
+                    render = partial(confusion_matrix_png, validation.confusion, layout.classes, title)
+                    plots.submit(run_dir / "confusion_matrix.png", render)
             completed = epoch
             _print_epoch_row(rows[-1], improved, first=epoch == start_epoch)
             if cfg.patience and epoch - best_epoch >= cfg.patience:
@@ -318,9 +335,16 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
         )
         raise UserError(f"Interrupted during epoch {completed + 1}. {saved}", EXIT_INTERRUPTED) from None
 
+    plots.close()
+    for problem in plots.errors:
+        ui.warn(f"could not draw a plot ({problem}); training itself is unaffected.")
     if failures:
         ui.warn(f"{len(failures)} unreadable file(s) were skipped (listed above).")
     ui.info(f"Best val accuracy {best_acc:.2%} at epoch {best_epoch} -> {run_dir / 'best.pt'}")
+    if cfg.report and ctx.is_main:
+        from resnext_cli.report import write_report
+
+        write_report(ReportConfig(str(run_dir), workers=cfg.workers, device=cfg.device), quiet=True)
     return TrainResult(run_dir, best_acc, best_epoch, len(rows))
 
 
@@ -356,7 +380,7 @@ def resume_config(resume: str, overrides: dict[str, Any]) -> TrainConfig:
     return config
 
 
-RESUME_OVERRIDABLE = {"epochs", "workers", "device"}
+RESUME_OVERRIDABLE = {"epochs", "workers", "device", "report"}
 
 
 def _resume_dir(resume: str) -> Path:
@@ -516,14 +540,21 @@ def _train_one_epoch(
     return loss_sum / seen, correct / seen
 
 
+class Validation(NamedTuple):
+    loss: float
+    accuracy: float  # 0-1
+    seen: int
+    confusion: list[list[int]]  # row = true class, column = predicted, over all processes
+
+
 def run_validation(
     model: torch.nn.Module, loader: DataLoader, step: StepContext, failures: dict[str, str]
-) -> tuple[float, float, int]:
-    """Mean loss, accuracy (0-1) and the number of images scored, in eval mode."""
+) -> Validation:
+    """Loss, accuracy and confusion matrix over the val split, in eval mode."""
     import torch
 
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    tally = ValidationTally(model.fc.out_features)
     with torch.inference_mode():
         for batch in ui.progress(loader, desc="val", unit="batch"):
             _report_failures(batch.failures, loader.dataset.samples, failures)
@@ -532,15 +563,40 @@ def run_validation(
             images, labels = step.inputs(batch)
             with step.autocast():
                 logits = model(images).float()
-            loss_sum += step.criterion(logits, labels).item() * labels.numel()
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += labels.numel()
-    from resnext_cli.distributed import all_reduce_sums
+            tally.add(step.criterion(logits, labels), logits, labels)
+    return tally.result(step)
 
-    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
-    if seen == 0:
-        raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
-    return loss_sum / seen, correct / seen, int(seen)
+
+class ValidationTally:
+    """Sums that validation accumulates, reduced over torchrun's processes at the end."""
+
+    def __init__(self, n_classes: int) -> None:
+        import torch
+
+        self.n_classes = n_classes
+        self.loss_sum = 0.0
+        self.counts = torch.zeros(n_classes * n_classes, dtype=torch.long)
+
+    def add(self, mean_loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        import torch
+
+        self.loss_sum += mean_loss.item() * labels.numel()
+        cells = (labels * self.n_classes + logits.argmax(1)).cpu()
+        self.counts += torch.bincount(cells, minlength=self.n_classes**2)
+
+    def result(self, step: StepContext) -> Validation:
+        from resnext_cli.distributed import all_reduce_sums
+
+        loss_sum, *counts = all_reduce_sums(
+            step.dist, [self.loss_sum, *self.counts.tolist()], step.device
+        )
+        n = self.n_classes
+        confusion = [[int(counts[i * n + j]) for j in range(n)] for i in range(n)]
+        seen = sum(map(sum, confusion))
+        if seen == 0:
+            raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
+        correct = sum(confusion[i][i] for i in range(n))
+        return Validation(loss_sum / seen, correct / seen, seen, confusion)
 
 
 def _print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:

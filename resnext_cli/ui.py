@@ -6,7 +6,6 @@ import functools
 import sys
 from typing import Any
 
-
 _silenced = False
 
 

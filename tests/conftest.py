@@ -74,16 +74,19 @@ def run_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.Completed
     )
 
 
-TINY_TRAIN = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "8", "--workers", "0"]
+# --no-report: the end-of-run evaluation and report.html are tested once, on `trained_run`
+TINY_TRAIN = ["--no-report", "--arch", "resnet18", "--img-size", "32", "--batch-size", "8",
+              "--workers", "0"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
-    """A 3-class resnet18: a fixed random backbone (colour survives it) and a trained head."""
+    """A 3-class resnet18: a fixed random backbone (colour survives it) and a trained head; with
+    the end-of-run evaluation (eval/) and report.html."""
     work = tmp_path_factory.mktemp("trained")
     result = invoke(
         ["train", "--data", dataset, *TINY_TRAIN, "--weights", "none", "--freeze", "--epochs", "6",
-         "--seed", "0", "--lr", "0.02", "--out", work / "run"]
+         "--seed", "0", "--lr", "0.02", "--out", work / "run", "--report"]
     )
     assert result.exit_code == 0, result.stdout + result.stderr
     return work / "run"

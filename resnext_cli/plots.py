@@ -1,0 +1,141 @@
+"""PNG figures for runs and evaluations: matplotlib's object API on the Agg canvas, so no
+window, no display and no global pyplot state, whatever backend the user has configured."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from resnext_cli.metrics import row_normalised
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    """Loss, accuracy and learning rate per epoch, from metrics.csv's rows."""
+    figure = _figure(13.5, 3.8)
+    epochs = [int(r["epoch"]) for r in rows]
+    loss, accuracy, rate = figure.subplots(1, 3)
+    marker = "o" if len(epochs) <= 30 else None
+    loss.plot(epochs, [float(r["train_loss"]) for r in rows], marker=marker, label="train")
+    loss.plot(epochs, [float(r["val_loss"]) for r in rows], marker=marker, label="val")
+    loss.set_title("loss")
+    accuracy.plot(epochs, [100 * float(r["train_acc"]) for r in rows], marker=marker, label="train")
+    accuracy.plot(epochs, [100 * float(r["val_acc"]) for r in rows], marker=marker, label="val")
+    best = max(range(len(rows)), key=lambda i: float(rows[i]["val_acc"]))
+    accuracy.scatter([epochs[best]], [100 * float(rows[best]["val_acc"])], s=120,
+                     facecolors="none", edgecolors="black", zorder=3, label="best")  # fmt: skip
+    accuracy.set_title("accuracy (%)")
+    rate.plot(epochs, [float(r["lr"]) for r in rows], marker=marker, color="tab:green")
+    rate.set_title("learning rate (head)")
+    for axes in (loss, accuracy, rate):
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    loss.legend()
+    accuracy.legend()
+    return _png(figure)
+
+
+def confusion_matrix_png(matrix: list[list[int]], classes: Sequence[str], title: str = "") -> bytes:
+    """Raw counts beside row-normalised fractions. Cells carry numbers up to 30 classes; the
+    figure and its fonts scale so that ~100 class names stay readable."""
+    n = len(classes)
+    side = min(28.0, max(4.5, 0.24 * n + 2.5))
+    font = 10 if n <= 15 else max(5.0, 10 - (n - 15) / 15)
+    figure = _figure(2 * side + 1.5, side + 1.2)
+    normalised = row_normalised(matrix)
+    for axes, values, name, fmt in zip(
+        figure.subplots(1, 2),
+        (matrix, normalised),
+        ("counts", "row-normalised (recall on the diagonal)"),
+        ("{:d}", "{:.2f}"),
+    ):
+        image = axes.imshow(values, cmap="Blues", vmin=0, interpolation="nearest")
+        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.03)
+        axes.set_title(name, fontsize=font + 2)
+        axes.set_xlabel("predicted", fontsize=font + 1)
+        axes.set_ylabel("true", fontsize=font + 1)
+        axes.set_xticks(range(n), labels=list(classes), rotation=90, fontsize=font)
+        axes.set_yticks(range(n), labels=list(classes), fontsize=font)
+        if n <= 30:
+            top = max((max(row) for row in values), default=0) or 1
+            for i, row in enumerate(values):
+                for j, value in enumerate(row):
+                    colour = "white" if value > top / 2 else "black"
+                    axes.text(j, i, fmt.format(value), ha="center", va="center",
+                              fontsize=font - 1, color=colour)  # fmt: skip
+    if title:
+        figure.suptitle(title)
+    return _png(figure)
+
+
+def write_png(path: Path, png: bytes) -> None:
+    from resnext_cli.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(png))
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _png(figure: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return buffer.getvalue()
+
+
+class BackgroundWriter:
+    """Renders and writes PNGs on one helper thread so that plotting never holds up an epoch.
+
+    Requests are keyed by file: if a file's previous request has not started yet, the newer one
+    replaces it. A failure is kept as a message (plots are never worth a failed run).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._pending: dict[Path, Callable[[], bytes]] = {}
+        self._condition = threading.Condition()
+        self._closing = False
+        self._thread: Any = None
+        self.errors: list[str] = []
+
+    def submit(self, path: Path, render: Callable[[], bytes]) -> None:
+        import threading
+
+        with self._condition:
+            self._pending[Path(path)] = render
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="resnext-plots", daemon=True)
+                self._thread.start()
+            self._condition.notify()
+
+    def close(self) -> None:
+        """Wait until every pending file is written."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending and not self._closing:
+                    self._condition.wait()
+                if not self._pending:
+                    return
+                path = next(iter(self._pending))
+                render = self._pending.pop(path)
+            try:
+                write_png(path, render())
+            except Exception as exc:  # noqa: BLE001 - reported by the caller, never fatal
+                self.errors.append(f"{path.name}: {type(exc).__name__}: {exc}")

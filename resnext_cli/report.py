@@ -1,0 +1,268 @@
+"""`resnext report RUN_DIR`: one self-contained report.html per run (every image inlined as a
+data: URI, no script, no network), built from the run's files and its evaluation folder."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resnext_cli import ui
+from resnext_cli.config import EvaluateConfig, ReportConfig
+from resnext_cli.errors import UserError
+
+THUMBNAIL_PX = 160
+
+
+@dataclass
+class RunFiles:
+    """What the report shows, read back from the files `train` and `evaluate` wrote."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, str]]
+    classes: list[str]
+    curves_png: bytes
+    evaluation: dict[str, Any] | None = None  # eval/metrics.json
+    per_class: list[dict[str, str]] = field(default_factory=list)
+    confusion_png: bytes | None = None
+    mistakes: list[dict[str, str]] = field(default_factory=list)
+    not_evaluated: str = ""  # why there is no evaluation
+
+
+def write_report(cfg: ReportConfig, quiet: bool = False) -> Path:
+    """Evaluate best.pt if its eval/ folder is missing or stale, then write report.html."""
+    from resnext_cli.checkpoint import atomic_write_text
+
+    run = read_run(cfg)
+    page = render_html(run, cfg.gallery)
+    path = run.run_dir / "report.html"
+    atomic_write_text(path, page)
+    ui.info(f"Report: {path}")
+    return path
+
+
+def read_run(cfg: ReportConfig) -> RunFiles:
+    import yaml
+
+    from resnext_cli.checkpoint import read_class_indices
+    from resnext_cli.plots import training_curves_png, write_png
+
+    assert cfg.run_dir is not None
+    run_dir = Path(cfg.run_dir)
+    needed = ["config.yaml", "metrics.csv", "class_indices.json"]
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if not run_dir.is_dir() or missing:
+        raise UserError(
+            f"{cfg.run_dir} is not a finished run folder (missing: {', '.join(missing) or 'all'}). "
+            "Give a folder written by `resnext train`, e.g. runs/exp, after its first epoch."
+        )
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as handle:
+        metrics = list(csv.DictReader(handle))
+    if not metrics:
+        raise UserError(f"{run_dir}/metrics.csv has no completed epoch yet; nothing to report.")
+    curves = run_dir / "results.png"
+    if curves.is_file():
+        curves_png = curves.read_bytes()
+    else:  # a run from before plots existed
+        curves_png = training_curves_png(metrics)
+        write_png(curves, curves_png)
+    run = RunFiles(run_dir, config, metrics, read_class_indices(run_dir / "class_indices.json"),
+                   curves_png)  # fmt: skip
+    _read_evaluation(run, cfg)
+    return run
+
+
+def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
+    """The eval/ folder if it is newer than best.pt (and of the asked data), else a new one."""
+    from resnext_cli.evaluate import evaluate
+
+    best, out = run.run_dir / "best.pt", run.run_dir / "eval"
+    if not best.is_file():
+        run.not_evaluated = f"{best} does not exist."
+        return
+    metrics_file = out / "metrics.json"
+    fresh = metrics_file.is_file() and metrics_file.stat().st_mtime >= best.stat().st_mtime
+    if fresh:
+        recorded = json.loads(metrics_file.read_text(encoding="utf-8"))
+        fresh = cfg.data is None or recorded.get("data") == cfg.data
+    if not fresh:
+        data = cfg.data or run.config.get("data")
+        evaluation = EvaluateConfig(checkpoint=str(best), data=data, out=str(out),
+                                    batch_size=cfg.batch_size, workers=cfg.workers,
+                                    device=cfg.device)  # fmt: skip
+        try:
+            evaluation.validate()
+            evaluate(evaluation, quiet=True)
+        except UserError as exc:
+            run.not_evaluated = f"Could not evaluate {best} on {data}: {exc}"
+            ui.warn(f"{run.not_evaluated} The report has no per-class metrics or mistakes; "
+                    f"`resnext report {run.run_dir} --data DIR` adds them.")  # fmt: skip
+            return
+    run.evaluation = json.loads(metrics_file.read_text(encoding="utf-8"))
+    run.per_class = _read_csv(out / "per_class.csv")
+    run.mistakes = _read_csv(out / "misclassified.csv")
+    run.confusion_png = (out / "confusion_matrix.png").read_bytes()
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------- HTML
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222;
+       padding: 0 1rem; }
+h1 { margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
+.muted { color: #666; }
+.cards { display: flex; flex-wrap: wrap; gap: 1rem; margin: 1rem 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: .6rem 1rem; min-width: 9rem; }
+.card b { display: block; font-size: 1.4rem; }
+table { border-collapse: collapse; font-size: .9rem; }
+th, td { padding: .25rem .7rem; border-bottom: 1px solid #eee; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.avg td { font-weight: 600; border-top: 2px solid #ccc; }
+img.figure { max-width: 100%; height: auto; border: 1px solid #eee; }
+.gallery { display: flex; flex-wrap: wrap; gap: .8rem; }
+.gallery figure { margin: 0; width: 172px; font-size: .8rem; }
+.gallery img { width: 160px; height: 160px; object-fit: contain; background: #f4f4f4;
+               border: 1px solid #ddd; }
+.gallery figcaption { word-break: break-all; }
+.wrong { color: #b00020; font-weight: 600; }
+"""
+
+
+def render_html(run: RunFiles, gallery: int) -> str:
+    title = f"resnext run {run.run_dir.name}"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="muted">{_e(str(run.run_dir))}</p>',
+        _summary(run),
+        '<h2 id="curves">Training curves</h2>',
+        _image(run.curves_png, "png", "training curves: loss, accuracy and learning rate per epoch"),
+        '<h2 id="confusion">Confusion matrix</h2>',
+        _evaluation_note(run),
+    ]
+    if run.confusion_png is not None:
+        parts.append(_image(run.confusion_png, "png", "confusion matrix"))
+    parts += ['<h2 id="per-class">Per-class metrics</h2>', _per_class_table(run)]
+    parts += ['<h2 id="mistakes">Most confident mistakes</h2>', _gallery(run, gallery)]
+    parts += ['<h2 id="config">Config</h2>', _config_table(run.config)]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _summary(run: RunFiles) -> str:
+    best = max(run.metrics, key=lambda r: float(r["val_acc"]))
+    cards = [
+        ("best val accuracy", f"{float(best['val_acc']):.2%}"),
+        ("at epoch", f"{best['epoch']} of {run.metrics[-1]['epoch']}"),
+        ("architecture", str(run.config.get("arch", "?"))),
+        ("classes", str(len(run.classes))),
+        ("training time", f"{sum(float(r['seconds']) for r in run.metrics):.0f} s"),
+    ]
+    if run.evaluation:
+        cards.insert(1, ("evaluated accuracy", f"{run.evaluation['accuracy']:.2%}"))
+        if "top5" in run.evaluation:
+            cards.insert(2, ("top-5", f"{run.evaluation['top5']:.2%}"))
+    body = "".join(f'<div class="card">{_e(k)}<b>{_e(v)}</b></div>' for k, v in cards)
+    return f'<div class="cards">{body}</div>'
+
+
+def _evaluation_note(run: RunFiles) -> str:
+    if run.evaluation is None:
+        return f'<p class="muted">Not evaluated: {_e(run.not_evaluated)}</p>'
+    e = run.evaluation
+    unreadable = f", {e['unreadable']} unreadable" if e.get("unreadable") else ""
+    return (
+        f'<p class="muted">{_e(Path(str(e.get("checkpoint", "best.pt"))).name)} on '
+        f"{_e(str(e.get('images', e.get('data', ''))))}: {e['n']} images{_e(unreadable)}, "
+        f"accuracy {e['accuracy']:.2%}, macro F1 {e['macro_f1']:.2%}.</p>"
+    )
+
+
+def _per_class_table(run: RunFiles) -> str:
+    if not run.per_class:
+        return '<p class="muted">No evaluation (see above).</p>'
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+    rows = [
+        f"<tr><td>{_e(r['class'])}</td><td>{float(r['precision']):.2%}</td>"
+        f"<td>{float(r['recall']):.2%}</td><td>{float(r['f1']):.2%}</td>"
+        f"<td>{_e(r['support'])}</td></tr>"
+        for r in run.per_class
+    ]
+    e = run.evaluation or {}
+    for kind in ("macro", "weighted"):
+        rows.append(
+            f'<tr class="avg"><td>{kind} avg</td><td>{e[kind + "_precision"]:.2%}</td>'
+            f'<td>{e[kind + "_recall"]:.2%}</td><td>{e[kind + "_f1"]:.2%}</td>'
+            f"<td>{e['n']}</td></tr>"
+        )
+    return f'<table class="per-class">{head}{"".join(rows)}</table>'
+
+
+def _gallery(run: RunFiles, limit: int) -> str:
+    if run.evaluation is None:
+        return '<p class="muted">No evaluation (see above).</p>'
+    if not run.mistakes:
+        return '<p class="muted">No mistakes: every evaluated image was classified correctly.</p>'
+    shown = run.mistakes[:limit]
+    figures = []
+    for m in shown:
+        thumb = _thumbnail(m["path"])
+        picture = (
+            _image(thumb, "jpeg", f"{m['true']} predicted as {m['predicted']}", "")
+            if thumb else '<div class="muted">(file no longer readable)</div>'
+        )  # fmt: skip
+        figures.append(
+            f"<figure>{picture}<figcaption>true <b>{_e(m['true'])}</b><br>predicted "
+            f'<span class="wrong">{_e(m["predicted"])}</span> {float(m["prob"]):.1%}<br>'
+            f'<span class="muted">{_e(Path(m["path"]).name)}</span></figcaption></figure>'
+        )
+    more = len(run.mistakes) - len(shown)
+    tail = f'<p class="muted">... and {more} more in eval/misclassified.csv.</p>' if more else ""
+    return f'<div class="gallery">{"".join(figures)}</div>{tail}'
+
+
+def _thumbnail(path: str) -> bytes | None:
+    from PIL import ImageOps
+
+    from resnext_cli.data import load_rgb
+
+    try:
+        picture = ImageOps.contain(load_rgb(path, THUMBNAIL_PX), (THUMBNAIL_PX, THUMBNAIL_PX))
+    except Exception:  # noqa: BLE001 - a moved or broken file only loses its thumbnail
+        return None
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _config_table(config: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(key)}</td><td>{_e('null' if value is None else str(value))}</td></tr>"
+        for key, value in config.items()
+    )
+    return f'<table class="config">{rows}</table>'
+
+
+def _image(data: bytes, kind: str, alt: str, css_class: str = "figure") -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    cls = f' class="{css_class}"' if css_class else ""
+    return f'<img{cls} alt="{_e(alt)}" src="data:image/{kind};base64,{encoded}">'
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)
