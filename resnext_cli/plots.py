@@ -4,6 +4,7 @@ window, no display and no global pyplot state, whatever backend the user has con
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -93,15 +94,21 @@ def _png(figure: Figure) -> bytes:
 
 
 class BackgroundWriter:
-    """Renders and writes PNGs on one helper thread so that plotting never holds up an epoch.
+    """Renders and writes PNGs on one helper thread, at most `duty` of the time.
 
     Requests are keyed by file: if a file's previous request has not started yet, the newer one
-    replaces it. A failure is kept as a message (plots are never worth a failed run).
+    replaces it. After a drawing that took t seconds the thread rests t * (1/duty - 1) seconds,
+    so drawing can never cost an epoch more than ~`duty` of its time (on a CPU-bound machine a
+    drawing competes with training for cores and the GIL): with epochs of several seconds every
+    epoch is drawn, with sub-second epochs (cached features) every few epochs. `close()` draws
+    whatever is pending at once. A failure is kept as a message: plots are never worth a
+    failed run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, duty: float = 0.05) -> None:
         import threading
 
+        self.rest_factor = 1 / duty - 1
         self._pending: dict[Path, Callable[[], bytes]] = {}
         self._condition = threading.Condition()
         self._closing = False
@@ -135,7 +142,11 @@ class BackgroundWriter:
                     return
                 path = next(iter(self._pending))
                 render = self._pending.pop(path)
+            started = time.perf_counter()
             try:
                 write_png(path, render())
             except Exception as exc:  # noqa: BLE001 - reported by the caller, never fatal
                 self.errors.append(f"{path.name}: {type(exc).__name__}: {exc}")
+            rest = (time.perf_counter() - started) * self.rest_factor
+            with self._condition:
+                self._condition.wait_for(lambda: self._closing, timeout=rest)
