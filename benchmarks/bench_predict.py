@@ -36,9 +36,15 @@ from PIL import Image
 
 from resnext_cli import checkpoint as ckpt
 from resnext_cli import models
-from resnext_cli.config import BatchPredictConfig, ExportConfig, default_workers
+from resnext_cli.config import BatchPredictConfig, ExportConfig
 from resnext_cli.data import list_images
-from resnext_cli.device import autocast, cpu_has_native_bf16, precision_for, prepare_model, to_device
+from resnext_cli.device import (
+    autocast,
+    cpu_has_native_bf16,
+    precision_for,
+    prepare_model,
+    to_device,
+)
 from resnext_cli.export import export
 from resnext_cli.predict import batch_predict
 
@@ -143,7 +149,8 @@ def main() -> None:
     parser.add_argument("folder", help="a folder of photos (searched recursively)")
     parser.add_argument("--archs", nargs="+", default=["resnet18", "resnext50_32x4d"])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decode workers for (b); default: batch-predict's own choice")
     parser.add_argument("--large-count", type=int, default=80, help="photos to upscale")
     parser.add_argument("--large-size", default="3000x2000")
     parser.add_argument("--repeats", type=int, default=2)
@@ -171,8 +178,8 @@ def main() -> None:
     precision = precision_for(args.precision, torch.device("cpu"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; batch {args.batch_size}, {args.workers} decode "
-          f"worker(s); (a),(b): {precision}{', channels-last' if args.channels_last else ''}")
+          f"{torch.get_num_threads()} threads; batch {args.batch_size}, decode workers: "
+          f"{'batch-predict default' if args.workers is None else args.workers}; (a),(b): {precision}{', channels-last' if args.channels_last else ''}")
     given = {ckpt.load_checkpoint(p)["arch"]: Path(p) for p in args.checkpoint}
     rows, numerics = [], []
     for arch in args.archs:

@@ -40,6 +40,10 @@ PRECISION_HELP = (
     "older GPUs, else fp32. [default: auto]"
 )
 LAYOUT_HELP = "Channels-last memory layout (faster convolutions). [default: on]"
+INFERENCE_WORKERS_HELP = (
+    "Decoding processes. [default: half the cores, 1 to 8; none for small images on a CPU "
+    "machine of at most 3 cores]"
+)
 CONFIG_HELP = "YAML file of option: value (snake_case); flags given here override it."
 
 
@@ -212,7 +216,7 @@ def batch_predict(
     recursive: Optional[bool] = typer.Option(None, "--recursive", "-r", help="Include sub-folders."),
     topk: Optional[int] = typer.Option(None, help="Classes per image in the output. [default: 1]"),
     output: Optional[str] = typer.Option(None, help="Results file: .csv or .jsonl."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: half the cores]"),
+    workers: Optional[int] = typer.Option(None, help=INFERENCE_WORKERS_HELP),
     img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
@@ -250,7 +254,7 @@ def evaluate(
     arch: Optional[str] = typer.Option(None, help="Architecture of --weights."),
     class_indices: Optional[str] = typer.Option(None, help="class_indices.json for --weights."),
     batch_size: Optional[int] = typer.Option(None, help="[default: 16]"),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: half the cores]"),
+    workers: Optional[int] = typer.Option(None, help=INFERENCE_WORKERS_HELP),
     out: Optional[str] = typer.Option(None, help="Output folder. [default: beside the checkpoint, eval/]"),
     json: Optional[bool] = typer.Option(None, "--json", help="Print JSON instead of tables."),
     img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
@@ -276,7 +280,7 @@ def report(
     run_dir: str = typer.Argument(..., help="A run folder written by `resnext train`."),
     data: Optional[str] = typer.Option(None, help="Evaluate on this folder. [default: the run's data]"),
     batch_size: Optional[int] = typer.Option(None, help="[default: 16]"),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: half the cores]"),
+    workers: Optional[int] = typer.Option(None, help=INFERENCE_WORKERS_HELP),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
     gallery: Optional[int] = typer.Option(None, help="Mistakes shown as thumbnails. [default: 24]"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),

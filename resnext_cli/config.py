@@ -244,10 +244,14 @@ class ExportConfig:
         _check_range("tolerance", self.tolerance, low=0, inclusive=False)
 
 
+def available_cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def default_workers() -> int:
     """Decoding workers: leave the cores to the model on small machines, cap on big ones."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) // 2))
+    return max(1, min(8, available_cores() // 2))
 
 
 def check_device_string(device: str) -> None:

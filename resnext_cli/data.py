@@ -79,6 +79,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def typical_short_side(paths: list[str], sample: int = 16) -> int | None:
+    """Median shorter side of up to `sample` files spread over `paths`, from their headers
+    only (no pixel is decoded); None when none of them can be opened."""
+    from PIL import Image
+
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except Exception:  # noqa: BLE001 - an unreadable file is reported when it is decoded
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
 def describe_failure(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__

@@ -153,15 +153,13 @@ def score(
     reported one by one)."""
     import torch
 
-    from resnext_cli.config import default_workers
     from resnext_cli.data import ImageListDataset, make_loader
 
     dataset = ImageListDataset(samples, engine.transform(), engine.decode_min_size)
-    workers = default_workers() if workers is None else workers
     loader = make_loader(
         dataset,
         batch_size=batch_size,
-        workers=min(workers, len(samples)),
+        workers=engine.decode_workers([path for path, _ in samples], workers),
         pin_memory=engine.pin_memory,
     )
     predictions: list[Prediction] = []

@@ -43,6 +43,31 @@ class Preprocessing:
 
         return resize_size(self.img_size)
 
+    runs_on_cpu = True
+
+    def decode_workers(self, paths: list[str], requested: int | None) -> int:
+        """--workers as given; by default `default_workers()` decoding processes, except on a
+        small CPU-only machine (at most 3 cores, where that is one worker) with small images
+        (shorter side <= 2x the resize size): there decoding in the main process is faster,
+        because the worker takes a core from the model while a small JPEG decodes in a fraction
+        of the model's time per image (measured, resnet18 on 2 cores: 0.85-0.90 of model-only
+        speed vs 0.75-0.76 with the worker). Large photos keep their worker: the reduced-size
+        decode overlapped with the model is what makes them fast."""
+        from resnext_cli.config import available_cores, default_workers
+        from resnext_cli.data import typical_short_side
+
+        if requested is not None:
+            workers = requested
+        elif (
+            self.runs_on_cpu
+            and available_cores() <= 3
+            and (typical_short_side(paths) or 0) <= 2 * self.decode_min_size
+        ):
+            workers = 0
+        else:
+            workers = default_workers()
+        return min(workers, len(paths))
+
 
 @dataclass
 class InferenceModel(Preprocessing):
@@ -51,6 +76,10 @@ class InferenceModel(Preprocessing):
     device: torch.device = None  # type: ignore[assignment]
     precision: str = "fp32"
     channels_last: bool = False
+
+    @property
+    def runs_on_cpu(self) -> bool:  # type: ignore[override]
+        return self.device.type == "cpu"
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
@@ -390,7 +419,6 @@ class ResultWriter:
 
 def batch_predict(cfg: BatchPredictConfig) -> int:
     """Predict every image in DIR; returns the exit code (1 when none could be predicted)."""
-    from resnext_cli.config import default_workers
     from resnext_cli.data import ImageListDataset, list_images, make_loader
 
     assert cfg.dir is not None
@@ -422,11 +450,10 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
         f"{len(paths)} images in {cfg.dir}  |  {engine.describe()}", markup=False
     )
     dataset = ImageListDataset([(p, -1) for p in paths], engine.transform(), engine.decode_min_size)
-    workers = cfg.workers if cfg.workers is not None else default_workers()
     loader = make_loader(
         dataset,
         batch_size=cfg.batch_size,
-        workers=min(workers, len(paths)),
+        workers=engine.decode_workers(paths, cfg.workers),
         pin_memory=engine.pin_memory,
     )
     per_class: Counter[str] = Counter()

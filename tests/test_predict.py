@@ -196,3 +196,30 @@ def test_predict_errors(tmp_path, trained_run, case):
     assert "Traceback" not in result.stderr
     if case == "folder":
         assert "batch-predict" in result.stderr
+
+
+def test_default_decode_workers_follow_image_size_device_and_cores(tmp_path, monkeypatch):
+    from resnext_cli import config
+    from resnext_cli.predict import InferenceModel
+
+    small = image_folder(tmp_path / "small", [f"s{i}.jpg" for i in range(5)])  # 40 px
+    large = tmp_path / "large"
+    large.mkdir()
+    for i in range(3):
+        Image.new("RGB", (1200, 800), (90, 120, 30)).save(large / f"l{i}.jpg")
+    small_paths = data.list_images(small, False)
+    large_paths = data.list_images(large, False)
+
+    def engine(device: str) -> InferenceModel:
+        return InferenceModel(["a"], 224, (0.5,) * 3, (0.5,) * 3, "x.pt", device=torch.device(device))
+
+    assert data.typical_short_side(large_paths) == 800
+    monkeypatch.setattr(config, "available_cores", lambda: 2)
+    cpu = engine("cpu")
+    assert cpu.decode_workers(small_paths, None) == 0  # 2 cores, small images: main process
+    assert cpu.decode_workers(large_paths, None) == 1  # large photos keep their worker
+    assert cpu.decode_workers(small_paths, 3) == 3  # --workers always wins
+    assert engine("meta").decode_workers(small_paths, None) == 1  # not the CPU: workers
+    monkeypatch.setattr(config, "available_cores", lambda: 8)
+    assert cpu.decode_workers(small_paths, None) == 4  # bigger machines: workers, as ever
+    assert cpu.decode_workers(small_paths[:2], None) == 2  # never more than the images
