@@ -135,7 +135,8 @@ img.figure { max-width: 100%; height: auto; border: 1px solid #eee; }
 .gallery figure { margin: 0; width: 172px; font-size: .8rem; }
 .gallery img { width: 160px; height: 160px; object-fit: contain; background: #f4f4f4;
                border: 1px solid #ddd; }
-.gallery figcaption { word-break: break-all; }
+.gallery .file { word-break: break-all; }
+table.config td { text-align: left; }
 .wrong { color: #b00020; font-weight: 600; }
 """
 
@@ -228,8 +229,8 @@ def _gallery(run: RunFiles, limit: int) -> str:
         )  # fmt: skip
         figures.append(
             f"<figure>{picture}<figcaption>true <b>{_e(m['true'])}</b><br>predicted "
-            f'<span class="wrong">{_e(m["predicted"])}</span> {float(m["prob"]):.1%}<br>'
-            f'<span class="muted">{_e(Path(m["path"]).name)}</span></figcaption></figure>'
+            f'<span class="wrong">{_e(m["predicted"])}</span>&nbsp;{float(m["prob"]):.1%}<br>'
+            f'<span class="muted file">{_e(Path(m["path"]).name)}</span></figcaption></figure>'
         )
     more = len(run.mistakes) - len(shown)
     tail = f'<p class="muted">... and {more} more in eval/misclassified.csv.</p>' if more else ""

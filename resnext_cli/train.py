@@ -344,7 +344,7 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
     if cfg.report and ctx.is_main:
         from resnext_cli.report import write_report
 
-        write_report(ReportConfig(str(run_dir), workers=cfg.workers, device=cfg.device), quiet=True)
+        write_report(ReportConfig(str(run_dir), workers=config.workers, device=cfg.device), quiet=True)
     return TrainResult(run_dir, best_acc, best_epoch, len(rows))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -177,6 +178,13 @@ def test_hostile_images_in_training_data(tmp_path):
     assert "12 train" not in result.stdout and "17 train" in result.stdout  # listed, then reported
     for name in names:
         assert sum(name in line for line in result.stderr.splitlines()) >= 1, name
+    # check-data names every one of them (bomb included) and still finds the data trainable
+    checked = invoke(["check-data", root, "--json", "--workers", "0"])
+    assert checked.exit_code == 0, checked.stderr
+    findings = {f["check"]: f for f in json.loads(checked.stdout)["findings"]}
+    unreadable = findings["unreadable_files"]["items"]
+    assert {Path(item.split(": ")[0]).name for item in unreadable} == set(names)
+    assert any("bomb" in item and "DecompressionBomb" in item for item in unreadable)
 
 
 def test_batch_predict_resume_output(tmp_path, trained_run):
