@@ -9,6 +9,8 @@ and per epoch count:
       run; (c') the same rerun with other head settings (lr 3e-3), reusing that cache;
   (d) full fine-tuning: the tutorial loop without freezing vs `resnext train --no-freeze` at
       the default (best measured) precision.
+The resnext runs are `train` at its defaults, so their wall time includes the per-epoch
+plots and the end-of-run evaluation of best.pt with report.html.
 Each row: wall time, train images/s (train images x epochs / wall time, so validation and
 feature extraction count against it) and best val accuracy, with the ratio of time to its
 tutorial baseline.

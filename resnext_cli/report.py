@@ -35,7 +35,7 @@ class RunFiles:
     not_evaluated: str = ""  # why there is no evaluation
 
 
-def write_report(cfg: ReportConfig, quiet: bool = False) -> Path:
+def write_report(cfg: ReportConfig) -> Path:
     """Evaluate best.pt if its eval/ folder is missing or stale, then write report.html."""
     from resnext_cli.checkpoint import atomic_write_text
 

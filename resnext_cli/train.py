@@ -344,7 +344,10 @@ def _train(config: TrainConfig, ctx: Any) -> TrainResult:
     if cfg.report and ctx.is_main:
         from resnext_cli.report import write_report
 
-        write_report(ReportConfig(str(run_dir), workers=config.workers, device=cfg.device), quiet=True)
+        try:
+            write_report(ReportConfig(str(run_dir), workers=config.workers, device=cfg.device))
+        except UserError as exc:  # the run itself is complete and saved
+            ui.warn(f"report.html was not written: {exc} Try `resnext report {run_dir}` later.")
     return TrainResult(run_dir, best_acc, best_epoch, len(rows))
 
 

@@ -190,3 +190,18 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, trained_run: Path):
     pixels = Image.open(shot).convert("L")
     ink = sum(count for value, count in enumerate(pixels.histogram()) if value < 200)
     assert ink / (pixels.width * pixels.height) > 0.02  # text, curves and matrix on the page
+
+
+def test_a_failed_report_does_not_fail_the_finished_run(tmp_path: Path, dataset: Path, monkeypatch):
+    from resnext_cli import report
+    from resnext_cli.errors import UserError
+
+    def broken(cfg):
+        raise UserError("Cannot write report.html: No space left on device.")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    result = invoke(["train", "--data", dataset, "--arch", "resnet18", "--img-size", "32",
+                     "--workers", "0", "--weights", "none", "--epochs", "1", "--out", tmp_path / "run"])
+    assert result.exit_code == 0, result.stderr
+    assert "report.html was not written" in result.stderr and "resnext report" in result.stderr
+    assert (tmp_path / "run" / "best.pt").exists()
