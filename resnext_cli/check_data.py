@@ -7,16 +7,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from resnext_cli import ui
-from resnext_cli.config import CheckDataConfig
+from resnext_cli.config import CheckDataConfig, available_cores
 from resnext_cli.data import (
     ERROR,
     INFO,
@@ -69,7 +67,7 @@ def read_files(paths: list[str], workers: int | None) -> dict[str, FileFacts]:
     import multiprocessing
 
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = available_cores()
     facts: dict[str, FileFacts] = {}
     bar = ui.progress(total=len(paths), desc="check", unit="file")
     try:
@@ -93,7 +91,7 @@ def inspect_file(path: str) -> FileFacts:
     """Never raises: a file that cannot be read or decoded is described in `error`."""
     from PIL import Image, UnidentifiedImageError
 
-    from resnext_cli.data import describe_failure
+    from resnext_cli.data import bombs_are_errors, describe_failure
 
     facts = FileFacts(path)
     try:
@@ -104,15 +102,13 @@ def inspect_file(path: str) -> FileFacts:
         return facts
     facts.size_bytes, facts.sha256 = len(content), hashlib.sha256(content).hexdigest()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(content)) as img:
-                facts.format, facts.mode = img.format or "", img.mode
-                facts.width, facts.height = img.size
-                facts.exif_rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, 0, None)
-                if img.format == "JPEG":
-                    img.draft(img.mode, (64, 64))  # a reduced decode still reads every byte
-                img.load()
+        with bombs_are_errors(), Image.open(io.BytesIO(content)) as img:
+            facts.format, facts.mode = img.format or "", img.mode
+            facts.width, facts.height = img.size
+            facts.exif_rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, 0, None)
+            if img.format == "JPEG":
+                img.draft(img.mode, (64, 64))  # a reduced decode still reads every byte
+            img.load()
     except UnidentifiedImageError:  # worded as train words it (its message names our buffer)
         facts.error = f"UnidentifiedImageError: cannot identify image file {path!r}"
     except Exception as exc:  # any decoder error means unreadable

@@ -166,9 +166,9 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
                 f"{run_dir} already holds a finished or started run (best.pt/last.pt). Choose "
                 "another --out/--name, or move that folder away; nothing was overwritten."
             )
-        _mkdir(run_dir, exist_ok=True)
+        make_folder(run_dir)
         return run_dir
-    _mkdir(Path(root), exist_ok=True)
+    make_folder(Path(root))
     for i in range(1, 100_000):
         run_dir = Path(root) / ("exp" if i == 1 else f"exp{i}")
         try:
@@ -181,9 +181,12 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
     raise UserError(f"Too many runs in {root}; pass --name or --out.")
 
 
-def _mkdir(path: Path, exist_ok: bool) -> None:
+def make_folder(path: Path) -> None:
+    """The folder and its parents, or a clear error (a file in the way, no permission...)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; a folder is needed there.")
     try:
-        path.mkdir(parents=True, exist_ok=exist_ok)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"Cannot create the folder {path}: {exc.strerror or exc}.") from None
 
@@ -226,11 +229,13 @@ def _int_or_inf(key: str) -> float:
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    table = [[_fmt(row[k]) for k in METRICS_COLUMNS] for row in rows]
+    atomic_write_csv(path, [list(METRICS_COLUMNS), *table])
+
+
+def atomic_write_csv(path: Path, rows: list[list[str]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(row[k]) for k in METRICS_COLUMNS})
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -4,6 +4,7 @@ command, so train, predict and batch-predict see the same pixels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -46,18 +47,25 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     With `min_size`, JPEGs are decoded at the smallest DCT scale whose shorter side stays
     >= min_size (Pillow's draft mode): a 4000x3000 photo decodes several times faster.
     """
-    import warnings
-
     from PIL import Image, ImageOps
 
+    with bombs_are_errors(), Image.open(path) as img:
+        if min_size and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+@contextlib.contextmanager
+def bombs_are_errors() -> Iterator[None]:
+    """Over Pillow's pixel limit is unreadable, not a warning: a decompression bomb."""
+    import warnings
+
+    from PIL import Image
+
     with warnings.catch_warnings():
-        # over Pillow's pixel limit is unreadable, not a warning: a decompression bomb
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if min_size and img.format == "JPEG":
-                img.draft("RGB", (min_size, min_size))
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+        yield
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

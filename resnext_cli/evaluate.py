@@ -3,8 +3,6 @@ mistakes of a checkpoint on a labelled folder, with the val transform of trainin
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -12,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from resnext_cli import ui
+from resnext_cli.checkpoint import make_folder
 from resnext_cli.config import EvaluateConfig
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.metrics import (
@@ -59,23 +58,19 @@ class Evaluation:
 def evaluation_samples(data: str, classes: list[str], run_dir: Path | None) -> EvaluationSet:
     """DIR/<class>/* as it is; a dataset root's val folder; or, for a folder a run split itself,
     that run's recorded val split (never the images it trained on)."""
-    from resnext_cli.data import find_val_folder, ignored_entries, scan_class_folders
+    from resnext_cli.data import find_splits, ignored_entries
 
-    root = Path(data)
-    if not root.is_dir():
-        what = "does not exist" if not root.exists() else "is a file"
-        raise UserError(f"--data {data} {what}; give a folder of class folders (DIR/<class>/*).")
-    val_dir = find_val_folder(root)
-    if (root / "train").is_dir() and val_dir is not None:
-        folder, description = val_dir, f"the val split {val_dir}"
+    splits = find_splits(data)  # the folders `train` would read
+    if "val" in splits:
+        scan, description = splits["val"], f"the val split {splits['val'].folder}"
     else:
-        folder = root / "train" if (root / "train").is_dir() else root
+        scan = splits["train"]
         split_file = run_dir / "split.json" if run_dir else None
-        recorded = _recorded_val_split(folder, split_file)
+        recorded = _recorded_val_split(scan.folder, split_file)
         if recorded is not None:
-            return _labelled(recorded, classes, folder, f"the val split in {split_file}", [])
-        description = f"all images in {folder}"
-    scan = scan_class_folders(folder)
+            return _labelled(recorded, classes, scan.folder, f"the val split in {split_file}", [])
+        description = f"all images in {scan.folder}"
+    folder = scan.folder
     pairs = [(path, name) for name, paths in scan.classes.items() for path in paths]
     warnings = [finding.text() for finding in ignored_entries(scan)]
     empty = [name for name, paths in scan.classes.items() if not paths]
@@ -126,7 +121,7 @@ def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation:
     for message in chosen.warnings:
         ui.warn(message)
     out = Path(cfg.out) if cfg.out else Path(engine.source).parent / "eval"
-    _make_folder(out)
+    make_folder(out)
     if not (cfg.json or quiet):
         ui.console(stderr=True).print(
             f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
@@ -204,24 +199,24 @@ def summarise(
 def write_evaluation(out: Path, evaluation: Evaluation, about: dict[str, str]) -> None:
     """metrics.json (with `about`: what was evaluated), per_class.csv, confusion_matrix.csv and
     .png, misclassified.csv; each written atomically."""
-    from resnext_cli.checkpoint import atomic_write_text
+    from resnext_cli.checkpoint import atomic_write_csv, atomic_write_text
     from resnext_cli.plots import confusion_matrix_png, write_png
 
     metrics = evaluation.metrics()
     rows = [["class", "precision", "recall", "f1", "support"]]
     rows += [[c.name, _num(c.precision), _num(c.recall), _num(c.f1), str(c.support)]
              for c in evaluation.report.per_class]  # fmt: skip
-    atomic_write_text(out / "per_class.csv", _csv(rows))
+    atomic_write_csv(out / "per_class.csv", rows)
     rows = [["true\\pred", *evaluation.shown]]
     rows += [[name, *map(str, row)] for name, row in zip(evaluation.shown, evaluation.matrix)]
-    atomic_write_text(out / "confusion_matrix.csv", _csv(rows))
+    atomic_write_csv(out / "confusion_matrix.csv", rows)
     title = f"{metrics['n']} images, accuracy {metrics['accuracy']:.2%}"
     write_png(out / "confusion_matrix.png",
               confusion_matrix_png(evaluation.matrix, evaluation.shown, title))  # fmt: skip
     rows = [["path", "true", "predicted", "prob"]]
     rows += [[m.path, evaluation.classes[m.true], evaluation.classes[m.predicted], _num(m.prob)]
              for m in mistakes(evaluation)]  # fmt: skip
-    atomic_write_text(out / "misclassified.csv", _csv(rows))
+    atomic_write_csv(out / "misclassified.csv", rows)
     # last: a metrics.json newer than the checkpoint means the whole folder is complete
     text = json.dumps({**metrics, **about}, indent=2, ensure_ascii=False)
     atomic_write_text(out / "metrics.json", text + "\n")
@@ -262,20 +257,5 @@ def _print_evaluation(evaluation: Evaluation, seconds: float, out: Path) -> None
     )
 
 
-def _make_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the evaluation files.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"Cannot create the folder {out}: {exc.strerror or exc}.") from None
-
-
 def _num(value: float) -> str:
     return f"{value:.6f}"
-
-
-def _csv(rows: list[list[str]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()

@@ -63,10 +63,7 @@ def export(cfg: ExportConfig) -> Path:
         InferenceConfig(checkpoint=cfg.checkpoint, device="cpu", precision="fp32", channels_last=False)
     )
     out_dir = Path(cfg.out) if cfg.out else Path(engine.source).parent / "export"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"Cannot create {out_dir}: {exc.strerror or exc}.") from None
+    ckpt.make_folder(out_dir)
     target = out_dir / MODEL_FILES[cfg.format]
     inputs = realistic_batch(8, engine.img_size, engine.mean, engine.std)
     with torch.inference_mode():

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from resnext_cli import ui
-from resnext_cli.errors import EXIT_FAILED, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -216,7 +215,7 @@ def train_head_epoch(
     (same sampler order, batch size and drop_last)."""
     import torch
 
-    from resnext_cli.distributed import all_reduce_sums, average_gradients
+    from resnext_cli.train import TrainTally
 
     order = [index for _, index in loader.sampler]
     size = loader.batch_size or 1
@@ -224,7 +223,7 @@ def train_head_epoch(
     if loader.drop_last and batches and len(batches[-1]) < size:
         batches.pop()
     model.fc.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    tally = TrainTally()
     for positions in batches:
         index = torch.tensor([i for i in positions if cache.train_ok[i]], dtype=torch.long)
         if len(index) == 0:
@@ -234,19 +233,9 @@ def train_head_epoch(
         with step.autocast():
             logits = model.fc(features)
             loss = step.criterion(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        average_gradients(step.dist, list(model.fc.parameters()))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += loss.item() * len(index)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(index)
-    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
-    if seen == 0:
-        raise UserError("No training image could be read (see the warnings above).", EXIT_FAILED)
-    return loss_sum / seen, correct / seen
+        step.update(loss, optimizer, scheduler, scaler, average=list(model.fc.parameters()))
+        tally.add(loss, logits, targets)
+    return tally.result(step)
 
 
 def validate_head(

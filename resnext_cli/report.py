@@ -88,11 +88,12 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
         run.not_evaluated = f"{best} does not exist."
         return
     metrics_file = out / "metrics.json"
-    fresh = metrics_file.is_file() and metrics_file.stat().st_mtime >= best.stat().st_mtime
-    if fresh:
+    recorded = None
+    if metrics_file.is_file() and metrics_file.stat().st_mtime >= best.stat().st_mtime:
         recorded = json.loads(metrics_file.read_text(encoding="utf-8"))
-        fresh = cfg.data is None or recorded.get("data") == cfg.data
-    if not fresh:
+        if cfg.data is not None and recorded.get("data") != cfg.data:
+            recorded = None  # an evaluation of other data
+    if recorded is None:
         data = cfg.data or run.config.get("data")
         evaluation = EvaluateConfig(checkpoint=str(best), data=data, out=str(out),
                                     batch_size=cfg.batch_size, workers=cfg.workers,
@@ -105,7 +106,8 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
             ui.warn(f"{run.not_evaluated} The report has no per-class metrics or mistakes; "
                     f"`resnext report {run.run_dir} --data DIR` adds them.")  # fmt: skip
             return
-    run.evaluation = json.loads(metrics_file.read_text(encoding="utf-8"))
+        recorded = json.loads(metrics_file.read_text(encoding="utf-8"))
+    run.evaluation = recorded
     run.per_class = _read_csv(out / "per_class.csv")
     run.mistakes = _read_csv(out / "misclassified.csv")
     run.confusion_png = (out / "confusion_matrix.png").read_bytes()

@@ -460,6 +460,22 @@ class StepContext:
 
         return autocast(self.device, self.precision)
 
+    def update(
+        self, loss: torch.Tensor, optimizer: Any, scheduler: Any, scaler: Any,
+        average: list[torch.nn.Parameter] | None = None,
+    ) -> None:  # fmt: skip
+        """One optimiser step through the grad scaler; `average`: parameters whose gradients are
+        averaged over processes by hand (the frozen phase's head, which DDP does not wrap)."""
+        from resnext_cli.distributed import average_gradients
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if average is not None:
+            average_gradients(self.dist, average)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
 
 def wrap_for_training(
     model: torch.nn.Module, ctx: Any, device: torch.device, compile: bool = False
@@ -500,12 +516,11 @@ def _train_one_epoch(
     backbone then runs without autograd and only the head's gradients are averaged."""
     import torch
 
-    from resnext_cli.distributed import all_reduce_sums, average_gradients
     from resnext_cli.models import backbone_features, set_train_mode
 
     frozen = trainer is None
     set_train_mode(model, backbone_frozen=frozen)
-    loss_sum, correct, seen = 0.0, 0, 0
+    tally = TrainTally()
     started = time.perf_counter()
     bar = ui.progress(loader, desc=label, unit="batch")
     for batch in bar:
@@ -521,32 +536,45 @@ def _train_one_epoch(
             else:
                 logits = trainer(images)
             loss = step.criterion(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if frozen:
-            average_gradients(step.dist, list(model.fc.parameters()))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        n = labels.numel()
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += n
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
-                        img_s=f"{seen / max(elapsed, 1e-9):.1f}")  # fmt: skip
-    loss_sum, correct, seen = all_reduce_sums(step.dist, [loss_sum, correct, seen], step.device)
-    if seen == 0:
-        raise UserError(
-            "No training image could be read in this epoch (see the warnings above).", EXIT_FAILED
+        head = list(model.fc.parameters()) if frozen else None
+        step.update(loss, optimizer, scheduler, scaler, average=head)
+        tally.add(loss, logits, labels)
+        bar.set_postfix(tally.progress(time.perf_counter() - started))
+    return tally.result(step)
+
+
+class TrainTally:
+    """Loss and accuracy sums over an epoch, reduced over torchrun's processes at the end."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, mean_loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += mean_loss.item() * labels.numel()
+        self.correct += int((logits.argmax(1) == labels).sum().item())
+        self.seen += labels.numel()
+
+    def progress(self, elapsed: float) -> dict[str, str]:
+        return {"loss": f"{self.loss_sum / self.seen:.4f}", "acc": f"{self.correct / self.seen:.2%}",
+                "img_s": f"{self.seen / max(elapsed, 1e-9):.1f}"}  # fmt: skip
+
+    def result(self, step: StepContext) -> tuple[float, float]:
+        from resnext_cli.distributed import all_reduce_sums
+
+        loss_sum, correct, seen = all_reduce_sums(
+            step.dist, [self.loss_sum, self.correct, self.seen], step.device
         )
-    return loss_sum / seen, correct / seen
+        if seen == 0:
+            raise UserError(
+                "No training image could be read in this epoch (see the warnings above).",
+                EXIT_FAILED,
+            )
+        return loss_sum / seen, correct / seen
 
 
 class Validation(NamedTuple):
     loss: float
     accuracy: float  # 0-1
-    seen: int
     confusion: list[list[int]]  # row = true class, column = predicted, over all processes
 
 
@@ -599,7 +627,7 @@ class ValidationTally:
         if seen == 0:
             raise UserError("No validation image could be read (see the warnings above).", EXIT_FAILED)
         correct = sum(confusion[i][i] for i in range(n))
-        return Validation(loss_sum / seen, correct / seen, seen, confusion)
+        return Validation(loss_sum / seen, correct / seen, confusion)
 
 
 def _print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
