@@ -37,14 +37,10 @@ from PIL import Image
 from resnext_cli import checkpoint as ckpt
 from resnext_cli import models
 from resnext_cli.config import BatchPredictConfig, ExportConfig
-from resnext_cli.data import list_images
-from resnext_cli.device import (
-    autocast,
-    cpu_has_native_bf16,
-    precision_for,
-    prepare_model,
-    to_device,
-)
+from resnext_cli.batches import to_device
+from resnext_cli.device import autocast, cpu_has_native_bf16, precision_for, prepare_model
+from resnext_cli.folders import list_images
+from resnext_cli.transforms import Preprocessing
 from resnext_cli.export import export
 from resnext_cli.predict import batch_predict
 
@@ -188,8 +184,8 @@ def main() -> None:
             torch.manual_seed(0)
             model = models.build_model(arch, 5)
             ckpt.save_torch(ckpt.build_checkpoint(
-                model, arch=arch, classes=[f"c{i}" for i in range(5)], img_size=224,
-                mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, epoch=0, val_acc=0.0,
+                model, arch=arch, classes=[f"c{i}" for i in range(5)],
+                preprocessing=Preprocessing.classic(224), epoch=0, val_acc=0.0,
                 config={},
             ), checkpoint)
         onnx = export(ExportConfig(checkpoint=str(checkpoint), dynamic_batch=True,

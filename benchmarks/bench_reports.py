@@ -31,7 +31,7 @@ from PIL import Image
 
 from resnext_cli import plots
 from resnext_cli.config import TrainConfig
-from resnext_cli.data import find_splits
+from resnext_cli.folders import find_splits
 from resnext_cli.train import train
 
 

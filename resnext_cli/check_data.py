@@ -7,15 +7,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.table import Table
+
 from resnext_cli import ui
 from resnext_cli.config import CheckDataConfig, available_cores
-from resnext_cli.data import (
+from resnext_cli.errors import EXIT_FAILED, EXIT_OK
+from resnext_cli.folders import (
     ERROR,
     INFO,
     WARNING,
@@ -24,7 +30,7 @@ from resnext_cli.data import (
     find_splits,
     layout_findings,
 )
-from resnext_cli.errors import EXIT_FAILED, EXIT_OK
+from resnext_cli.images import bombs_are_errors, describe_failure
 
 EXIF_ORIENTATION = 0x0112
 
@@ -64,8 +70,6 @@ def check_data(cfg: CheckDataConfig) -> int:
 
 def read_files(paths: list[str], workers: int | None) -> dict[str, FileFacts]:
     """Each file read once (hash + decode), in worker processes, with a progress bar."""
-    import multiprocessing
-
     if workers is None:
         workers = available_cores()
     facts: dict[str, FileFacts] = {}
@@ -89,10 +93,6 @@ def read_files(paths: list[str], workers: int | None) -> dict[str, FileFacts]:
 
 def inspect_file(path: str) -> FileFacts:
     """Never raises: a file that cannot be read or decoded is described in `error`."""
-    from PIL import Image, UnidentifiedImageError
-
-    from resnext_cli.data import bombs_are_errors, describe_failure
-
     facts = FileFacts(path)
     try:
         with open(path, "rb") as handle:
@@ -185,9 +185,6 @@ def _print_summary(
     data: str, splits: dict[str, ClassFolders], facts: dict[str, FileFacts], findings: list[Finding],
     ok: bool, seconds: float, stderr: bool,
 ) -> None:  # fmt: skip
-    from rich.console import Console
-    from rich.table import Table
-
     console: Console = ui.console(stderr=stderr)
     names = sorted({c for s in splits.values() for c in s.classes})
     table = Table("class", *splits, title=data, title_justify="left", box=None)

@@ -1,85 +1,47 @@
-"""Run folders, checkpoints and the small files beside them; every write is atomic.
+"""The run folder and its files: checkpoints (best.pt, last.pt), class_indices.json,
+config.yaml and metrics.csv, each with its writer beside its reader; every write is atomic.
 
-A checkpoint is a plain dict of tensors and plain types (see ../shared/INTERFACE.md), loaded only
-with `weights_only=True`, so opening a file never runs code from it.
+A checkpoint is a plain dict of tensors and plain types (the README's "Checkpoint" table),
+loaded only with `weights_only=True`, so opening a file never runs code from it.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
-import os
-import tempfile
+import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from resnext_cli.errors import EXIT_FAILED, UserError
+import torch
+import torchvision
+import yaml
 
-if TYPE_CHECKING:
-    import torch
+from resnext_cli import __version__
+from resnext_cli.config import read_yaml_config
+from resnext_cli.errors import UserError
+from resnext_cli.files import atomic_write, atomic_write_csv, atomic_write_text, make_folder
+from resnext_cli.transforms import Preprocessing, resize_size
 
 CHECKPOINT_FORMAT = "resnext-cli/1"
 CHECKPOINT_KEYS = (
     "format", "model", "arch", "classes", "img_size", "mean", "std", "epoch", "val_acc",
     "config", "versions",
-)  # fmt: skip
+)  # fmt: skip; `resize_size` too since it exists (older files mean img_size * 256 // 224)
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "best_val_acc", "best_epoch", "metrics",
+               "torch_rng_state")  # fmt: skip
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(fileobj)` into a temporary file beside `path`, then rename over it."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UserError(f"Cannot write {path}: {exc.strerror or exc}.", EXIT_FAILED) from None
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files, which would hide results from others
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UserError(
-                f"Cannot write {path}: {exc.strerror or exc}. The previous file, if any, is "
-                "unchanged.",
-                EXIT_FAILED,
-            ) from None
-        raise
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would race other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+# ---------------------------------------------------------------- torch files
 
 
 def save_torch(obj: dict[str, Any], path: Path) -> None:
-    import torch
-
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def safe_torch_load(path: str | Path, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True, turning every failure into a clear message."""
-    import pickle
-
-    import torch
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"The {what} {p} does not exist.")
@@ -101,23 +63,19 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> Any:
         raise UserError(f"The {what} {p} could not be read: {exc}") from None
 
 
+# ---------------------------------------------------------------- checkpoints
+
+
 def build_checkpoint(
     model: torch.nn.Module,
     *,
     arch: str,
     classes: list[str],
-    img_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    preprocessing: Preprocessing,
     epoch: int,
     val_acc: float,
     config: dict[str, Any],
 ) -> dict[str, Any]:
-    import torch
-    import torchvision
-
-    from resnext_cli import __version__
-
     return {
         "format": CHECKPOINT_FORMAT,
         # contiguous CPU copies: the file is the same whatever layout the model trained in
@@ -127,9 +85,10 @@ def build_checkpoint(
         },
         "arch": arch,
         "classes": list(classes),
-        "img_size": int(img_size),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
+        "img_size": int(preprocessing.img_size),
+        "resize_size": int(preprocessing.resize_size),
+        "mean": [float(m) for m in preprocessing.mean],
+        "std": [float(s) for s in preprocessing.std],
         "epoch": int(epoch),
         "val_acc": float(val_acc),
         "config": config,
@@ -152,6 +111,57 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"The checkpoint {path} is incomplete: keys {', '.join(missing)} missing.")
     return ckpt
+
+
+def checkpoint_preprocessing(ckpt: dict[str, Any], img_size: int | None = None) -> Preprocessing:
+    """What the checkpoint says its model expects; `img_size` overrides the crop (the resize
+    then keeps the checkpoint's ratio). Checkpoints from before `resize_size` mean 256/224."""
+    trained = int(ckpt["img_size"])
+    resize = int(ckpt.get("resize_size") or resize_size(trained))
+    if img_size is not None and img_size != trained:
+        resize, trained = int(round(img_size * resize / trained)), img_size
+    return Preprocessing(trained, resize, tuple(ckpt["mean"]), tuple(ckpt["std"]))
+
+
+def with_training_state(
+    checkpoint: dict[str, Any], *, optimizer: Any, scheduler: Any, scaler: Any,
+    best_val_acc: float, best_epoch: int, metrics: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """last.pt: a checkpoint plus what an exact resume needs (`load_resume_state` reads it)."""
+    return {
+        **checkpoint,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "best_val_acc": best_val_acc,
+        "best_epoch": best_epoch,
+        "metrics": metrics,
+        "torch_rng_state": torch.get_rng_state(),
+    }
+
+
+def load_resume_state(run_dir: str | Path) -> dict[str, Any]:
+    state = load_checkpoint(Path(run_dir) / "last.pt")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise UserError(f"{run_dir}/last.pt lacks what a resume needs: {', '.join(missing)}.")
+    return state
+
+
+def save_epoch(
+    run_dir: Path, best: dict[str, Any] | None, last: dict[str, Any], rows: list[dict[str, Any]]
+) -> None:
+    """The files of a finished epoch, in the order that keeps a run resumable if the process is
+    killed between any two writes: best.pt first (a new best is never lost), then last.pt (the
+    resume point, which records `best_val_acc` and the metrics so far), then metrics.csv, which
+    a resume rewrites from last.pt anyway."""
+    if best is not None:
+        save_torch(best, run_dir / "best.pt")
+    save_torch(last, run_dir / "last.pt")
+    write_metrics(run_dir / "metrics.csv", rows)
+
+
+# ---------------------------------------------------------------- the run folder
 
 
 def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
@@ -181,16 +191,6 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
     raise UserError(f"Too many runs in {root}; pass --name or --out.")
 
 
-def make_folder(path: Path) -> None:
-    """The folder and its parents, or a clear error (a file in the way, no permission...)."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file; a folder is needed there.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"Cannot create the folder {path}: {exc.strerror or exc}.") from None
-
-
 def latest_checkpoint(root: str = "runs") -> Path:
     candidates = sorted(Path(root).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
@@ -199,6 +199,15 @@ def latest_checkpoint(root: str = "runs") -> Path:
             "`resnext train --data DIR`, or pass --checkpoint PATH."
         )
     return candidates[-1]
+
+
+def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """config.yaml: the resolved config, which `--config` or `--resume` can feed back."""
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    return read_yaml_config(str(run_dir / "config.yaml"))
 
 
 def write_class_indices(path: Path, classes: list[str]) -> None:
@@ -233,10 +242,10 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_csv(path, [list(METRICS_COLUMNS), *table])
 
 
-def atomic_write_csv(path: Path, rows: list[list[str]]) -> None:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows as written (strings), one per completed epoch."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _fmt(value: Any) -> str:

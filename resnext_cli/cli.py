@@ -10,7 +10,10 @@ import sys
 from typing import Any, Callable, List, Optional
 
 import typer
+from rich.table import Table
 
+from resnext_cli import ui
+from resnext_cli.archs import ARCHS
 from resnext_cli.config import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -289,7 +292,7 @@ def report(
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
     def action() -> None:
-        from resnext_cli.report import write_report
+        from resnext_cli.run_report import write_report
 
         write_report(build_config(ReportConfig, config, overrides))
 
@@ -352,10 +355,7 @@ def archs() -> None:
     """List the architectures with their parameter counts (ImageNet head)."""
 
     def action() -> None:
-        from rich.table import Table
-
-        from resnext_cli import ui
-        from resnext_cli.models import ARCHS, arch_parameter_counts
+        from resnext_cli.models import arch_parameter_counts
 
         counts = arch_parameter_counts()
         table = Table("arch", "family", "parameters", "blocks", box=None)

@@ -9,18 +9,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import random
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from resnext_cli.device import PRECISIONS
+import yaml
+
+from resnext_cli.archs import ARCHS
 from resnext_cli.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -58,8 +60,6 @@ class TrainConfig:
     report: bool = True  # report.html at the end (evaluates best.pt on the val split)
 
     def validate(self) -> None:
-        from resnext_cli.models import ARCHS
-
         if not self.data:
             raise UserError("No dataset given. Pass --data DIR (or `data:` in the config file).")
         _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
@@ -91,13 +91,6 @@ class TrainConfig:
         check_device_string(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
 
-    def resolved(self) -> TrainConfig:
-        """Fill the choices left to the tool, so the saved config reproduces the run."""
-        freeze = self.freeze if self.freeze is not None else self.weights != "none"
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
-        workers = self.workers if self.workers is not None else default_workers()
-        return dataclasses.replace(self, freeze=freeze, seed=seed, workers=workers)
-
 
 @dataclass
 class InferenceConfig:
@@ -122,8 +115,6 @@ class InferenceConfig:
                 "`--weights resNet34.pth --arch resnet34 --class-indices class_indices.json`."
             )
         if self.arch is not None:
-            from resnext_cli.models import ARCHS
-
             _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
         if self.img_size is not None:
             _check_range("img_size", self.img_size, low=16)
@@ -245,13 +236,9 @@ class ExportConfig:
 
 
 def available_cores() -> int:
+    """The cores this process may run on: what the worker defaults are derived from."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores or 1
-
-
-def default_workers() -> int:
-    """Decoding workers: leave the cores to the model on small machines, cap on big ones."""
-    return max(1, min(8, available_cores() // 2))
 
 
 def check_device_string(device: str) -> None:
@@ -278,8 +265,6 @@ def build_config(cls: type[C], config_file: str | None, overrides: dict[str, Any
 
 
 def read_yaml_config(path: str) -> dict[str, Any]:
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"Config file {path} does not exist (or is not a file).")

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from resnext_cli.config import PRECISIONS
 from resnext_cli.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def select_device(name: str) -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit choice must exist."""
-    import torch
-
     cuda_ok = torch.cuda.is_available()
     mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
@@ -80,16 +76,12 @@ def resolve_precision(requested: str, device_type: str, cuda_bf16: bool = False)
 
 
 def precision_for(requested: str, device: torch.device) -> str:
-    import torch
-
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return resolve_precision(requested, device.type, cuda_bf16)
 
 
 def autocast(device: torch.device, precision: str) -> Any:
     """Mixed precision for the forward pass; a no-op context for fp32."""
-    import torch
-
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -102,34 +94,10 @@ def needs_grad_scaler(device_type: str, precision: str) -> bool:
 
 
 def make_grad_scaler(device: torch.device, precision: str) -> Any:
-    import torch
-
     return torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device.type, precision))
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool) -> None:
-    import torch
-
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-
-
-def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    import torch
-
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=layout)
-
-
-def model_inputs(
-    images: torch.Tensor,
-    device: torch.device,
-    channels_last: bool,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-) -> torch.Tensor:
-    """A uint8 batch from the loader -> normalised float on the device, in the model's layout."""
-    from resnext_cli.data import normalize_batch
-
-    return normalize_batch(to_device(images, device, channels_last), mean, std)

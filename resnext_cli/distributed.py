@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from resnext_cli.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,6 @@ def init_distributed(device_name: str) -> DistContext:
     """Join the process group torchrun describes in the environment; a no-op without it."""
     if not launched_by_torchrun():
         return DistContext()
-    import torch
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
@@ -59,8 +56,6 @@ def init_distributed(device_name: str) -> DistContext:
 def process_device(ctx: DistContext, requested: str) -> str:
     """Under torchrun each process takes the GPU of its local rank."""
     if ctx.enabled and requested in ("auto", "cuda"):
-        import torch
-
         if torch.cuda.is_available():
             return f"cuda:{ctx.local_rank}"
         return "cpu" if requested == "auto" else requested
@@ -71,9 +66,6 @@ def all_reduce_sums(ctx: DistContext, values: list[float], device: torch.device)
     """Element-wise sums over all processes (counts, loss sums), in float64."""
     if not ctx.enabled:
         return values
-    import torch
-    import torch.distributed as dist
-
     reduce_device = device if device.type == "cuda" else torch.device("cpu")
     tensor = torch.tensor(values, dtype=torch.float64, device=reduce_device)
     dist.all_reduce(tensor)
@@ -85,8 +77,6 @@ def average_gradients(ctx: DistContext, parameters: list[torch.nn.Parameter]) ->
     trains and DDP's bucketing would buy nothing."""
     if not ctx.enabled:
         return
-    import torch.distributed as dist
-
     for param in parameters:
         if param.grad is not None:
             dist.all_reduce(param.grad)
@@ -96,8 +86,6 @@ def average_gradients(ctx: DistContext, parameters: list[torch.nn.Parameter]) ->
 def broadcast_object(ctx: DistContext, obj: Any) -> Any:
     if not ctx.enabled:
         return obj
-    import torch.distributed as dist
-
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -105,14 +93,9 @@ def broadcast_object(ctx: DistContext, obj: Any) -> Any:
 
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -4,228 +4,24 @@ mistakes of a checkpoint on a labelled folder, with the val transform of trainin
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from resnext_cli import ui
-from resnext_cli.checkpoint import make_folder
 from resnext_cli.config import EvaluateConfig
-from resnext_cli.errors import EXIT_FAILED, UserError
-from resnext_cli.metrics import (
-    ClassificationReport,
-    classification_report,
-    confusion_matrix,
-)
+from resnext_cli.evaluation import Evaluation, evaluate_into_folder
 
 
-@dataclass
-class EvaluationSet:
-    samples: list[tuple[str, int]]  # labels index the model's classes
-    description: str  # which images these are, for the user
-    warnings: list[str]
-
-
-@dataclass
-class Prediction:
-    path: str
-    true: int
-    predicted: int
-    prob: float  # of the predicted class
-    top5: bool  # the true class among the five most probable
-
-
-@dataclass
-class Evaluation:
-    classes: list[str]  # the model's
-    predictions: list[Prediction]
-    unreadable: list[tuple[str, str]]
-    report: ClassificationReport
-    matrix: list[list[int]]  # over the classes in `shown`
-    shown: list[str]  # classes present in the data or predicted, in model order
-    top5: float | None  # None with fewer than 5 classes
-
-    def metrics(self) -> dict[str, Any]:
-        summary = self.report.summary()
-        metrics: dict[str, Any] = {"accuracy": summary.pop("accuracy")}
-        if self.top5 is not None:
-            metrics["top5"] = self.top5
-        metrics.update(summary, unreadable=len(self.unreadable))
-        return metrics
-
-
-def evaluation_samples(data: str, classes: list[str], run_dir: Path | None) -> EvaluationSet:
-    """DIR/<class>/* as it is; a dataset root's val folder; or, for a folder a run split itself,
-    that run's recorded val split (never the images it trained on)."""
-    from resnext_cli.data import find_splits, ignored_entries
-
-    splits = find_splits(data)  # the folders `train` would read
-    if "val" in splits:
-        scan, description = splits["val"], f"the val split {splits['val'].folder}"
-    else:
-        scan = splits["train"]
-        split_file = run_dir / "split.json" if run_dir else None
-        recorded = _recorded_val_split(scan.folder, split_file)
-        if recorded is not None:
-            return _labelled(recorded, classes, scan.folder, f"the val split in {split_file}", [])
-        description = f"all images in {scan.folder}"
-    folder = scan.folder
-    pairs = [(path, name) for name, paths in scan.classes.items() for path in paths]
-    warnings = [finding.text() for finding in ignored_entries(scan)]
-    empty = [name for name, paths in scan.classes.items() if not paths]
-    if empty:
-        warnings.append(f"Class folders with no images in {folder}: {', '.join(empty)}.")
-    return _labelled(pairs, classes, folder, description, warnings)
-
-
-def _recorded_val_split(folder: Path, split_file: Path | None) -> list[tuple[str, str]] | None:
-    """(path, class) of the val images a run held out of `folder`, if it split that folder."""
-    if split_file is None or not split_file.is_file():
-        return None
-    split = json.loads(split_file.read_text(encoding="utf-8"))
-    root = Path(split.get("root", ""))
-    if not root.exists() or root.resolve() != folder.resolve():
-        return None
-    return [(path, Path(path).relative_to(root).parts[0]) for path in split["val"]]
-
-
-def _labelled(
-    pairs: list[tuple[str, str]], classes: list[str], folder: Path, description: str,
-    warnings: list[str],
-) -> EvaluationSet:  # fmt: skip
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted({name for _, name in pairs if name not in index})
-    if unknown:
-        raise UserError(
-            f"{folder} has classes the model does not know: {', '.join(unknown)}. The model's "
-            f"classes are: {', '.join(classes)}. Classes are matched by folder name; rename or "
-            "remove the others."
-        )
-    if not pairs:
-        raise UserError(
-            f"No images to evaluate in {folder}: expected class folders of images "
-            "(DIR/<class>/*.jpg), or a dataset root with a val/ folder."
-        )
-    return EvaluationSet([(path, index[name]) for path, name in pairs], description, warnings)
-
-
-def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation:
-    """Score the model on the data and write the evaluation folder."""
-    from resnext_cli.predict import load_inference_model
-
-    assert cfg.data is not None
-    engine = load_inference_model(cfg, announce=not (cfg.json or quiet))
-    run_dir = Path(engine.source).parent if not cfg.weights else None
-    chosen = evaluation_samples(cfg.data, engine.classes, run_dir)
-    for message in chosen.warnings:
-        ui.warn(message)
-    out = Path(cfg.out) if cfg.out else Path(engine.source).parent / "eval"
-    make_folder(out)
-    if not (cfg.json or quiet):
-        ui.console(stderr=True).print(
-            f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
-            f"{engine.describe()}",
-            markup=False,
-        )
-    started = time.perf_counter()
-    evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
-    seconds = time.perf_counter() - started
-    about = {"checkpoint": engine.source, "data": cfg.data, "images": chosen.description}
-    write_evaluation(out, evaluation, about)
+def evaluate(cfg: EvaluateConfig) -> Evaluation:
+    """Score the model on the data, write the evaluation folder, and show the result."""
+    result = evaluate_into_folder(cfg)
     if cfg.json:
-        print(json.dumps(_json_result(evaluation, out), indent=2, ensure_ascii=False))
-    elif not quiet:
-        _print_evaluation(evaluation, seconds, out)
-    return evaluation
-
-
-def score(
-    engine: Any, samples: list[tuple[str, int]], batch_size: int, workers: int | None,
-    warn: bool = True,
-) -> Evaluation:  # fmt: skip
-    """Predictions for every readable image; unreadable ones are left out (and, with `warn`,
-    reported one by one)."""
-    import torch
-
-    from resnext_cli.data import ImageListDataset, make_loader
-
-    dataset = ImageListDataset(samples, engine.transform(), engine.decode_min_size)
-    loader = make_loader(
-        dataset,
-        batch_size=batch_size,
-        workers=engine.decode_workers([path for path, _ in samples], workers),
-        pin_memory=engine.pin_memory,
-    )
-    predictions: list[Prediction] = []
-    unreadable: list[tuple[str, str]] = []
-    k = min(5, len(engine.classes))
-    for batch in ui.progress(loader, desc="evaluate", unit="batch"):
-        for index, reason in batch.failures:
-            unreadable.append((samples[index][0], reason))
-            if warn:
-                ui.warn(f"skipped unreadable file {samples[index][0]}: {reason}")
-        if batch.images is None:
-            continue
-        probs = engine.probabilities(batch.images)
-        top_probs, top_classes = torch.topk(probs, k, dim=1)
-        hits = (top_classes == batch.labels[:, None]).any(dim=1)
-        for i, index in enumerate(batch.indices):
-            path, label = samples[index]
-            predictions.append(
-                Prediction(path, label, int(top_classes[i, 0]), float(top_probs[i, 0]), bool(hits[i]))
-            )
-    if not predictions:
-        raise UserError("None of the images could be read (see the warnings above).", EXIT_FAILED)
-    return summarise(engine.classes, predictions, unreadable)
-
-
-def summarise(
-    classes: list[str], predictions: list[Prediction], unreadable: list[tuple[str, str]]
-) -> Evaluation:
-    full = confusion_matrix(
-        [p.true for p in predictions], [p.predicted for p in predictions], len(classes)
-    )
-    present = [
-        i for i in range(len(classes)) if sum(full[i]) or any(row[i] for row in full)
-    ]
-    matrix = [[full[i][j] for j in present] for i in present]
-    shown = [classes[i] for i in present]
-    top5 = sum(p.top5 for p in predictions) / len(predictions) if len(classes) >= 5 else None
-    report = classification_report(matrix, shown)
-    return Evaluation(classes, predictions, unreadable, report, matrix, shown, top5)
-
-
-def write_evaluation(out: Path, evaluation: Evaluation, about: dict[str, str]) -> None:
-    """metrics.json (with `about`: what was evaluated), per_class.csv, confusion_matrix.csv and
-    .png, misclassified.csv; each written atomically."""
-    from resnext_cli.checkpoint import atomic_write_csv, atomic_write_text
-    from resnext_cli.plots import confusion_matrix_png, write_png
-
-    metrics = evaluation.metrics()
-    rows = [["class", "precision", "recall", "f1", "support"]]
-    rows += [[c.name, _num(c.precision), _num(c.recall), _num(c.f1), str(c.support)]
-             for c in evaluation.report.per_class]  # fmt: skip
-    atomic_write_csv(out / "per_class.csv", rows)
-    rows = [["true\\pred", *evaluation.shown]]
-    rows += [[name, *map(str, row)] for name, row in zip(evaluation.shown, evaluation.matrix)]
-    atomic_write_csv(out / "confusion_matrix.csv", rows)
-    title = f"{metrics['n']} images, accuracy {metrics['accuracy']:.2%}"
-    write_png(out / "confusion_matrix.png",
-              confusion_matrix_png(evaluation.matrix, evaluation.shown, title))  # fmt: skip
-    rows = [["path", "true", "predicted", "prob"]]
-    rows += [[m.path, evaluation.classes[m.true], evaluation.classes[m.predicted], _num(m.prob)]
-             for m in mistakes(evaluation)]  # fmt: skip
-    atomic_write_csv(out / "misclassified.csv", rows)
-    # last: a metrics.json newer than the checkpoint means the whole folder is complete
-    text = json.dumps({**metrics, **about}, indent=2, ensure_ascii=False)
-    atomic_write_text(out / "metrics.json", text + "\n")
-
-
-def mistakes(evaluation: Evaluation) -> list[Prediction]:
-    """Wrong predictions, most confident first (ties by path, so the order is stable)."""
-    wrong = [p for p in evaluation.predictions if p.predicted != p.true]
-    return sorted(wrong, key=lambda p: (-p.prob, p.path))
+        print(json.dumps(_json_result(result.evaluation, result.out), indent=2, ensure_ascii=False))
+    else:
+        _print_evaluation(result.evaluation, result.seconds, result.out)
+    return result.evaluation
 
 
 def _json_result(evaluation: Evaluation, out: Path) -> dict[str, Any]:
@@ -238,8 +34,6 @@ def _json_result(evaluation: Evaluation, out: Path) -> dict[str, Any]:
 
 
 def _print_evaluation(evaluation: Evaluation, seconds: float, out: Path) -> None:
-    from rich.table import Table
-
     metrics = evaluation.metrics()
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
     table = Table("class", "precision", "recall", "f1", "support", box=None)
@@ -255,7 +49,3 @@ def _print_evaluation(evaluation: Evaluation, seconds: float, out: Path) -> None
         f"({seconds:.1f} s). Wrote {out}/: metrics.json, per_class.csv, confusion_matrix.csv, "
         "confusion_matrix.png, misclassified.csv"
     )
-
-
-def _num(value: float) -> str:
-    return f"{value:.6f}"

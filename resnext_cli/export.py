@@ -2,70 +2,52 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 from resnext_cli import ui
+from resnext_cli.batches import InputSpec, model_input, pixel_batch
+from resnext_cli.checkpoint import write_class_indices
 from resnext_cli.config import ExportConfig, InferenceConfig
+from resnext_cli.engines import load_inference_model, onnx_session, require_onnx, run_onnx
 from resnext_cli.errors import EXIT_FAILED, UserError
+from resnext_cli.files import make_folder
+from resnext_cli.transforms import Preprocessing, write_preprocess_json
 
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
-EXPORT_EXTRA = "pip install 'resnext-cli[export]'  (onnx, onnxruntime, onnxscript)"
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-
-
-def require_onnx(*modules: str) -> None:
-    """The ONNX packages are an optional extra: say what to install instead of a traceback."""
-    import importlib
-
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise UserError(f"ONNX support needs {', '.join(missing)}: {EXPORT_EXTRA}.")
 
 
 def realistic_batch(n: int, img_size: int, mean: Any, std: Any, seed: int = 0) -> torch.Tensor:
     """Normalised inputs with photo-like statistics: smooth colour fields plus fine noise,
     rather than white noise, which no real image resembles."""
-    import torch
-    import torch.nn.functional as F
-
-    from resnext_cli.data import normalize_batch
-
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(n, 3, 6, 6, generator=generator) * 255
     smooth = F.interpolate(coarse, size=(img_size, img_size), mode="bicubic", align_corners=False)
     noise = torch.randn(n, 3, img_size, img_size, generator=generator) * 12
     pixels = (smooth + noise).clamp(0, 255).round().to(torch.uint8)
-    return normalize_batch(pixels, tuple(mean), tuple(std))
+    preprocessing = Preprocessing(img_size, img_size, tuple(mean), tuple(std))
+    return model_input(pixel_batch(pixels), InputSpec(torch.device("cpu"), False, preprocessing))
 
 
 def export(cfg: ExportConfig) -> Path:
-    import torch
-
-    from resnext_cli import checkpoint as ckpt
-    from resnext_cli.data import resize_size
-    from resnext_cli.predict import load_inference_model
-
     if cfg.format == "onnx":
         require_onnx("onnx", "onnxruntime", "onnxscript")
     engine = load_inference_model(
         InferenceConfig(checkpoint=cfg.checkpoint, device="cpu", precision="fp32", channels_last=False)
     )
     out_dir = Path(cfg.out) if cfg.out else Path(engine.source).parent / "export"
-    ckpt.make_folder(out_dir)
+    make_folder(out_dir)
     target = out_dir / MODEL_FILES[cfg.format]
-    inputs = realistic_batch(8, engine.img_size, engine.mean, engine.std)
+    prep = engine.preprocessing
+    inputs = realistic_batch(8, prep.img_size, prep.mean, prep.std)
     with torch.inference_mode():
         expected = engine.model(inputs).float()
     temporary = out_dir / f".{target.name}.tmp"
@@ -93,32 +75,20 @@ def export(cfg: ExportConfig) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
 
-    ckpt.write_class_indices(out_dir / "class_indices.json", engine.classes)
-    preprocessing = {
+    write_class_indices(out_dir / "class_indices.json", engine.classes)
+    write_preprocess_json(out_dir / "preprocess.json", prep, {
         "arch": engine.arch,
         "format": cfg.format,
-        "input": "float32 NCHW RGB: decode, resize shorter side, centre crop, /255, (x-mean)/std",
-        "img_size": engine.img_size,
-        "resize_size": resize_size(engine.img_size),
-        "interpolation": "bilinear",
-        "mean": list(engine.mean),
-        "std": list(engine.std),
         "batch": "dynamic" if cfg.dynamic_batch else 1,
         "opset": cfg.opset if cfg.format == "onnx" else None,
         "output": "logits, one per class of class_indices.json (apply softmax for probabilities)",
         "checkpoint": engine.source,
-    }
-    ckpt.atomic_write_text(out_dir / "preprocess.json", json.dumps(preprocessing, indent=2) + "\n")
+    })  # fmt: skip
     ui.info(f"Exported {target}, class_indices.json and preprocess.json to {out_dir}")
     return target
 
 
 def _export_onnx(model: Any, inputs: torch.Tensor, path: Path, cfg: ExportConfig) -> None:
-    import contextlib
-    import io
-
-    import torch
-
     example = inputs if cfg.dynamic_batch else inputs[:1]
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if cfg.dynamic_batch else None
     chatter = io.StringIO()  # the exporter narrates its stages on stdout
@@ -135,8 +105,6 @@ def _export_onnx(model: Any, inputs: torch.Tensor, path: Path, cfg: ExportConfig
 
 
 def _export_torchscript(model: Any, inputs: torch.Tensor, path: Path) -> None:
-    import torch
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still loadable
         traced = torch.jit.trace(model, inputs[:1])
@@ -144,39 +112,11 @@ def _export_torchscript(model: Any, inputs: torch.Tensor, path: Path) -> None:
 
 
 def _run_torchscript_file(path: Path, inputs: torch.Tensor) -> torch.Tensor:
-    import torch
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.inference_mode():
         return loaded(inputs).float()
-
-
-def onnx_session(path: str | Path) -> Any:
-    import onnxruntime as ort
-
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise UserError(f"onnxruntime could not load {path}: {exc}") from None
-
-
-def run_onnx(session: Any, inputs: np.ndarray) -> torch.Tensor:
-    """Logits for a float32 NCHW batch; a model with a fixed batch size gets it in chunks."""
-    import numpy as np
-    import torch
-
-    spec = session.get_inputs()[0]
-    fixed = spec.shape[0] if isinstance(spec.shape[0], int) else None
-    if fixed is None:
-        return torch.from_numpy(session.run(None, {spec.name: inputs})[0])
-    outputs = []
-    for start in range(0, len(inputs), fixed):
-        chunk = inputs[start : start + fixed]
-        padded = np.concatenate([chunk, np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(session.run(None, {spec.name: padded})[0][: len(chunk)])
-    return torch.from_numpy(np.concatenate(outputs))
 
 
 def run_onnx_file(path: Path, inputs: np.ndarray) -> torch.Tensor:

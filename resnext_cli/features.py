@@ -14,17 +14,22 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
 
 from resnext_cli import ui
+from resnext_cli.checkpoint import save_torch
+from resnext_cli.config import TrainConfig
+from resnext_cli.distributed import DistContext, barrier
+from resnext_cli.folders import DatasetLayout
+from resnext_cli.loaders import EpochSampler, ImageListDataset, make_loader
+from resnext_cli.models import backbone_features
+from resnext_cli.steps import Step, TrainTally, Validation, ValidationTally
+from resnext_cli.transforms import Preprocessing
 
-if TYPE_CHECKING:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from resnext_cli.config import TrainConfig
-    from resnext_cli.data import DatasetLayout
-    from resnext_cli.train import StepContext, Validation
+Reporter = Callable[[list[tuple[int, str]], list[tuple[str, int]]], None]
 
 
 @dataclass
@@ -45,7 +50,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("RESNEXT_CACHE", Path.home() / ".cache" / "resnext" / "features"))
 
 
-def cache_key(layout: DatasetLayout, cfg: TrainConfig) -> str:
+def cache_key(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing) -> str:
     """A digest of what the features depend on (not of the head's hyperparameters)."""
     digest = hashlib.sha256()
     for split, samples in (("train", layout.train), ("val", layout.val)):
@@ -56,11 +61,11 @@ def cache_key(layout: DatasetLayout, cfg: TrainConfig) -> str:
             except OSError:
                 identity = "missing"
             digest.update(f"{split}|{os.path.abspath(path)}|{identity}|{label}\n".encode())
-    digest.update(json.dumps(_feature_settings(cfg), sort_keys=True).encode())
+    digest.update(json.dumps(_feature_settings(cfg, preprocessing), sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 
-def _feature_settings(cfg: TrainConfig) -> dict[str, Any]:
+def _feature_settings(cfg: TrainConfig, preprocessing: Preprocessing) -> dict[str, Any]:
     weights: Any = cfg.weights
     if cfg.weights not in ("imagenet", "none") and os.path.exists(cfg.weights):
         stat = os.stat(cfg.weights)
@@ -69,6 +74,7 @@ def _feature_settings(cfg: TrainConfig) -> dict[str, Any]:
         "arch": cfg.arch,
         "weights": weights,
         "img_size": cfg.img_size,
+        "resize_size": preprocessing.resize_size,
         "views": cfg.feature_views,
         "augment": cfg.augment,
         "precision": cfg.precision,
@@ -81,14 +87,11 @@ def _feature_settings(cfg: TrainConfig) -> dict[str, Any]:
 def load_or_compute(
     layout: DatasetLayout,
     cfg: TrainConfig,
+    preprocessing: Preprocessing,
     compute: Callable[[], FeatureCache],
 ) -> FeatureCache:
     """Read the cache if it is there; otherwise compute and store it (atomically)."""
-    import torch
-
-    from resnext_cli.checkpoint import save_torch
-
-    path = cache_root() / f"{cache_key(layout, cfg)}.pt"
+    path = cache_root() / f"{cache_key(layout, cfg, preprocessing)}.pt"
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -107,33 +110,24 @@ def load_or_compute(
 
 
 def compute_features(
-    model: torch.nn.Module,
-    layout: DatasetLayout,
-    cfg: TrainConfig,
-    inputs: Callable[[Any], torch.Tensor],
-    autocast: Callable[[], Any],
-    workers: int,
-    pin_memory: bool,
-    report_failures: Callable[[Any, list[tuple[str, int]]], None],
-) -> FeatureCache:
+    model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: Step, workers: int,
+    pin_memory: bool, report_failures: Reporter,
+) -> FeatureCache:  # fmt: skip
     """View 0 is the deterministic val transform; views 1..K-1 are seeded random augmentations
     (the same crops a normal run would draw for epochs 1..K-1)."""
-    import torch
-
-    from resnext_cli import data
-
-    extractor = _Extractor(model, cfg, inputs, autocast, workers, pin_memory, report_failures)
-    decode = data.resize_size(cfg.img_size)
+    extractor = _Extractor(model, cfg, step, workers, pin_memory, report_failures)
+    preprocessing = step.spec.preprocessing
+    decode = preprocessing.decode_min_size
     train_views = []
     train_ok = torch.ones(len(layout.train), dtype=torch.bool)
     for view in range(cfg.feature_views):
         augmented = view > 0 and cfg.augment
-        transform = data.train_transform if augmented else data.eval_transform
-        dataset = data.ImageListDataset(layout.train, transform(cfg.img_size), decode, cfg.seed)
+        transform = preprocessing.train_transform() if augmented else preprocessing.eval_transform()
+        dataset = ImageListDataset(layout.train, transform, decode, cfg.seed)
         features, ok = extractor.run(dataset, view, f"features {view + 1}/{cfg.feature_views}")
         train_views.append(features)
         train_ok &= ok
-    val_dataset = data.ImageListDataset(layout.val, data.eval_transform(cfg.img_size), decode)
+    val_dataset = ImageListDataset(layout.val, preprocessing.eval_transform(), decode)
     val, val_ok = extractor.run(val_dataset, 0, "features val")
     return FeatureCache(torch.stack(train_views), train_ok, val, val_ok)
 
@@ -144,22 +138,16 @@ class _Extractor:
 
     model: torch.nn.Module
     cfg: TrainConfig
-    inputs: Callable[[Any], torch.Tensor]
-    autocast: Callable[[], Any]
+    step: Step
     workers: int
     pin_memory: bool
-    report_failures: Callable[[Any, list[tuple[str, int]]], None]
+    report_failures: Reporter
 
-    def run(self, dataset: Any, view: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        from resnext_cli import data
-        from resnext_cli.models import backbone_features
-
-        sampler = data.EpochSampler(len(dataset), self.cfg.seed, shuffle=False, pad=False)
+    def run(self, dataset: ImageListDataset, view: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        sampler = EpochSampler(len(dataset), self.cfg.seed, shuffle=False, pad=False)
         sampler.set_epoch(view)  # keys the augmentation of this view
-        loader = data.make_loader(dataset, batch_size=self.cfg.batch_size, workers=self.workers,
-                                  sampler=sampler, pin_memory=self.pin_memory)  # fmt: skip
+        loader = make_loader(dataset, batch_size=self.cfg.batch_size, workers=self.workers,
+                             sampler=sampler, pin_memory=self.pin_memory)  # fmt: skip
         features = torch.zeros(len(dataset), self.model.fc.in_features)
         ok = torch.zeros(len(dataset), dtype=torch.bool)
         self.model.eval()
@@ -168,8 +156,8 @@ class _Extractor:
                 self.report_failures(batch.failures, dataset.samples)
                 if batch.images is None:
                     continue
-                with self.autocast():
-                    out = backbone_features(self.model, self.inputs(batch)).float().cpu()
+                with self.step.autocast():
+                    out = backbone_features(self.model, self.step.inputs(batch)[0]).float().cpu()
                 index = torch.tensor(batch.indices)
                 features[index] = out
                 ok[index] = True
@@ -180,22 +168,19 @@ class _Extractor:
 
 
 def prepare_cache(
-    model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: StepContext, ctx: Any,
-    pin: bool, report_failures: Callable[[Any, list[tuple[str, int]]], None],
-) -> FeatureCache:
+    model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: Step, ctx: DistContext,
+    pin: bool, report_failures: Reporter,
+) -> FeatureCache:  # fmt: skip
     """Rank 0 computes (or finds) the cache; under torchrun the others then read it."""
-    from resnext_cli.distributed import barrier
 
     def compute() -> FeatureCache:
-        return compute_features(
-            model, layout, cfg, lambda batch: step.inputs(batch)[0], step.autocast,
-            cfg.workers or 0, pin, report_failures,
-        )  # fmt: skip
+        return compute_features(model, layout, cfg, step, cfg.workers or 0, pin, report_failures)
 
-    cache = load_or_compute(layout, cfg, compute) if ctx.is_main else None
+    preprocessing = step.spec.preprocessing
+    cache = load_or_compute(layout, cfg, preprocessing, compute) if ctx.is_main else None
     barrier(ctx)
     if not ctx.is_main:
-        cache = load_or_compute(layout, cfg, compute)
+        cache = load_or_compute(layout, cfg, preprocessing, compute)
     assert cache is not None
     return cache
 
@@ -209,14 +194,10 @@ def train_head_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
-    step: StepContext,
+    step: Step,
 ) -> tuple[float, float]:
     """The head's epoch on cached features, in the batches the image loader would have made
     (same sampler order, batch size and drop_last)."""
-    import torch
-
-    from resnext_cli.train import TrainTally
-
     order = [index for _, index in loader.sampler]
     size = loader.batch_size or 1
     batches = [order[k : k + size] for k in range(0, len(order), size)]
@@ -239,12 +220,8 @@ def train_head_epoch(
 
 
 def validate_head(
-    model: torch.nn.Module, cache: FeatureCache, labels: torch.Tensor, step: StepContext
+    model: torch.nn.Module, cache: FeatureCache, labels: torch.Tensor, step: Step
 ) -> Validation:
-    import torch
-
-    from resnext_cli.train import ValidationTally
-
     rank, world = (step.dist.rank, step.dist.world_size) if step.dist else (0, 1)
     index = torch.tensor(
         [i for i in range(rank, len(labels), world) if cache.val_ok[i]], dtype=torch.long

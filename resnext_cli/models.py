@@ -6,50 +6,23 @@ files load strictly. Only the classifier (`fc`) is ever replaced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
+from urllib.parse import urlparse
 
+import torch
+import torch.hub
+import torch.nn as nn
+from torchvision.models import ResNet, get_model_builder, get_model_weights
+
+from resnext_cli.archs import ARCHS
+from resnext_cli.checkpoint import CHECKPOINT_FORMAT, safe_torch_load
 from resnext_cli.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-    from torchvision.models import ResNet
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    name: str
-    family: str
-    # torchvision's builder and weights enum share the architecture's name
-    description: str
-
-
-ARCHS: dict[str, ArchSpec] = {
-    spec.name: spec
-    for spec in (
-        ArchSpec("resnet18", "ResNet", "basic blocks, 18 layers"),
-        ArchSpec("resnet34", "ResNet", "basic blocks, 34 layers"),
-        ArchSpec("resnet50", "ResNet", "bottleneck blocks, 50 layers"),
-        ArchSpec("resnet101", "ResNet", "bottleneck blocks, 101 layers"),
-        ArchSpec("resnet152", "ResNet", "bottleneck blocks, 152 layers"),
-        ArchSpec("resnext50_32x4d", "ResNeXt", "32 groups of width 4, 50 layers"),
-        ArchSpec("resnext101_32x8d", "ResNeXt", "32 groups of width 8, 101 layers"),
-        ArchSpec("resnext101_64x4d", "ResNeXt", "64 groups of width 4, 101 layers"),
-        ArchSpec("wide_resnet50_2", "Wide ResNet", "bottleneck twice as wide, 50 layers"),
-        ArchSpec("wide_resnet101_2", "Wide ResNet", "bottleneck twice as wide, 101 layers"),
-    )
-}
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from resnext_cli.transforms import Preprocessing
 
 
 def build_model(arch: str, num_classes: int) -> ResNet:
     """torchvision's network with random weights and a classifier for `num_classes`."""
-    import torch.nn as nn
-    from torchvision.models import get_model_builder
-
     if arch not in ARCHS:
         raise UserError(f"Unknown architecture {arch!r}. `resnext archs` lists the choices.")
     model = get_model_builder(arch)(weights=None)
@@ -64,10 +37,19 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 def arch_parameter_counts() -> dict[str, int]:
     """Parameter counts with the 1000-class ImageNet head, built on the meta device (no memory)."""
-    import torch
-
     with torch.device("meta"):
         return {name: count_parameters(build_model(name, 1000)) for name in ARCHS}
+
+
+def weights_preprocessing(arch: str, weights: str, img_size: int) -> Preprocessing:
+    """Eval preprocessing that travels with the weights: torchvision's own resize/crop ratio and
+    statistics for `--weights imagenet` (232/224 for the IMAGENET1K_V2 weights, 256/224 for V1),
+    scaled to `img_size`; the classic 256/224 and ImageNet statistics for a file or `none`."""
+    if weights != "imagenet":
+        return Preprocessing.classic(img_size)
+    preset = get_model_weights(arch).DEFAULT.transforms()
+    ratio = preset.resize_size[0] / preset.crop_size[0]
+    return Preprocessing(img_size, int(round(img_size * ratio)), tuple(preset.mean), tuple(preset.std))
 
 
 def load_weights(model: ResNet, arch: str, weights: str, log: Callable[[str], None]) -> None:
@@ -84,15 +66,10 @@ def load_weights(model: ResNet, arch: str, weights: str, log: Callable[[str], No
 
 def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's weights API, downloading once into the torch hub cache."""
-    from urllib.parse import urlparse
-
-    from torch.hub import get_dir, load_state_dict_from_url
-    from torchvision.models import get_model_weights
-
     url = get_model_weights(arch).DEFAULT.url
-    cached = Path(get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     try:
-        return load_state_dict_from_url(
+        return torch.hub.load_state_dict_from_url(
             url, map_location="cpu", progress=True, check_hash=True, weights_only=True
         )
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
@@ -111,8 +88,6 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A torchvision-style state dict, or the model inside a checkpoint written by this tool."""
-    from resnext_cli.checkpoint import CHECKPOINT_FORMAT, safe_torch_load
-
     obj = safe_torch_load(path, what="weights file")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj["model"]
@@ -120,8 +95,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path} does not hold a state dict (a mapping of parameter names).")
-    import torch
-
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{path} is not a state dict: entries {_names(bad)} are not tensors.")

@@ -4,10 +4,12 @@ window, no display and no global pyplot state, whatever backend the user has con
 from __future__ import annotations
 
 import io
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from resnext_cli.files import atomic_write
 from resnext_cli.metrics import row_normalised
 
 if TYPE_CHECKING:
@@ -74,12 +76,12 @@ def confusion_matrix_png(matrix: list[list[int]], classes: Sequence[str], title:
 
 
 def write_png(path: Path, png: bytes) -> None:
-    from resnext_cli.checkpoint import atomic_write
-
     atomic_write(path, lambda handle: handle.write(png))
 
 
 def _figure(width: float, height: float) -> Figure:
+    # matplotlib (~0.6 s to import) loads on first use, which in `train` is the plot thread,
+    # so neither start-up nor the first epoch waits for it
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -106,8 +108,6 @@ class BackgroundWriter:
     """
 
     def __init__(self, duty: float = 0.05) -> None:
-        import threading
-
         self.rest_factor = 1 / duty - 1
         self._pending: dict[Path, Callable[[], bytes]] = {}
         self._condition = threading.Condition()
@@ -116,8 +116,6 @@ class BackgroundWriter:
         self.errors: list[str] = []
 
     def submit(self, path: Path, render: Callable[[], bytes]) -> None:
-        import threading
-
         with self._condition:
             self._pending[Path(path)] = render
             if self._thread is None:

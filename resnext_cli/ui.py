@@ -6,6 +6,9 @@ import functools
 import sys
 from typing import Any
 
+from rich.console import Console
+from tqdm import tqdm
+
 _silenced = False
 
 
@@ -17,8 +20,6 @@ def silence() -> None:
 
 @functools.lru_cache(maxsize=None)
 def console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
@@ -36,14 +37,10 @@ def show(renderable: Any) -> None:
 def warn(message: str) -> None:
     """A warning that may interrupt a progress bar without breaking it."""
     if not _silenced:
-        from tqdm import tqdm
-
         tqdm.write(f"Warning: {message}", file=sys.stderr)
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
     """A tqdm bar on stderr that stays quiet when stderr is not a terminal (CI, pipes)."""
-    from tqdm import tqdm
-
     disable = True if _silenced else None
     return tqdm(iterable, file=sys.stderr, disable=disable, dynamic_ncols=True, leave=False, **kwargs)

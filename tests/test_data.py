@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from resnext_cli import data
+from resnext_cli import folders, images, loaders, transforms
 from resnext_cli.errors import UserError
 from tests.conftest import make_dataset
 
@@ -21,21 +21,21 @@ def test_every_mode_decodes_to_rgb(tmp_path: Path, mode: str, fmt: str):
         img = Image.new("I;16", (30, 20), 40000)
     path = tmp_path / f"x.{fmt}"
     img.save(path)
-    out = data.load_rgb(path)
+    out = images.load_rgb(path)
     assert out.mode == "RGB" and out.size == (30, 20)
 
 
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path):
     path = tmp_path / "deep.png"
     Image.new("I;16", (8, 8), 32768).save(path)  # half of the 16-bit range
-    value = data.load_rgb(path).getpixel((0, 0))[0]
+    value = images.load_rgb(path).getpixel((0, 0))[0]
     assert 120 <= value <= 135
 
 
 def test_transparent_pixels_become_white(tmp_path: Path):
     path = tmp_path / "clear.png"
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(path)
-    assert data.load_rgb(path).getpixel((0, 0)) == (255, 255, 255)
+    assert images.load_rgb(path).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_exif_orientation_is_applied(tmp_path: Path):
@@ -45,7 +45,7 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     path = tmp_path / "rotated.jpg"
     img.save(path, exif=exif, quality=95)
-    out = data.load_rgb(path)
+    out = images.load_rgb(path)
     assert out.size == (20, 40)
     r, g, b = out.getpixel((10, 5))  # after rotation the blue half is on top
     assert b > 200 and r < 60
@@ -54,17 +54,17 @@ def test_exif_orientation_is_applied(tmp_path: Path):
 def test_draft_decoding_shrinks_large_jpegs(tmp_path: Path):
     path = tmp_path / "big.jpg"
     Image.new("RGB", (2000, 1500), (10, 120, 30)).save(path)
-    small = data.load_rgb(path, min_size=146)
+    small = images.load_rgb(path, min_size=146)
     assert small.size == (250, 188)  # 1/8 scale: the smallest that keeps the short side >= 146
-    assert min(data.load_rgb(path, min_size=400).size) >= 400
-    assert data.load_rgb(path).size == (2000, 1500)
+    assert min(images.load_rgb(path, min_size=400).size) >= 400
+    assert images.load_rgb(path).size == (2000, 1500)
 
 
 def test_extensions_are_case_insensitive():
     for name in ("a.jpg", "b.JPG", "c.Jpeg", "d.PNG", "e.webp", "f.TIFF", "g.bmp"):
-        assert data.is_image_name(name), name
+        assert folders.is_image_name(name), name
     for name in ("notes.txt", "model.pt", "noext"):
-        assert not data.is_image_name(name)
+        assert not folders.is_image_name(name)
 
 
 def test_layout_with_train_and_valid(tmp_path: Path):
@@ -73,7 +73,7 @@ def test_layout_with_train_and_valid(tmp_path: Path):
     (root / "train" / ".ipynb_checkpoints").mkdir()
     (root / "train" / "README.txt").write_text("x")
     (root / "train" / "alpha" / "notes.txt").write_text("not an image")
-    layout = data.discover_dataset(root, 0.1, 0)
+    layout = folders.discover_dataset(root, 0.1, 0)
     assert layout.classes == ["alpha", "beta", "gamma"]
     assert len(layout.train) == 9 and len(layout.val) == 6
     assert all(label == layout.classes.index(Path(p).parent.name) for p, label in layout.val)
@@ -85,7 +85,7 @@ def test_val_classes_are_matched_by_name(tmp_path: Path):
     root = make_dataset(tmp_path / "ds", train_per_class=2, val_per_class=2)
     (root / "val" / "alpha").rename(root / "val" / "zzz")
     with pytest.raises(UserError, match="zzz"):
-        data.discover_dataset(root, 0.1, 0)
+        folders.discover_dataset(root, 0.1, 0)
 
 
 def test_missing_val_class_is_a_warning(tmp_path: Path):
@@ -93,16 +93,16 @@ def test_missing_val_class_is_a_warning(tmp_path: Path):
     for f in (root / "val" / "beta").iterdir():
         f.unlink()
     (root / "val" / "beta").rmdir()
-    layout = data.discover_dataset(root, 0.1, 0)
+    layout = folders.discover_dataset(root, 0.1, 0)
     assert any("beta" in w for w in layout.warnings)
     assert {label for _, label in layout.val} == {0, 2}
 
 
 def test_single_folder_is_split_stratified_and_seeded(tmp_path: Path):
     root = make_dataset(tmp_path / "flat", train_per_class=10, split_folders=False)
-    a = data.discover_dataset(root, 0.2, seed=1)
-    b = data.discover_dataset(root, 0.2, seed=1)
-    c = data.discover_dataset(root, 0.2, seed=2)
+    a = folders.discover_dataset(root, 0.2, seed=1)
+    b = folders.discover_dataset(root, 0.2, seed=1)
+    c = folders.discover_dataset(root, 0.2, seed=2)
     assert a.val == b.val and a.val != c.val
     per_class = [sum(1 for _, label in a.val if label == k) for k in range(3)]
     assert per_class == [2, 2, 2]
@@ -129,7 +129,7 @@ def test_bad_layouts(tmp_path: Path, setup: str, message: str):
     elif setup == "file":
         root.write_text("x")
     with pytest.raises(UserError, match=message):
-        data.discover_dataset(root, 0.1, 0)
+        folders.discover_dataset(root, 0.1, 0)
 
 
 def test_unreadable_files_become_failures_not_exceptions(tmp_path: Path):
@@ -141,8 +141,8 @@ def test_unreadable_files_become_failures_not_exceptions(tmp_path: Path):
     Image.new("RGB", (200, 200), (5, 5, 5)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
     samples = [(str(p), 0) for p in (good, tmp_path / "bad.jpg", tmp_path / "empty.png", truncated)]
-    ds = data.ImageListDataset(samples, data.eval_transform(16), None)
-    batch = data.collate_skipping_failures([ds[i] for i in range(len(ds))])
+    ds = loaders.ImageListDataset(samples, transforms.eval_transform(16), None)
+    batch = loaders.collate_skipping_failures([ds[i] for i in range(len(ds))])
     assert batch.indices == [0] and batch.images.shape == (1, 3, 16, 16)
     assert [i for i, _ in batch.failures] == [1, 2, 3]
     assert all(reason for _, reason in batch.failures)
@@ -153,9 +153,9 @@ def test_list_images_sorted_any_case(tmp_path: Path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.Png").write_bytes(b"")
-    flat = [Path(p).name for p in data.list_images(tmp_path, recursive=False)]
+    flat = [Path(p).name for p in folders.list_images(tmp_path, recursive=False)]
     assert flat == ["a.png", "b.JPG", "c.jpeg"]
-    assert len(data.list_images(tmp_path, recursive=True)) == 4
+    assert len(folders.list_images(tmp_path, recursive=True)) == 4
 
 
 def test_normalisation_matches_torchvision():
@@ -166,6 +166,6 @@ def test_normalisation_matches_torchvision():
     img.paste((250, 3, 60), (5, 5, 20, 20))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     reference = T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(), T.Normalize(mean, std)])(img)
-    ours = data.normalize_batch(data.eval_transform(32)(img).unsqueeze(0), mean, std)[0]
-    assert data.eval_transform(32)(img).dtype == torch.uint8
+    ours = transforms.normalize_batch(transforms.eval_transform(32)(img).unsqueeze(0), mean, std)[0]
+    assert transforms.eval_transform(32)(img).dtype == torch.uint8
     assert torch.allclose(ours, reference, atol=1e-5)

@@ -5,6 +5,7 @@ import csv
 import pytest
 import torch
 
+from resnext_cli import batches
 from resnext_cli import device as dev
 from resnext_cli.errors import UserError
 from tests.conftest import invoke
@@ -52,8 +53,8 @@ def test_device_selection_without_a_gpu():
 
 def test_channels_last_inputs():
     x = torch.randn(2, 3, 8, 8)
-    assert dev.to_device(x, torch.device("cpu"), True).is_contiguous(memory_format=torch.channels_last)
-    assert dev.to_device(x, torch.device("cpu"), False).is_contiguous()
+    assert batches.to_device(x, torch.device("cpu"), True).is_contiguous(memory_format=torch.channels_last)
+    assert batches.to_device(x, torch.device("cpu"), False).is_contiguous()
 
 
 def test_bf16_and_channels_last_agree_with_fp32(tmp_path, trained_run):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from resnext_cli.evaluate import Prediction, mistakes, summarise
+from resnext_cli.evaluation import Prediction, mistakes, summarise
 from resnext_cli.metrics import classification_report, confusion_matrix
 from tests.conftest import TINY_TRAIN, invoke, make_dataset
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_cli import data
+from resnext_cli import folders, images, loaders, transforms
+from resnext_cli.batches import pixel_batch
 from resnext_cli.config import BatchPredictConfig
-from resnext_cli.predict import load_inference_model
+from resnext_cli.engines import load_inference_model
 from tests.conftest import CLASS_COLOURS, draw_image, invoke, run_subprocess
 
 
@@ -118,28 +119,28 @@ def test_failed_run_keeps_the_previous_output(tmp_path, trained_run):
 def test_batch_predict_decodes_with_draft_size(tmp_path, trained_run, monkeypatch):
     folder = image_folder(tmp_path / "imgs", ["a.jpg"])
     seen = []
-    real = data.load_rgb
-    monkeypatch.setattr(data, "load_rgb", lambda path, min_size=None: seen.append(min_size) or real(path, min_size))
+    real = images.load_rgb
+    monkeypatch.setattr(loaders, "load_rgb", lambda path, min_size=None: seen.append(min_size) or real(path, min_size))
     invoke(["batch-predict", folder, "--checkpoint", trained_run / "best.pt", "--workers", "0"])
-    assert seen == [data.resize_size(32)]
+    assert seen == [transforms.resize_size(32)]
 
 
 def test_draft_decode_agrees_with_full_decode_on_large_photos(tmp_path, trained_run):
     """Large JPEGs decoded at reduced DCT scale give the same top-1 as a full decode."""
     engine = load_inference_model(BatchPredictConfig(dir=".", checkpoint=str(trained_run / "best.pt")))
-    transform = engine.transform()
+    transform = engine.preprocessing.eval_transform()
     rng = random.Random(3)
     full, drafted = [], []
     for i in range(12):
         big = draw_image(list(CLASS_COLOURS.values())[i % 3], rng).resize((1600, 1200), Image.BICUBIC)
         path = tmp_path / f"big_{i}.jpg"
         big.save(path, quality=90)
-        reduced = data.load_rgb(path, engine.decode_min_size)
-        assert reduced.size[0] < 1600 and min(reduced.size) >= engine.decode_min_size
+        reduced = images.load_rgb(path, engine.preprocessing.decode_min_size)
+        assert reduced.size[0] < 1600 and min(reduced.size) >= engine.preprocessing.decode_min_size
         drafted.append(transform(reduced))
-        full.append(transform(data.load_rgb(path)))
-    top_full = engine.probabilities(torch.stack(full)).argmax(1)
-    top_draft = engine.probabilities(torch.stack(drafted)).argmax(1)
+        full.append(transform(images.load_rgb(path)))
+    top_full = engine.probabilities(pixel_batch(torch.stack(full))).argmax(1)
+    top_draft = engine.probabilities(pixel_batch(torch.stack(drafted))).argmax(1)
     assert torch.equal(top_full, top_draft)
 
 
@@ -199,27 +200,28 @@ def test_predict_errors(tmp_path, trained_run, case):
 
 
 def test_default_decode_workers_follow_image_size_device_and_cores(tmp_path, monkeypatch):
-    from resnext_cli import config
-    from resnext_cli.predict import InferenceModel
+    from resnext_cli.engines import InferenceModel
+    from resnext_cli.transforms import Preprocessing
 
     small = image_folder(tmp_path / "small", [f"s{i}.jpg" for i in range(5)])  # 40 px
     large = tmp_path / "large"
     large.mkdir()
     for i in range(3):
         Image.new("RGB", (1200, 800), (90, 120, 30)).save(large / f"l{i}.jpg")
-    small_paths = data.list_images(small, False)
-    large_paths = data.list_images(large, False)
+    small_paths = folders.list_images(small, False)
+    large_paths = folders.list_images(large, False)
 
     def engine(device: str) -> InferenceModel:
-        return InferenceModel(["a"], 224, (0.5,) * 3, (0.5,) * 3, "x.pt", device=torch.device(device))
+        preprocessing = Preprocessing(224, 256, (0.5,) * 3, (0.5,) * 3)
+        return InferenceModel(None, "resnet18", ["a"], preprocessing, "x.pt", torch.device(device))
 
-    assert data.typical_short_side(large_paths) == 800
-    monkeypatch.setattr(config, "available_cores", lambda: 2)
+    assert images.typical_short_side(large_paths) == 800
+    monkeypatch.setattr(loaders, "available_cores", lambda: 2)
     cpu = engine("cpu")
     assert cpu.decode_workers(small_paths, None) == 0  # 2 cores, small images: main process
     assert cpu.decode_workers(large_paths, None) == 1  # large photos keep their worker
     assert cpu.decode_workers(small_paths, 3) == 3  # --workers always wins
     assert engine("meta").decode_workers(small_paths, None) == 1  # not the CPU: workers
-    monkeypatch.setattr(config, "available_cores", lambda: 8)
+    monkeypatch.setattr(loaders, "available_cores", lambda: 8)
     assert cpu.decode_workers(small_paths, None) == 4  # bigger machines: workers, as ever
     assert cpu.decode_workers(small_paths[:2], None) == 2  # never more than the images

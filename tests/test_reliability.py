@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_cli import data
+from resnext_cli import images
 from tests.conftest import TINY_TRAIN, invoke, make_dataset, run_subprocess
 from tests.test_predict import image_folder
 
@@ -153,7 +153,7 @@ def test_hostile_images_are_unreadable_not_crashes(tmp_path, trained_run):
     names = hostile_files(tmp_path / "bad")
     for name in names:
         with pytest.raises(Exception):
-            data.load_rgb(tmp_path / "bad" / name)
+            images.load_rgb(tmp_path / "bad" / name)
     image_folder(tmp_path / "bad", ["ok.png"])
     out = tmp_path / "preds.csv"
     result = run_subprocess(["batch-predict", tmp_path / "bad", "--checkpoint", trained_run / "best.pt",

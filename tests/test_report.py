@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from resnext_cli.plots import BackgroundWriter
-from resnext_cli.report import RunFiles, render_html
+from resnext_cli.run_report import RunFiles, render_html
 from tests.conftest import invoke
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -193,7 +193,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, trained_run: Path):
 
 
 def test_a_failed_report_does_not_fail_the_finished_run(tmp_path: Path, dataset: Path, monkeypatch):
-    from resnext_cli import report
+    from resnext_cli import run_report as report
     from resnext_cli.errors import UserError
 
     def broken(cfg):

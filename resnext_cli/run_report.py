@@ -1,20 +1,26 @@
-"""`resnext report RUN_DIR`: one self-contained report.html per run (every image inlined as a
-data: URI, no script, no network), built from the run's files and its evaluation folder."""
+"""A run's report.html, for `resnext report` and the end of `train`: one self-contained page
+(every image inlined as a data: URI, no script, no network) built from the run's files and its
+evaluation folder, which is (re)made first when missing or older than best.pt."""
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import ImageOps
+
 from resnext_cli import ui
+from resnext_cli.checkpoint import read_class_indices, read_metrics, read_run_config
 from resnext_cli.config import EvaluateConfig, ReportConfig
 from resnext_cli.errors import UserError
+from resnext_cli.evaluation import evaluate_into_folder, read_evaluation
+from resnext_cli.files import atomic_write_text
+from resnext_cli.images import load_rgb
+from resnext_cli.plots import training_curves_png, write_png
 
 THUMBNAIL_PX = 160
 
@@ -37,8 +43,6 @@ class RunFiles:
 
 def write_report(cfg: ReportConfig) -> Path:
     """Evaluate best.pt if its eval/ folder is missing or stale, then write report.html."""
-    from resnext_cli.checkpoint import atomic_write_text
-
     run = read_run(cfg)
     page = render_html(run, cfg.gallery)
     path = run.run_dir / "report.html"
@@ -48,11 +52,6 @@ def write_report(cfg: ReportConfig) -> Path:
 
 
 def read_run(cfg: ReportConfig) -> RunFiles:
-    import yaml
-
-    from resnext_cli.checkpoint import read_class_indices
-    from resnext_cli.plots import training_curves_png, write_png
-
     assert cfg.run_dir is not None
     run_dir = Path(cfg.run_dir)
     needed = ["config.yaml", "metrics.csv", "class_indices.json"]
@@ -62,9 +61,8 @@ def read_run(cfg: ReportConfig) -> RunFiles:
             f"{cfg.run_dir} is not a finished run folder (missing: {', '.join(missing) or 'all'}). "
             "Give a folder written by `resnext train`, e.g. runs/exp, after its first epoch."
         )
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as handle:
-        metrics = list(csv.DictReader(handle))
+    config = read_run_config(run_dir)
+    metrics = read_metrics(run_dir / "metrics.csv")
     if not metrics:
         raise UserError(f"{run_dir}/metrics.csv has no completed epoch yet; nothing to report.")
     curves = run_dir / "results.png"
@@ -81,18 +79,15 @@ def read_run(cfg: ReportConfig) -> RunFiles:
 
 def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
     """The eval/ folder if it is newer than best.pt (and of the asked data), else a new one."""
-    from resnext_cli.evaluate import evaluate
-
     best, out = run.run_dir / "best.pt", run.run_dir / "eval"
     if not best.is_file():
         run.not_evaluated = f"{best} does not exist."
         return
     metrics_file = out / "metrics.json"
-    recorded = None
-    if metrics_file.is_file() and metrics_file.stat().st_mtime >= best.stat().st_mtime:
-        recorded = json.loads(metrics_file.read_text(encoding="utf-8"))
-        if cfg.data is not None and recorded.get("data") != cfg.data:
-            recorded = None  # an evaluation of other data
+    current = metrics_file.is_file() and metrics_file.stat().st_mtime >= best.stat().st_mtime
+    recorded = read_evaluation(out) if current else None
+    if recorded is not None and cfg.data is not None and recorded.metrics.get("data") != cfg.data:
+        recorded = None  # an evaluation of other data
     if recorded is None:
         data = cfg.data or run.config.get("data")
         evaluation = EvaluateConfig(checkpoint=str(best), data=data, out=str(out),
@@ -100,22 +95,17 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
                                     device=cfg.device)  # fmt: skip
         try:
             evaluation.validate()
-            evaluate(evaluation, quiet=True)
+            evaluate_into_folder(evaluation, quiet=True)
         except UserError as exc:
             run.not_evaluated = f"Could not evaluate {best} on {data}: {exc}"
             ui.warn(f"{run.not_evaluated} The report has no per-class metrics or mistakes; "
                     f"`resnext report {run.run_dir} --data DIR` adds them.")  # fmt: skip
             return
-        recorded = json.loads(metrics_file.read_text(encoding="utf-8"))
-    run.evaluation = recorded
-    run.per_class = _read_csv(out / "per_class.csv")
-    run.mistakes = _read_csv(out / "misclassified.csv")
-    run.confusion_png = (out / "confusion_matrix.png").read_bytes()
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        recorded = read_evaluation(out)
+    run.evaluation = recorded.metrics
+    run.per_class = recorded.per_class
+    run.mistakes = recorded.mistakes
+    run.confusion_png = recorded.confusion_png
 
 
 # ---------------------------------------------------------------- HTML
@@ -240,10 +230,6 @@ def _gallery(run: RunFiles, limit: int) -> str:
 
 
 def _thumbnail(path: str) -> bytes | None:
-    from PIL import ImageOps
-
-    from resnext_cli.data import load_rgb
-
     try:
         picture = ImageOps.contain(load_rgb(path, THUMBNAIL_PX), (THUMBNAIL_PX, THUMBNAIL_PX))
     except Exception:  # noqa: BLE001 - a moved or broken file only loses its thumbnail

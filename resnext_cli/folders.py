@@ -1,22 +1,20 @@
-"""Finding images, decoding them robustly, transforms and loaders: one implementation for every
-command, so train, predict and batch-predict see the same pixels.
-"""
+"""Folder -> labelled file lists: class folders, train/val splits, the checks on the tree
+alone (shared by `train` and `check-data`), and split.json, the record of a seeded split."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import json
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import Any
+
+from PIL import Image
 
 from resnext_cli.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-    from PIL import Image
+from resnext_cli.files import atomic_write_text
 
 VAL_FOLDER_NAMES = ("val", "valid", "validation")
 
@@ -24,8 +22,6 @@ VAL_FOLDER_NAMES = ("val", "valid", "validation")
 @functools.lru_cache(maxsize=1)
 def image_extensions() -> frozenset[str]:
     """Every extension Pillow can open (lower case, with the dot)."""
-    from PIL import Image
-
     Image.init()
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
@@ -36,263 +32,6 @@ def is_image_name(path: str | Path) -> bool:
 
 def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
-    """Decode any Pillow-readable file to 8-bit RGB, upright per its EXIF orientation.
-
-    With `min_size`, JPEGs are decoded at the smallest DCT scale whose shorter side stays
-    >= min_size (Pillow's draft mode): a 4000x3000 photo decodes several times faster.
-    """
-    from PIL import Image, ImageOps
-
-    with bombs_are_errors(), Image.open(path) as img:
-        if min_size and img.format == "JPEG":
-            img.draft("RGB", (min_size, min_size))
-        img.load()
-        return to_rgb(ImageOps.exif_transpose(img))
-
-
-@contextlib.contextmanager
-def bombs_are_errors() -> Iterator[None]:
-    """Over Pillow's pixel limit is unreadable, not a warning: a decompression bomb."""
-    import warnings
-
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB without surprises: alpha over white, 16-bit and float scaled rather than clipped."""
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        low, high = img.getextrema() if img.mode != "I;16" else (0, 65535)
-        if img.mode.startswith("I;16"):
-            img = img.convert("I")
-        scale = 255.0 / high if isinstance(high, (int, float)) and high > 255 else 1.0
-        img = img.point(lambda v: v * scale).convert("L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def typical_short_side(paths: list[str], sample: int = 16) -> int | None:
-    """Median shorter side of up to `sample` files spread over `paths`, from their headers
-    only (no pixel is decoded); None when none of them can be opened."""
-    from PIL import Image
-
-    step = max(1, len(paths) // sample)
-    sides = []
-    for path in paths[::step][:sample]:
-        try:
-            with Image.open(path) as img:
-                sides.append(min(img.size))
-        except Exception:  # noqa: BLE001 - an unreadable file is reported when it is decoded
-            continue
-    return sorted(sides)[len(sides) // 2] if sides else None
-
-
-def describe_failure(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
-
-
-# ---------------------------------------------------------------- transforms
-
-
-def resize_size(img_size: int) -> int:
-    """The val resize that keeps the classic 256 -> 224 centre-crop ratio at any size."""
-    return int(round(img_size * 256 / 224))
-
-
-def train_transform(img_size: int) -> Any:
-    """Random crop and flip, to a uint8 tensor: normalisation happens per batch on the device."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.PILToTensor()])
-
-
-def eval_transform(img_size: int) -> Any:
-    """Resize + centre crop, to a uint8 tensor (4x less to pass between processes than float)."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.Resize(resize_size(img_size)), T.CenterCrop(img_size), T.PILToTensor()])
-
-
-def normalize_batch(
-    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
-    """uint8 NCHW (any device, any layout) -> float, scaled to 0-1 and standardised."""
-    import torch
-
-    scale = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255.0
-    shift = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255.0
-    return (images.float() - shift) / scale
-
-
-# ---------------------------------------------------------------- datasets
-
-
-class Sample(NamedTuple):
-    image: Any  # tensor, or None when the file could not be decoded
-    label: int
-    index: int
-    failure: str | None
-
-
-class LoadedBatch(NamedTuple):
-    images: torch.Tensor | None  # None when every file of the batch failed
-    labels: torch.Tensor
-    indices: list[int]  # positions in the dataset's `samples`
-    failures: list[tuple[int, str]]  # (position, reason) of files that could not be decoded
-
-
-class ImageListDataset:
-    """(path, label) pairs; a file that fails to decode yields a failure, never an exception.
-
-    Indexed by position, or by (epoch, position) from an `EpochSampler`: then the random
-    augmentation is seeded from (augment_seed, epoch, position) alone, so it is the same whichever
-    worker decodes the image, however many workers there are, and after a resume.
-    """
-
-    def __init__(
-        self,
-        samples: list[tuple[str, int]],
-        transform: Callable,
-        decode_min_size: int | None,
-        augment_seed: int | None = None,
-    ) -> None:
-        self.samples = samples
-        self.transform = transform
-        self.decode_min_size = decode_min_size
-        self.augment_seed = augment_seed
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[index]
-        try:
-            picture = load_rgb(path, self.decode_min_size)
-            if self.augment_seed is None:
-                image = self.transform(picture)
-            else:
-                import torch
-
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_mix(self.augment_seed, epoch, index))
-                    image = self.transform(picture)
-        except Exception as exc:  # any decoder error means "unreadable", never a crash
-            return Sample(None, label, index, describe_failure(exc))
-        return Sample(image, label, index, None)
-
-
-class EpochSampler:
-    """A permutation per epoch that depends only on (seed, epoch); yields (epoch, position).
-
-    Unlike a sampler drawing from a running generator, epoch k's order can be rebuilt without
-    replaying epochs 1..k-1, which is what an exact `--resume` needs. Under torchrun each process
-    takes every world_size-th position: with `pad` (training) the order is first padded by
-    repeating its start so all processes take the same number of steps; without (validation)
-    every image is seen exactly once across processes.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        seed: int,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        pad: bool = True,
-    ) -> None:
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
-        self.rank, self.world_size, self.pad = rank, world_size, pad
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.pad:
-            return -(-self.size // self.world_size)
-        return len(range(self.rank, self.size, self.world_size))
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        import torch
-
-        if self.shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(_mix(self.seed, self.epoch, -1))
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
-        if self.pad and self.world_size > 1 and order:
-            total = len(self) * self.world_size
-            order = (order * -(-total // len(order)))[:total]
-        return iter([(self.epoch, i) for i in order[self.rank :: self.world_size]])
-
-
-def _mix(seed: int, epoch: int, index: int) -> int:
-    """A well-spread 63-bit seed from three small integers (splitmix64's finaliser)."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
-    x &= (1 << 64) - 1
-    x ^= x >> 31
-    x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x ^= x >> 27
-    return x & ((1 << 63) - 1)
-
-
-def collate_skipping_failures(samples: list[Sample]) -> LoadedBatch:
-    import torch
-
-    good = [s for s in samples if s.failure is None]
-    return LoadedBatch(
-        images=torch.stack([s.image for s in good]) if good else None,
-        labels=torch.tensor([s.label for s in good], dtype=torch.long),
-        indices=[s.index for s in good],
-        failures=[(s.index, s.failure) for s in samples if s.failure is not None],
-    )
-
-
-def make_loader(
-    dataset: ImageListDataset,
-    *,
-    batch_size: int,
-    workers: int,
-    sampler: EpochSampler | None = None,
-    pin_memory: bool = False,
-    drop_last: bool = False,
-) -> torch.utils.data.DataLoader:
-    """Decoding in worker processes kept alive across epochs; in file order without a sampler."""
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        dataset,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        sampler=sampler,  # type: ignore[arg-type]
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        collate_fn=collate_skipping_failures,
-    )
-
-
-# ---------------------------------------------------------------- dataset layout
 
 
 @dataclass
@@ -502,3 +241,19 @@ def list_images(folder: str | Path, recursive: bool) -> list[str]:
         # a folder named like an image is listed too, and then reported as unreadable
         found = [e.path for e in os.scandir(folder) if is_image_name(e.name)]
     return sorted(found)
+
+
+def write_split(path: Path, split: dict[str, Any]) -> None:
+    """split.json: how `discover_dataset` split a single folder (seed, share, both file lists)."""
+    atomic_write_text(path, json.dumps(split, indent=1) + "\n")
+
+
+def read_split_val(split_file: Path | None, folder: Path) -> list[tuple[str, str]] | None:
+    """(path, class) of the val images a run held out of `folder`, if that run split it."""
+    if split_file is None or not split_file.is_file():
+        return None
+    split = json.loads(split_file.read_text(encoding="utf-8"))
+    root = Path(split.get("root", ""))
+    if not root.exists() or root.resolve() != folder.resolve():
+        return None
+    return [(path, Path(path).relative_to(root).parts[0]) for path in split["val"]]

@@ -1,0 +1,203 @@
+"""Model -> class probabilities: loading a trained model for inference (a resnext checkpoint, a
+plain state dict with class_indices.json, or an exported ONNX file) and running it on batches.
+
+predict, batch-predict, evaluate, report and export all load their model here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from resnext_cli import checkpoint as ckpt
+from resnext_cli import models, ui
+from resnext_cli.batches import InputSpec, model_input
+from resnext_cli.config import InferenceConfig
+from resnext_cli.device import autocast, pin_memory_for, precision_for, prepare_model, select_device
+from resnext_cli.errors import UserError
+from resnext_cli.loaders import LoadedBatch, inference_workers
+from resnext_cli.transforms import Preprocessing, read_preprocess_json
+
+EXPORT_EXTRA = "pip install 'resnext-cli[export]'  (onnx, onnxruntime, onnxscript)"
+
+
+@dataclass
+class InferenceModel:
+    """A PyTorch model in eval mode with what it needs to read images and name classes."""
+
+    model: torch.nn.Module
+    arch: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    source: str  # the checkpoint or weights file, as shown to the user
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def describe(self) -> str:
+        layout = ", channels-last" if self.channels_last else ""
+        return f"{self.source} on {self.device} ({self.precision}{layout})"
+
+    @property
+    def pin_memory(self) -> bool:
+        return pin_memory_for(self.device)
+
+    def decode_workers(self, paths: list[str], requested: int | None) -> int:
+        on_cpu = self.device.type == "cpu"
+        return inference_workers(paths, requested, on_cpu, self.preprocessing.decode_min_size)
+
+    def probabilities(self, batch: LoadedBatch) -> torch.Tensor:
+        """Class probabilities (on the CPU) for a batch from the loader."""
+        spec = InputSpec(self.device, self.channels_last, self.preprocessing)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits = self.model(model_input(batch, spec))
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> InferenceModel:
+    """A resnext checkpoint (given, or the newest runs/*/best.pt), or the tutorial's artefacts:
+    a plain state dict with --arch and --class-indices."""
+    device = select_device(cfg.device)
+    precision = precision_for(cfg.precision, device)
+    if cfg.weights:
+        assert cfg.arch and cfg.class_indices
+        classes = ckpt.read_class_indices(cfg.class_indices)
+        state = models.read_state_dict(cfg.weights)
+        _check_class_count(state, classes, cfg.weights, cfg.class_indices)
+        model = _weights_only_model(cfg.arch, len(classes), state, cfg.weights)
+        source, arch = cfg.weights, cfg.arch
+        preprocessing = Preprocessing.classic(cfg.img_size or 224)
+    else:
+        path = Path(cfg.checkpoint) if cfg.checkpoint else ckpt.latest_checkpoint()
+        if announce and not cfg.checkpoint:
+            ui.console(stderr=True).print(f"Using the newest checkpoint: {path}", markup=False)
+        checkpoint = ckpt.load_checkpoint(path)
+        classes = list(checkpoint["classes"])
+        if cfg.class_indices:
+            named = ckpt.read_class_indices(cfg.class_indices)
+            _check_class_count(checkpoint["model"], named, str(path), cfg.class_indices)
+            classes = named
+        if cfg.arch and cfg.arch != checkpoint["arch"]:
+            raise UserError(f"--arch {cfg.arch} disagrees with {path}, a {checkpoint['arch']}.")
+        arch, source = checkpoint["arch"], str(path)
+        model = _weights_only_model(arch, len(classes), checkpoint["model"], source)
+        preprocessing = ckpt.checkpoint_preprocessing(checkpoint, cfg.img_size)
+    model.eval()
+    prepare_model(model, device, cfg.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+    return InferenceModel(
+        model, arch, classes, preprocessing, source, device, precision, cfg.channels_last
+    )
+
+
+def _weights_only_model(
+    arch: str, num_classes: int, state: dict[str, torch.Tensor], source: str
+) -> torch.nn.Module:
+    """Built on the meta device and given the file's tensors: no random init to throw away
+    (0.2 s for resnet18, more for the large models, at every predict)."""
+    with torch.device("meta"):
+        model = models.build_model(arch, num_classes)
+    if "fc.weight" not in state:
+        raise UserError(f"{source} has no classifier (fc.*): it cannot predict classes.")
+    models.apply_state_dict(model, state, source, log=lambda _: None, assign=True)
+    return model
+
+
+def _check_class_count(
+    state: dict[str, torch.Tensor], classes: list[str], weights: str, class_file: str
+) -> None:
+    outputs = state["fc.weight"].shape[0] if "fc.weight" in state else None
+    if outputs is not None and outputs != len(classes):
+        raise UserError(
+            f"{weights} has a classifier with {outputs} outputs but {class_file} names "
+            f"{len(classes)} classes. Use the class_indices.json written with these weights."
+        )
+
+
+def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
+    values, indices = torch.topk(probs, min(k, len(classes)), dim=1)
+    return [
+        [(classes[i], float(v)) for v, i in zip(row_v.tolist(), row_i.tolist())]
+        for row_v, row_i in zip(values, indices)
+    ]
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+@dataclass
+class OnnxModel:
+    """An exported model on onnxruntime, with the class map and preprocessing written beside it."""
+
+    session: Any
+    classes: list[str]
+    preprocessing: Preprocessing
+    source: str
+
+    pin_memory = False  # onnxruntime reads host memory
+
+    def describe(self) -> str:
+        return f"{self.source} on onnxruntime (CPU, fp32)"
+
+    def decode_workers(self, paths: list[str], requested: int | None) -> int:
+        return inference_workers(paths, requested, True, self.preprocessing.decode_min_size)
+
+    def probabilities(self, batch: LoadedBatch) -> torch.Tensor:
+        spec = InputSpec(torch.device("cpu"), False, self.preprocessing)
+        logits = run_onnx(self.session, model_input(batch, spec).numpy())
+        return torch.softmax(logits.float(), dim=1)
+
+
+def load_onnx_model(path: str, class_indices: str | None) -> OnnxModel:
+    require_onnx("onnxruntime")
+    model_file = Path(path)
+    if not model_file.is_file():
+        raise UserError(f"The ONNX model {path} does not exist.")
+    preprocessing = read_preprocess_json(model_file.parent / "preprocess.json")
+    classes = ckpt.read_class_indices(class_indices or model_file.parent / "class_indices.json")
+    session = onnx_session(model_file)
+    outputs = session.get_outputs()[0].shape[-1]
+    if isinstance(outputs, int) and outputs != len(classes):
+        raise UserError(f"{path} has {outputs} outputs but the class file names {len(classes)}.")
+    return OnnxModel(session, classes, preprocessing, str(model_file))
+
+
+def require_onnx(*modules: str) -> None:
+    """The ONNX packages are an optional extra: say what to install instead of a traceback."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"ONNX support needs {', '.join(missing)}: {EXPORT_EXTRA}.")
+
+
+def onnx_session(path: str | Path) -> Any:
+    import onnxruntime as ort  # an optional extra: imported only when asked for
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise UserError(f"onnxruntime could not load {path}: {exc}") from None
+
+
+def run_onnx(session: Any, inputs: np.ndarray) -> torch.Tensor:
+    """Logits for a float32 NCHW batch; a model with a fixed batch size gets it in chunks."""
+    spec = session.get_inputs()[0]
+    fixed = spec.shape[0] if isinstance(spec.shape[0], int) else None
+    if fixed is None:
+        return torch.from_numpy(session.run(None, {spec.name: inputs})[0])
+    outputs = []
+    for start in range(0, len(inputs), fixed):
+        chunk = inputs[start : start + fixed]
+        padded = np.concatenate([chunk, np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(session.run(None, {spec.name: padded})[0][: len(chunk)])
+    return torch.from_numpy(np.concatenate(outputs))

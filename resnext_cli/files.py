@@ -1,0 +1,70 @@
+"""Writing files so that nothing a user has is lost or half-written: every write goes to a
+temporary file beside its target and is renamed over it; folders are made with clear errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from resnext_cli.errors import EXIT_FAILED, UserError
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(fileobj)` into a temporary file beside `path`, then rename over it."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"Cannot write {path}: {exc.strerror or exc}.", EXIT_FAILED) from None
+    try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files, which would hide results from others
+            os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(
+                f"Cannot write {path}: {exc.strerror or exc}. The previous file, if any, is "
+                "unchanged.",
+                EXIT_FAILED,
+            ) from None
+        raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def make_folder(path: Path) -> None:
+    """The folder and its parents, or a clear error (a file in the way, no permission...)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; a folder is needed there.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the folder {path}: {exc.strerror or exc}.") from None
+
+
+def atomic_write_csv(path: Path, rows: list[list[str]]) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    atomic_write_text(path, buffer.getvalue())

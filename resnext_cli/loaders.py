@@ -1,0 +1,176 @@
+"""Labelled files -> batches of uint8 tensors: the dataset that never raises on a bad file,
+the epoch-keyed sampler that makes runs repeatable and resumable, the loader, and how many
+decoding processes to use."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from resnext_cli.config import available_cores
+from resnext_cli.images import describe_failure, load_rgb, typical_short_side
+
+
+def default_workers() -> int:
+    """Decoding workers: leave the cores to the model on small machines, cap on big ones."""
+    return max(1, min(8, available_cores() // 2))
+
+
+def inference_workers(
+    paths: list[str], requested: int | None, on_cpu: bool, decode_min_size: int
+) -> int:
+    """--workers as given; by default `default_workers()` decoding processes, except on a
+    small CPU-only machine (at most 3 cores, where that is one worker) with small images
+    (shorter side <= 2x the resize size): there decoding in the main process is faster,
+    because the worker takes a core from the model while a small JPEG decodes in a fraction
+    of the model's time per image (measured, resnet18 on 2 cores: 0.85-0.90 of model-only
+    speed vs 0.75-0.76 with the worker). Large photos keep their worker: the reduced-size
+    decode overlapped with the model is what makes them fast."""
+    if requested is not None:
+        workers = requested
+    elif on_cpu and available_cores() <= 3 and (typical_short_side(paths) or 0) <= 2 * decode_min_size:
+        workers = 0
+    else:
+        workers = default_workers()
+    return min(workers, len(paths))
+
+
+class Sample(NamedTuple):
+    image: Any  # tensor, or None when the file could not be decoded
+    label: int
+    index: int
+    failure: str | None
+
+
+class LoadedBatch(NamedTuple):
+    images: torch.Tensor | None  # None when every file of the batch failed
+    labels: torch.Tensor
+    indices: list[int]  # positions in the dataset's `samples`
+    failures: list[tuple[int, str]]  # (position, reason) of files that could not be decoded
+
+
+class ImageListDataset:
+    """(path, label) pairs; a file that fails to decode yields a failure, never an exception.
+
+    Indexed by position, or by (epoch, position) from an `EpochSampler`: then the random
+    augmentation is seeded from (augment_seed, epoch, position) alone, so it is the same whichever
+    worker decodes the image, however many workers there are, and after a resume.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform: Callable,
+        decode_min_size: int | None,
+        augment_seed: int | None = None,
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.decode_min_size = decode_min_size
+        self.augment_seed = augment_seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[index]
+        try:
+            picture = load_rgb(path, self.decode_min_size)
+            if self.augment_seed is None:
+                image = self.transform(picture)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_mix(self.augment_seed, epoch, index))
+                    image = self.transform(picture)
+        except Exception as exc:  # any decoder error means "unreadable", never a crash
+            return Sample(None, label, index, describe_failure(exc))
+        return Sample(image, label, index, None)
+
+
+class EpochSampler:
+    """A permutation per epoch that depends only on (seed, epoch); yields (epoch, position).
+
+    Unlike a sampler drawing from a running generator, epoch k's order can be rebuilt without
+    replaying epochs 1..k-1, which is what an exact `--resume` needs. Under torchrun each process
+    takes every world_size-th position: with `pad` (training) the order is first padded by
+    repeating its start so all processes take the same number of steps; without (validation)
+    every image is seen exactly once across processes.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
+    ) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.pad:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(_mix(self.seed, self.epoch, -1))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.world_size > 1 and order:
+            total = len(self) * self.world_size
+            order = (order * -(-total // len(order)))[:total]
+        return iter([(self.epoch, i) for i in order[self.rank :: self.world_size]])
+
+
+def _mix(seed: int, epoch: int, index: int) -> int:
+    """A well-spread 63-bit seed from three small integers (splitmix64's finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x ^= x >> 27
+    return x & ((1 << 63) - 1)
+
+
+def collate_skipping_failures(samples: list[Sample]) -> LoadedBatch:
+    good = [s for s in samples if s.failure is None]
+    return LoadedBatch(
+        images=torch.stack([s.image for s in good]) if good else None,
+        labels=torch.tensor([s.label for s in good], dtype=torch.long),
+        indices=[s.index for s in good],
+        failures=[(s.index, s.failure) for s in samples if s.failure is not None],
+    )
+
+
+def make_loader(
+    dataset: ImageListDataset,
+    *,
+    batch_size: int,
+    workers: int,
+    sampler: EpochSampler | None = None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """Decoding in worker processes kept alive across epochs; in file order without a sampler."""
+    return DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        sampler=sampler,  # type: ignore[arg-type]
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        collate_fn=collate_skipping_failures,
+    )
