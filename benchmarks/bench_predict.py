@@ -77,7 +77,7 @@ def predicted_classes(folder: Path, batch_size: int, workers: int, **source) -> 
     """One batch-predict pass: top-1 classes in file order, and images/s."""
     out = Path(tempfile.mkdtemp()) / "preds.csv"
     started = time.perf_counter()
-    code = batch_predict(BatchPredictConfig(dir=str(folder), batch_size=batch_size, workers=workers,
+    code = batch_predict(BatchPredictConfig(data=str(folder), batch_size=batch_size, workers=workers,
                                             output=str(out), quiet=True, device="cpu", **source))
     seconds = time.perf_counter() - started
     assert code == 0
@@ -126,7 +126,7 @@ def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: 
     for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
         out = Path(tempfile.mkdtemp()) / "preds.csv"
         started = time.perf_counter()
-        code = batch_predict(BatchPredictConfig(dir=str(folder), checkpoint=str(checkpoint),
+        code = batch_predict(BatchPredictConfig(data=str(folder), checkpoint=str(checkpoint),
                                                 batch_size=batch_size, workers=workers,
                                                 output=str(out), quiet=True, device="cpu",
                                                 precision=precision, channels_last=channels_last))

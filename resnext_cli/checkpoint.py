@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -170,12 +171,8 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
     A folder that already holds checkpoints is never reused: nothing a user has is overwritten.
     """
     if out or name:
+        check_run_dir(out, name, root)
         run_dir = Path(out) if out else Path(root) / str(name)
-        if any((run_dir / f).exists() for f in ("best.pt", "last.pt")):
-            raise UserError(
-                f"{run_dir} already holds a finished or started run (best.pt/last.pt). Choose "
-                "another --out/--name, or move that folder away; nothing was overwritten."
-            )
         make_folder(run_dir)
         return run_dir
     make_folder(Path(root))
@@ -191,14 +188,61 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
     raise UserError(f"Too many runs in {root}; pass --name or --out.")
 
 
-def latest_checkpoint(root: str = "runs") -> Path:
+LATEST = "latest"  # beside a run folder: the name of the newest run that finished
+
+
+def check_run_dir(out: str | None, name: str | None, root: str = "runs") -> None:
+    """Before any slow setup: the run folder can be made there and holds no earlier run."""
+    run_dir = Path(out) if out else Path(root) / name if name else Path(root)
+    if (out or name) and any((run_dir / f).exists() for f in ("best.pt", "last.pt")):
+        raise UserError(
+            f"{run_dir} already holds a finished or started run (best.pt/last.pt). Choose "
+            "another --out/--name, or move that folder away; nothing was overwritten."
+        )
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"Cannot create the run folder {run_dir}: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"Cannot create the run folder {run_dir}: {existing} is not writable. Choose another "
+            "--out."
+        )
+
+
+def mark_latest(run_dir: Path) -> None:
+    """After a run finished: `runs/latest` names it, for commands that default to a run."""
+    atomic_write_text(run_dir.parent / LATEST, run_dir.name + "\n")
+
+
+def latest_run(root: str = "runs") -> Path:
+    """The run `root/latest` names, else (runs from before it existed) the newest
+    `root/*/best.pt`; a clear error naming the folder searched when there is none."""
+    pointer = Path(root) / LATEST
+    if pointer.is_file():
+        named = Path(root) / pointer.read_text(encoding="utf-8").strip()
+        if (named / "best.pt").is_file():
+            return named
     candidates = sorted(Path(root).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise UserError(
-            f"No checkpoint given and none found under {root}/*/best.pt. Train one with "
-            "`resnext train --data DIR`, or pass --checkpoint PATH."
+            f"No checkpoint given and no trained run found in {Path(root).absolute()} (looked for "
+            f"{root}/{LATEST} and {root}/*/best.pt). Train one with `resnext train DATA`, pass "
+            "--checkpoint PATH, or run this from the folder that holds runs/."
         )
-    return candidates[-1]
+    return candidates[-1].parent
+
+
+def describe_run(run_dir: Path) -> str:
+    """One line on a run, so that a default choice is visible: what, how far, how good."""
+    rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+    config = read_run_config(run_dir) if (run_dir / "config.yaml").is_file() else {}
+    if not rows:
+        return str(run_dir)
+    best = max(rows, key=lambda r: float(r["val_acc"]))
+    return (
+        f"{run_dir} ({config.get('arch', '?')}, {rows[-1]['epoch']} of {config.get('epochs', '?')} "
+        f"epochs, best val accuracy {float(best['val_acc']):.2%} at epoch {best['epoch']})"
+    )
 
 
 def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:

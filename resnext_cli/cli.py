@@ -1,21 +1,25 @@
 """The `resnext` command line: parse flags, build a config, call one function, report errors.
 
-torch is imported only inside the commands, so `resnext --help` answers at once.
+torch is imported only inside the commands, so `resnext --help` answers at once. Every option
+defaults to None here, so that only the flags actually given override a --config file; the
+defaults shown in --help come from the config dataclasses.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Callable, List, Optional
 
 import typer
 from rich.table import Table
 
-from resnext_cli import ui
+from resnext_cli import __version__, ui
 from resnext_cli.archs import ARCHS
 from resnext_cli.config import (
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULERS,
     BatchPredictConfig,
     CheckDataConfig,
@@ -37,17 +41,62 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_T = TrainConfig()
+_T, _B, _E = TrainConfig(), BatchPredictConfig(), EvaluateConfig()
+
+
+def option(help: str, *decls: str, default: Any = None, metavar: str | None = None) -> Any:
+    """A flag whose help ends with its default. Rich markup would swallow a plain
+    `[default: x]` as an unknown tag, hence the escaped bracket."""
+    shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+    text = f"{help} \\[default: {shown}]" if default is not None else help
+    is_flag = any(d.startswith("--") and ("/" in d or d in FLAGS) for d in decls)
+    return typer.Option(None, *decls, help=text, metavar="" if is_flag else metavar,
+                        show_default=False)  # fmt: skip
+
+
+FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
+         "--resume-output", "--dynamic-batch", "--tta"}  # fmt: skip
+
+
+def data_argument(help: str) -> Any:
+    return typer.Argument(None, help=help, metavar="DATA", show_default=False)
+
+
+def pick_data(positional: str | None, flag: str | None) -> str | None:
+    """The data folder may be given as DATA or as --data (one spelling for every command)."""
+    if positional and flag and positional != flag:
+        raise UserError(f"Two data folders given ({positional} and --data {flag}); give one.")
+    return positional or flag
+
+
+DATA_HELP = "Dataset folder: DATA/train/<class>/* + DATA/val/<class>/*, or DATA/<class>/*."
+WORKERS_HELP = "Worker processes that read and decode images; 0 decodes in this process."
+WORKERS_DEFAULT = "chosen for this machine (README: Speed defaults)"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps. auto: CUDA, then MPS, then the CPU."
 PRECISION_HELP = (
-    "auto | fp32 | bf16 | fp16. auto: bf16 on CPUs with native bf16 and on recent GPUs, fp16 on "
-    "older GPUs, else fp32. [default: auto]"
+    f"{' | '.join(PRECISIONS)}. auto: bf16 on CPUs with native bf16 and on recent GPUs, fp16 on "
+    "older GPUs, else fp32."
 )
-LAYOUT_HELP = "Channels-last memory layout (faster convolutions). [default: on]"
-INFERENCE_WORKERS_HELP = (
-    "Decoding processes. [default: half the cores, 1 to 8; none for small images on a CPU "
-    "machine of at most 3 cores]"
-)
+LAYOUT_HELP = "Channels-last memory layout (faster convolutions)."
 CONFIG_HELP = "YAML file of option: value (snake_case); flags given here override it."
+MODEL_HELP = "A checkpoint (best.pt of a run)."
+MODEL_DEFAULT = "the latest finished run: runs/latest, else the newest runs/*/best.pt"
+
+
+# options that several commands share, declared once
+CHECKPOINT = option(MODEL_HELP, default=MODEL_DEFAULT, metavar="PATH")
+WEIGHTS = option("A plain state dict (with --arch and --class-indices).", metavar="PATH")
+WEIGHTS_ARCH = option("Architecture of --weights.", metavar="ARCH")
+CLASS_INDICES = option("class_indices.json for --weights.", metavar="FILE")
+INFER_IMG_SIZE = option("Crop size.", default="the checkpoint's", metavar="S")
+DEVICE = option(DEVICE_HELP, default="auto", metavar="DEV")
+PRECISION = option(PRECISION_HELP, default="auto", metavar="P")
+CHANNELS_LAST = option(LAYOUT_HELP, "--channels-last/--no-channels-last", default=True)
+COMPILE = option("torch.compile the model (pays off on long runs; slow to start).", "--compile",
+                 default=False)
+WORKERS = option(WORKERS_HELP, default=WORKERS_DEFAULT, metavar="N")
+JSON = option("Print JSON instead of tables.", "--json", default=False)
+CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
 
 
 def run_command(action: Callable[[], Any]) -> Any:
@@ -81,93 +130,104 @@ def _print_error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"resnext {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Optional[bool] = typer.Option(
+        None, "--version", help="Show the version and exit.", callback=_version, is_eager=True,
+        metavar="",
+    ),
+) -> None:
+    """Transfer learning for image classification with ResNet / ResNeXt."""
+
+
+TRAIN_HELP = {  # train's own options: help text, and the default shown when not the config's
+    "arch": "Architecture (`resnext archs`).",
+    "weights": "imagenet | none | PATH (state dict or resnext checkpoint).",
+    "freeze": ("Train only the head; backbone weights and BN statistics stay fixed.",
+               "freeze, except with --weights none"),
+    "unfreeze_after": ("Fine-tune the whole network after N head-only epochs.", None),
+    "backbone_lr_mult": "Backbone lr = lr x this after --unfreeze-after.",
+    "img_size": "Crop size S (pixels).",
+    "augment": "RandomResizedCrop + flip in training.",
+    "cache_features": "Frozen phase: run the backbone once per image, cache the features on disk, "
+                      "train the head on them.",
+    "feature_views": "With --cache-features: 1 plain + K-1 augmented views, cycled over epochs.",
+    "val_split": "Val share when DATA has no val folder.",
+    "epochs": "Training epochs.",
+    "batch_size": "Images per step (per process under torchrun).",
+    "lr": "Head learning rate (not rescaled under torchrun).",
+    "weight_decay": "Weight decay.",
+    "optimizer": " | ".join(OPTIMIZERS) + ".",
+    "scheduler": " | ".join(SCHEDULERS) + ", per step.",
+    "warmup_epochs": "Linear lr warmup.",
+    "label_smoothing": "Cross-entropy label smoothing.",
+    "seed": ("Seed; on the CPU the same seed repeats a run exactly.", "random, saved in config.yaml"),
+    "out": ("Run folder.", "runs/exp, runs/exp2, ..."),
+    "name": ("Run folder runs/NAME.", None),
+    "patience": ("Stop after N epochs without val improvement.", "off"),
+    "sync_bn": "Under torchrun: batch norm statistics over all processes.",
+    "resume": ("Continue an interrupted run: its folder or last.pt (--epochs may extend it).", None),
+    "report": "Evaluate best.pt on the val split and write report.html at the end.",
+}  # fmt: skip
+
+
+def train_option(name: str, metavar: str | None = None, *decls: str) -> Any:
+    """An option of `train`, with its help from TRAIN_HELP and its default from TrainConfig."""
+    entry = TRAIN_HELP[name]
+    help, default = entry if isinstance(entry, tuple) else (entry, getattr(_T, name))
+    return option(help, *decls, default=default, metavar=metavar)
+
+
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(
-        None, help="Dataset folder: DATA/train/<class>/* + DATA/val/<class>/*, or DATA/<class>/*."
-    ),
-    arch: Optional[str] = typer.Option(None, help=f"Architecture (`resnext archs`). [default: {_T.arch}]"),
-    weights: Optional[str] = typer.Option(
-        None, help="imagenet | none | PATH (state dict or resnext checkpoint). [default: imagenet]"
-    ),
-    freeze: Optional[bool] = typer.Option(
-        None, "--freeze/--no-freeze",
-        help="Train only the head; backbone weights and BN statistics stay fixed. "
-        "[default: freeze, except with --weights none]",
-    ),
-    unfreeze_after: Optional[int] = typer.Option(
-        None, help="Fine-tune the whole network after N head-only epochs."
-    ),
-    backbone_lr_mult: Optional[float] = typer.Option(
-        None, help=f"Backbone lr = lr x this after --unfreeze-after. [default: {_T.backbone_lr_mult}]"
-    ),
-    img_size: Optional[int] = typer.Option(None, help=f"Crop size S. [default: {_T.img_size}]"),
-    augment: Optional[bool] = typer.Option(
-        None, "--augment/--no-augment", help="RandomResizedCrop + flip in training. [default: on]"
-    ),
-    cache_features: Optional[bool] = typer.Option(
-        None, "--cache-features",
-        help="Frozen phase: run the backbone once per image, cache the features on disk, train "
-        "the head on them.",
-    ),
-    feature_views: Optional[int] = typer.Option(
-        None, help="With --cache-features: 1 plain + K-1 augmented views, cycled over epochs. [default: 1]"
-    ),
-    val_split: Optional[float] = typer.Option(
-        None, help=f"Val share when DATA has no val folder. [default: {_T.val_split}]"
-    ),
-    epochs: Optional[int] = typer.Option(None, help=f"[default: {_T.epochs}]"),
-    batch_size: Optional[int] = typer.Option(
-        None, help=f"Per process under torchrun (global = this x processes). [default: {_T.batch_size}]"
-    ),
-    lr: Optional[float] = typer.Option(
-        None, help=f"Head learning rate, used as given under torchrun (not scaled). [default: {_T.lr}]"
-    ),
-    weight_decay: Optional[float] = typer.Option(None, help=f"[default: {_T.weight_decay}]"),
-    optimizer: Optional[str] = typer.Option(
-        None, help=f"{' | '.join(OPTIMIZERS)} [default: {_T.optimizer}]"
-    ),
-    scheduler: Optional[str] = typer.Option(
-        None, help=f"{' | '.join(SCHEDULERS)}, per step. [default: {_T.scheduler}]"
-    ),
-    warmup_epochs: Optional[int] = typer.Option(None, help="Linear lr warmup. [default: 0]"),
-    label_smoothing: Optional[float] = typer.Option(None, help="[default: 0.0]"),
-    seed: Optional[int] = typer.Option(
-        None, help="Seed; on the CPU the same seed repeats a run exactly. [default: random, saved]"
-    ),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps [default: auto]"),
-    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
-    compile: Optional[bool] = typer.Option(
-        None, "--compile", help="torch.compile the training forward (opt-in; compiling takes a while)."
-    ),
-    workers: Optional[int] = typer.Option(
-        None, help="Decoding worker processes. [default: half the cores, 1 to 8]"
-    ),
-    out: Optional[str] = typer.Option(None, help="Run folder. [default: runs/exp, runs/exp2, ...]"),
-    name: Optional[str] = typer.Option(None, help="Run folder runs/NAME."),
-    patience: Optional[int] = typer.Option(
-        None, help="Stop after N epochs without val improvement. [default: off]"
-    ),
-    sync_bn: Optional[bool] = typer.Option(
-        None, "--sync-bn", help="Under torchrun: batch norm statistics over all processes."
-    ),
-    resume: Optional[str] = typer.Option(
-        None, help="Continue an interrupted run: its folder or last.pt (--epochs may extend it)."
-    ),
-    report: Optional[bool] = typer.Option(
-        None, "--report/--no-report",
-        help="Evaluate best.pt on the val split and write report.html at the end. [default: on]",
-    ),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    folder: Optional[str] = data_argument(DATA_HELP + " Same as --data."),
+    data: Optional[str] = option(DATA_HELP, metavar="DIR"),
+    arch: Optional[str] = train_option("arch", "ARCH"),
+    weights: Optional[str] = train_option("weights", "W"),
+    freeze: Optional[bool] = train_option("freeze", None, "--freeze/--no-freeze"),
+    unfreeze_after: Optional[int] = train_option("unfreeze_after", "N"),
+    backbone_lr_mult: Optional[float] = train_option("backbone_lr_mult", "X"),
+    img_size: Optional[int] = train_option("img_size", "S"),
+    augment: Optional[bool] = train_option("augment", None, "--augment/--no-augment"),
+    cache_features: Optional[bool] = train_option("cache_features", None, "--cache-features"),
+    feature_views: Optional[int] = train_option("feature_views", "K"),
+    val_split: Optional[float] = train_option("val_split", "F"),
+    epochs: Optional[int] = train_option("epochs", "N"),
+    batch_size: Optional[int] = train_option("batch_size", "N"),
+    lr: Optional[float] = train_option("lr", "LR"),
+    weight_decay: Optional[float] = train_option("weight_decay", "WD"),
+    optimizer: Optional[str] = train_option("optimizer", "NAME"),
+    scheduler: Optional[str] = train_option("scheduler", "NAME"),
+    warmup_epochs: Optional[int] = train_option("warmup_epochs", "N"),
+    label_smoothing: Optional[float] = train_option("label_smoothing", "F"),
+    seed: Optional[int] = train_option("seed", "N"),
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = PRECISION,
+    channels_last: Optional[bool] = CHANNELS_LAST,
+    compile: Optional[bool] = COMPILE,
+    workers: Optional[int] = WORKERS,
+    out: Optional[str] = train_option("out", "DIR"),
+    name: Optional[str] = train_option("name", "NAME"),
+    patience: Optional[int] = train_option("patience", "N"),
+    sync_bn: Optional[bool] = train_option("sync_bn", None, "--sync-bn"),
+    resume: Optional[str] = train_option("resume", "RUN"),
+    report: Optional[bool] = train_option("report", None, "--report/--no-report"),
+    config: Optional[str] = CONFIG,
 ) -> None:
     """Train a classifier on a folder of class folders: pretrained backbone, new head."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "folder")}
 
     def action() -> None:
         from resnext_cli.train import resume_config
         from resnext_cli.train import train as run_train
 
+        overrides["data"] = pick_data(folder, data)
         if resume and config:
             raise UserError("--resume uses the run's own config.yaml; leave out --config.")
         run_train(
@@ -177,26 +237,24 @@ def train(
     run_command(action)
 
 
-_MODEL_OPTIONS_HELP = "Without --checkpoint: the newest runs/*/best.pt."
-
-
 @app.command()
 def predict(
-    images: List[str] = typer.Argument(..., help="Image files."),
-    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
-    weights: Optional[str] = typer.Option(None, help="A plain state dict (with --arch, --class-indices)."),
-    arch: Optional[str] = typer.Option(None, help="Architecture of --weights."),
-    class_indices: Optional[str] = typer.Option(None, help="class_indices.json for --weights."),
-    topk: Optional[int] = typer.Option(None, help="Classes to show per image. [default: 5]"),
-    img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
-    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
-    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (opt-in)."),
-    json: Optional[bool] = typer.Option(None, "--json", help="Print JSON instead of tables."),
-    plot: Optional[str] = typer.Option(None, help="Save the image titled with its prediction (PNG)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
+    images: List[str] = typer.Argument(..., help="Image files.", metavar="IMAGE...", show_default=False),
+    checkpoint: Optional[str] = CHECKPOINT,
+    weights: Optional[str] = WEIGHTS,
+    arch: Optional[str] = WEIGHTS_ARCH,
+    class_indices: Optional[str] = CLASS_INDICES,
+    topk: Optional[int] = option("Classes to show per image.", default=PredictConfig().topk, metavar="K"),
+    img_size: Optional[int] = INFER_IMG_SIZE,
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = PRECISION,
+    channels_last: Optional[bool] = CHANNELS_LAST,
+    compile: Optional[bool] = COMPILE,
+    json: Optional[bool] = JSON,
+    plot: Optional[str] = option("Save the image(s) titled with the prediction; the extension picks "
+                                 "the format (.png, .jpg, .pdf, .svg ...).", metavar="FILE"),
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
     """Classify one or more images."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
@@ -210,69 +268,69 @@ def predict(
 
 @app.command("batch-predict")
 def batch_predict(
-    dir: str = typer.Argument(..., help="Folder of images."),
-    batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
-    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
-    weights: Optional[str] = typer.Option(None, help="A plain state dict (with --arch, --class-indices)."),
-    arch: Optional[str] = typer.Option(None, help="Architecture of --weights."),
-    class_indices: Optional[str] = typer.Option(None, help="class_indices.json for --weights."),
-    recursive: Optional[bool] = typer.Option(None, "--recursive", "-r", help="Include sub-folders."),
-    topk: Optional[int] = typer.Option(None, help="Classes per image in the output. [default: 1]"),
-    output: Optional[str] = typer.Option(None, help="Results file: .csv or .jsonl."),
-    workers: Optional[int] = typer.Option(None, help=INFERENCE_WORKERS_HELP),
-    img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
-    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
-    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (opt-in)."),
-    quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="No line per image."),
-    resume_output: Optional[bool] = typer.Option(
-        None, "--resume-output", help="Skip images already in --output (after an interruption)."
-    ),
-    onnx: Optional[str] = typer.Option(
-        None, help="Run an exported model.onnx on onnxruntime instead of a checkpoint."
-    ),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
+    folder: Optional[str] = data_argument("Folder of images. Same as --data."),
+    data: Optional[str] = option("Folder of images.", metavar="DIR"),
+    batch_size: Optional[int] = option("Images per batch.", default=_B.batch_size, metavar="N"),
+    checkpoint: Optional[str] = CHECKPOINT,
+    weights: Optional[str] = WEIGHTS,
+    arch: Optional[str] = WEIGHTS_ARCH,
+    class_indices: Optional[str] = CLASS_INDICES,
+    recursive: Optional[bool] = option("Include sub-folders.", "--recursive", default=False),
+    topk: Optional[int] = option("Classes per image in the output.", default=_B.topk, metavar="K"),
+    output: Optional[str] = option("Results file, .csv or .jsonl (its folder is created).", metavar="FILE"),
+    workers: Optional[int] = WORKERS,
+    img_size: Optional[int] = INFER_IMG_SIZE,
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = PRECISION,
+    channels_last: Optional[bool] = CHANNELS_LAST,
+    compile: Optional[bool] = COMPILE,
+    quiet: Optional[bool] = option("No line per image.", "--quiet", default=False),
+    resume_output: Optional[bool] = option("Skip images already in --output (after an "
+                                           "interruption).", "--resume-output", default=False),
+    onnx: Optional[str] = option("Run an exported model.onnx on onnxruntime instead of a checkpoint.",
+                                 metavar="FILE"),
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
     """Classify every image in a folder, streaming results as batches finish."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> int:
         from resnext_cli.predict import batch_predict as run_batch_predict
 
+        overrides["data"] = pick_data(folder, data)
         return run_batch_predict(build_config(BatchPredictConfig, config, overrides))
 
-    code = run_command(action)
-    if code:
-        raise typer.Exit(code)
+    _exit_with(run_command(action))
 
 
 @app.command()
 def evaluate(
-    data: Optional[str] = typer.Option(
-        None, help="DIR/<class>/*, or a dataset root (then its val split)."
-    ),
-    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
-    weights: Optional[str] = typer.Option(None, help="A plain state dict (with --arch, --class-indices)."),
-    arch: Optional[str] = typer.Option(None, help="Architecture of --weights."),
-    class_indices: Optional[str] = typer.Option(None, help="class_indices.json for --weights."),
-    batch_size: Optional[int] = typer.Option(None, help="[default: 16]"),
-    workers: Optional[int] = typer.Option(None, help=INFERENCE_WORKERS_HELP),
-    out: Optional[str] = typer.Option(None, help="Output folder. [default: beside the checkpoint, eval/]"),
-    json: Optional[bool] = typer.Option(None, "--json", help="Print JSON instead of tables."),
-    img_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's, else 224]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
-    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=LAYOUT_HELP),
-    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (opt-in)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
+    folder: Optional[str] = data_argument("Labelled images: DIR/<class>/*, or a dataset root (its "
+                                          "val split). Same as --data."),
+    data: Optional[str] = option("Labelled images, as DATA.", default="the data the checkpoint "
+                                 "was trained on", metavar="DIR"),
+    checkpoint: Optional[str] = CHECKPOINT,
+    weights: Optional[str] = WEIGHTS,
+    arch: Optional[str] = WEIGHTS_ARCH,
+    class_indices: Optional[str] = CLASS_INDICES,
+    batch_size: Optional[int] = option("Images per batch.", default=_E.batch_size, metavar="N"),
+    workers: Optional[int] = WORKERS,
+    out: Optional[str] = option("Output folder.", default="eval/ beside the checkpoint", metavar="DIR"),
+    json: Optional[bool] = JSON,
+    img_size: Optional[int] = INFER_IMG_SIZE,
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = PRECISION,
+    channels_last: Optional[bool] = CHANNELS_LAST,
+    compile: Optional[bool] = COMPILE,
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
     """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> None:
         from resnext_cli.evaluate import evaluate as run_evaluate
 
+        overrides["data"] = pick_data(folder, data)
         run_evaluate(build_config(EvaluateConfig, config, overrides))
 
     run_command(action)
@@ -280,65 +338,65 @@ def evaluate(
 
 @app.command()
 def report(
-    run_dir: str = typer.Argument(..., help="A run folder written by `resnext train`."),
-    data: Optional[str] = typer.Option(None, help="Evaluate on this folder. [default: the run's data]"),
-    batch_size: Optional[int] = typer.Option(None, help="[default: 16]"),
-    workers: Optional[int] = typer.Option(None, help=INFERENCE_WORKERS_HELP),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps"),
-    gallery: Optional[int] = typer.Option(None, help="Mistakes shown as thumbnails. [default: 24]"),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
-    """Write RUN_DIR/report.html: config, curves, confusion matrix, per-class metrics, mistakes."""
+    run_dir: Optional[str] = typer.Argument(None, help="A run folder written by `resnext train`.",
+                                            metavar="RUN", show_default=False),
+    data: Optional[str] = option("Evaluate on this folder.", default="the run's data", metavar="DIR"),
+    batch_size: Optional[int] = option("Images per batch.", default=ReportConfig().batch_size, metavar="N"),
+    workers: Optional[int] = WORKERS,
+    device: Optional[str] = DEVICE,
+    gallery: Optional[int] = option("Mistakes shown as thumbnails.", default=ReportConfig().gallery,
+                                    metavar="N"),
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
+    """Write RUN/report.html (default: the latest finished run): config, curves, confusion
+    matrix, per-class metrics, mistakes."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
     def action() -> None:
-        from resnext_cli.run_report import write_report
+        from resnext_cli.run_report import report as run_report
 
-        write_report(build_config(ReportConfig, config, overrides))
+        run_report(build_config(ReportConfig, config, overrides))
 
     run_command(action)
 
 
 @app.command("check-data")
 def check_data(
-    data: str = typer.Argument(..., help="Dataset folder, as given to `resnext train --data`."),
-    workers: Optional[int] = typer.Option(None, help="Reading processes. [default: every core]"),
-    json: Optional[bool] = typer.Option(
-        None, "--json", help="Print the findings as JSON on stdout (the summary goes to stderr)."
-    ),
-    min_size: Optional[int] = typer.Option(None, help="Shorter side below this is tiny. [default: 32]"),
-    imbalance_ratio: Optional[float] = typer.Option(
-        None, help="Largest / smallest class at or above this is reported. [default: 5]"
-    ),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
+    folder: Optional[str] = data_argument("Dataset folder, as given to `resnext train`. Same as --data."),
+    data: Optional[str] = option("Dataset folder, as DATA.", metavar="DIR"),
+    workers: Optional[int] = option("Reading processes.", default="every core", metavar="N"),
+    json: Optional[bool] = option("Print the findings as JSON on stdout (the summary goes to "
+                                  "stderr).", "--json", default=False),
+    min_size: Optional[int] = option("Shorter side below this is tiny.", default=CheckDataConfig().min_size,
+                                     metavar="PX"),
+    imbalance_ratio: Optional[float] = option("Largest / smallest class at or above this is reported.",
+                                              default=CheckDataConfig().imbalance_ratio, metavar="X"),
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
     """Inspect a dataset before training: every file read once; exit 1 if training would fail."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> int:
         from resnext_cli.check_data import check_data as run_check_data
 
+        overrides["data"] = pick_data(folder, data)
         return run_check_data(build_config(CheckDataConfig, config, overrides))
 
-    code = run_command(action)
-    if code:
-        raise typer.Exit(code)
+    _exit_with(run_command(action))
 
 
 @app.command()
 def export(
-    checkpoint: Optional[str] = typer.Option(None, help=_MODEL_OPTIONS_HELP),
-    format: Optional[str] = typer.Option(None, "--format", help="onnx | torchscript [default: onnx]"),
-    dynamic_batch: Optional[bool] = typer.Option(
-        None, "--dynamic-batch", help="Any batch size (default: batch 1)."
-    ),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset, 18 or newer. [default: 18]"),
-    out: Optional[str] = typer.Option(None, help="Output folder. [default: beside the checkpoint, export/]"),
-    tolerance: Optional[float] = typer.Option(
-        None, help="Largest logit difference to PyTorch accepted. [default: 1e-3]"
-    ),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
+    checkpoint: Optional[str] = CHECKPOINT,
+    format: Optional[str] = option("onnx | torchscript.", "--format", default=ExportConfig().format,
+                                   metavar="FMT"),
+    dynamic_batch: Optional[bool] = option("Any batch size.", "--dynamic-batch", default="batch 1"),
+    opset: Optional[int] = option("ONNX opset, 18 or newer.", default=ExportConfig().opset, metavar="N"),
+    out: Optional[str] = option("Output folder.", default="export/ beside the checkpoint", metavar="DIR"),
+    tolerance: Optional[float] = option("Largest logit difference to PyTorch accepted.",
+                                        default=ExportConfig().tolerance, metavar="X"),
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
     """Export a checkpoint to ONNX or TorchScript, verified against PyTorch."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
@@ -364,6 +422,11 @@ def archs() -> None:
         ui.console().print(table)
 
     run_command(action)
+
+
+def _exit_with(code: Any) -> None:
+    if code:
+        raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,8 +455,6 @@ def _exit(code: int) -> None:
     """Exit with `code`. If data-loader helper threads are still alive (after Ctrl-C or an error
     mid-epoch), skip interpreter teardown, where they would print tracebacks after our one
     paragraph; every file was already written atomically and closed."""
-    import threading
-
     if threading.active_count() > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -61,7 +61,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not self.data:
-            raise UserError("No dataset given. Pass --data DIR (or `data:` in the config file).")
+            raise UserError(
+                "No dataset given. Usage: resnext train DATA (or --data DATA, or `data:` in the "
+                "config file), with DATA/train/<class>/* and DATA/val/<class>/*."
+            )
         _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
@@ -138,7 +141,7 @@ class PredictConfig(InferenceConfig):
 
 @dataclass
 class BatchPredictConfig(InferenceConfig):
-    dir: str | None = None
+    data: str | None = None  # the folder of images
     batch_size: int = 8
     recursive: bool = False
     topk: int = 1
@@ -154,7 +157,7 @@ class BatchPredictConfig(InferenceConfig):
             raise UserError("Give either --onnx or --checkpoint/--weights, not both.")
         if self.resume_output and not self.output:
             raise UserError("--resume-output needs --output FILE: the file to continue.")
-        if not self.dir:
+        if not self.data:
             raise UserError("No folder given. Usage: resnext batch-predict DIR.")
         _check_range("batch_size", self.batch_size, low=1)
         _check_range("topk", self.topk, low=1)
@@ -166,7 +169,7 @@ class BatchPredictConfig(InferenceConfig):
 
 @dataclass
 class EvaluateConfig(InferenceConfig):
-    data: str | None = None  # DIR/<class>/*, or a dataset root (its val split)
+    data: str | None = None  # DIR/<class>/*, a dataset root (its val split); None: the trained-on data
     batch_size: int = 16
     workers: int | None = None
     json: bool = False
@@ -174,8 +177,6 @@ class EvaluateConfig(InferenceConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.data:
-            raise UserError("No data given. Pass --data DIR (DIR/<class>/* or a dataset root).")
         _check_range("batch_size", self.batch_size, low=1)
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)
@@ -183,7 +184,7 @@ class EvaluateConfig(InferenceConfig):
 
 @dataclass
 class ReportConfig:
-    run_dir: str | None = None
+    run_dir: str | None = None  # None: the latest finished run
     data: str | None = None  # None: the data the run trained on
     batch_size: int = 16
     workers: int | None = None
@@ -191,8 +192,6 @@ class ReportConfig:
     gallery: int = 24  # most confident mistakes shown as thumbnails
 
     def validate(self) -> None:
-        if not self.run_dir:
-            raise UserError("No run folder given. Usage: resnext report RUN_DIR.")
         _check_range("batch_size", self.batch_size, low=1)
         _check_range("gallery", self.gallery, low=0)
         if self.workers is not None:
@@ -210,7 +209,7 @@ class CheckDataConfig:
 
     def validate(self) -> None:
         if not self.data:
-            raise UserError("No folder given. Usage: resnext check-data DIR.")
+            raise UserError("No folder given. Usage: resnext check-data DATA.")
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)
         _check_range("min_size", self.min_size, low=1)

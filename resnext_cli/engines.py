@@ -38,6 +38,7 @@ class InferenceModel:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
+    trained_on: str | None = None  # the data folder the checkpoint's run trained on
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
@@ -70,12 +71,13 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         state = models.read_state_dict(cfg.weights)
         _check_class_count(state, classes, cfg.weights, cfg.class_indices)
         model = _weights_only_model(cfg.arch, len(classes), state, cfg.weights)
-        source, arch = cfg.weights, cfg.arch
+        source, arch, trained_on = cfg.weights, cfg.arch, None
         preprocessing = Preprocessing.classic(cfg.img_size or 224)
     else:
-        path = Path(cfg.checkpoint) if cfg.checkpoint else ckpt.latest_checkpoint()
+        path = Path(cfg.checkpoint) if cfg.checkpoint else ckpt.latest_run() / "best.pt"
         if announce and not cfg.checkpoint:
-            ui.console(stderr=True).print(f"Using the newest checkpoint: {path}", markup=False)
+            ui.note(f"Using {path}: the latest finished run, {ckpt.describe_run(path.parent)}. "
+                    "Pass --checkpoint to choose another.")  # fmt: skip
         checkpoint = ckpt.load_checkpoint(path)
         classes = list(checkpoint["classes"])
         if cfg.class_indices:
@@ -87,12 +89,13 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         arch, source = checkpoint["arch"], str(path)
         model = _weights_only_model(arch, len(classes), checkpoint["model"], source)
         preprocessing = ckpt.checkpoint_preprocessing(checkpoint, cfg.img_size)
+        trained_on = checkpoint["config"].get("data") if isinstance(checkpoint["config"], dict) else None
     model.eval()
     prepare_model(model, device, cfg.channels_last)
     if cfg.compile:
         model = torch.compile(model)
     return InferenceModel(
-        model, arch, classes, preprocessing, source, device, precision, cfg.channels_last
+        model, arch, classes, preprocessing, source, device, precision, cfg.channels_last, trained_on
     )
 
 

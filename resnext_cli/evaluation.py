@@ -48,7 +48,7 @@ class Evaluation:
     report: ClassificationReport
     matrix: list[list[int]]  # over the classes in `shown`
     shown: list[str]  # classes present in the data or predicted, in model order
-    top5: float | None  # None with fewer than 5 classes
+    top5: float | None  # None with 5 classes or fewer
 
     def metrics(self) -> dict[str, Any]:
         summary = self.report.summary()
@@ -150,7 +150,8 @@ def summarise(
     ]
     matrix = [[full[i][j] for j in present] for i in present]
     shown = [classes[i] for i in present]
-    top5 = sum(p.top5 for p in predictions) / len(predictions) if len(classes) >= 5 else None
+    # with 5 classes or fewer the true class is always among the top 5: nothing to report
+    top5 = sum(p.top5 for p in predictions) / len(predictions) if len(classes) > 5 else None
     report = classification_report(matrix, shown)
     return Evaluation(classes, predictions, unreadable, report, matrix, shown, top5)
 
@@ -194,25 +195,32 @@ class EvaluationRun:
 
 
 def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> EvaluationRun:
-    """Score the model on the data and write the evaluation folder."""
-    assert cfg.data is not None
-    engine = load_inference_model(cfg, announce=not (cfg.json or quiet))
+    """Score the model on the data (by default what it was trained on) and write the
+    evaluation folder."""
+    talk = not (cfg.json or quiet)
+    engine = load_inference_model(cfg, announce=talk)
+    data = cfg.data or engine.trained_on
+    if data is None:
+        raise UserError(
+            f"No data given, and {engine.source} does not record the data it was trained on. "
+            "Pass the labelled images: resnext evaluate DATA (DATA/<class>/* or a dataset root)."
+        )
+    if talk and not cfg.data:
+        ui.note(f"Evaluating on {data}, the data {engine.source} was trained on (pass DATA to "
+                "choose other images).")  # fmt: skip
     run_dir = Path(engine.source).parent if not cfg.weights else None
-    chosen = evaluation_samples(cfg.data, engine.classes, run_dir)
+    chosen = evaluation_samples(data, engine.classes, run_dir)
     for message in chosen.warnings:
         ui.warn(message)
     out = Path(cfg.out) if cfg.out else Path(engine.source).parent / "eval"
     make_folder(out)
-    if not (cfg.json or quiet):
-        ui.console(stderr=True).print(
-            f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
-            f"{engine.describe()}",
-            markup=False,
-        )
+    if talk:
+        ui.note(f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
+                f"{engine.describe()}")  # fmt: skip
     started = time.perf_counter()
     evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
     seconds = time.perf_counter() - started
-    about = {"checkpoint": engine.source, "data": cfg.data, "images": chosen.description}
+    about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
     write_evaluation(out, evaluation, about)
     return EvaluationRun(evaluation, out, seconds)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from resnext_cli.errors import UserError
+from resnext_cli.files import make_folder
 
 Ranked = list[tuple[str, float]]  # (class, probability), most probable first
 Row = tuple[str, Optional[Ranked], str]  # path, ranked classes (None if unreadable), error
@@ -26,8 +27,7 @@ class ResultWriter:
         self.jsonl = self.path.suffix.lower() == ".jsonl"
         self.topk = topk
         self.done: dict[str, bool] = {}  # path -> predicted (not an error), from an earlier run
-        if not self.path.parent.is_dir():
-            raise UserError(f"Cannot write {output}: the folder {self.path.parent} does not exist.")
+        make_folder(self.path.parent)
         header = ["path", "class", "prob", "error"]
         for k in range(2, topk + 1):
             header += [f"class_{k}", f"prob_{k}"]

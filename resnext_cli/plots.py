@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write
 from resnext_cli.metrics import row_normalised
 
@@ -73,6 +74,34 @@ def confusion_matrix_png(matrix: list[list[int]], classes: Sequence[str], title:
     if title:
         figure.suptitle(title)
     return _png(figure)
+
+
+def plot_format(path: str | Path) -> str:
+    """The file format a plot path asks for, by its extension: any format matplotlib writes."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    extension = Path(path).suffix.lower().lstrip(".")
+    if extension not in supported:
+        names = ", ".join(f".{ext}" for ext in sorted(supported))
+        raise UserError(f"Cannot save a plot as {path}: its extension names no image format "
+                        f"matplotlib writes. Use one of {names}.")  # fmt: skip
+    return extension
+
+
+def predictions_figure(pictures: Sequence[Any], titles: Sequence[str]) -> Figure:
+    """The images side by side, each under its title line."""
+    figure = _figure(3.2 * len(pictures), 3.6)
+    for axes, picture, title in zip(figure.subplots(1, len(pictures), squeeze=False)[0],
+                                    pictures, titles):  # fmt: skip
+        axes.imshow(picture)
+        axes.set_title(title, fontsize=13)
+        axes.set_axis_off()
+    return figure
+
+
+def save_figure(path: Path, figure: Figure, fmt: str) -> None:
+    atomic_write(path, lambda handle: figure.savefig(handle, format=fmt, dpi=100))
 
 
 def write_png(path: Path, png: bytes) -> None:

@@ -3,8 +3,8 @@ mode under inference_mode, and results that stream out as batches finish."""
 
 from __future__ import annotations
 
-import io
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 from rich.table import Table
 
 from resnext_cli import ui
@@ -20,17 +19,19 @@ from resnext_cli.batches import pixel_batch
 from resnext_cli.config import BatchPredictConfig, PredictConfig
 from resnext_cli.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
 from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError
-from resnext_cli.files import atomic_write
+from resnext_cli.files import make_folder
 from resnext_cli.folders import list_images
 from resnext_cli.images import describe_failure, load_rgb
 from resnext_cli.loaders import ImageListDataset, make_loader
 from resnext_cli.outputs import ResultWriter, Row
+from resnext_cli.plots import plot_format, predictions_figure, save_figure
 
 
 # ---------------------------------------------------------------- predict
 
 
 def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
+    plot_fmt = plot_format(cfg.plot) if cfg.plot else None
     for image in cfg.images:
         p = Path(image)
         if not p.exists():
@@ -63,8 +64,8 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
         _print_prediction_tables(results)
-    if cfg.plot:
-        save_prediction_plot(cfg.plot, pictures, results)
+    if cfg.plot and plot_fmt:
+        save_prediction_plot(cfg.plot, plot_fmt, pictures, results)
         if not cfg.json:
             ui.info(f"Saved {cfg.plot}")
     return results
@@ -78,27 +79,12 @@ def _print_prediction_tables(results: list[dict[str, Any]]) -> None:
         ui.console().print(table)
 
 
-def save_prediction_plot(path: str, pictures: list[Any], results: list[dict[str, Any]]) -> None:
-    """Each image under a title line `class: prob`, side by side in one PNG; never a window."""
-    tile, title_h = 320, 36
-    canvas = Image.new("RGB", (tile * len(pictures), tile + title_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    try:
-        font = ImageFont.load_default(size=20)
-    except TypeError:  # Pillow < 10.1 has only the bitmap font
-        font = ImageFont.load_default()
-    for i, (picture, result) in enumerate(zip(pictures, results)):
-        thumb = ImageOps.contain(picture, (tile, tile))  # up- or down-scaled to fit
-        x = i * tile
-        canvas.paste(thumb, (x + (tile - thumb.width) // 2, title_h + (tile - thumb.height) // 2))
-        best = result["topk"][0]
-        draw.text((x + 8, 8), f"{best['class']}: {best['prob']:.1%}", fill="black", font=font)
+def save_prediction_plot(path: str, fmt: str, pictures: list[Any], results: list[dict[str, Any]]) -> None:
+    """Each image under a title line `class: prob`, side by side; never a window."""
+    titles = [f"{r['topk'][0]['class']}: {r['topk'][0]['prob']:.1%}" for r in results]
     target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise UserError(f"Cannot save the plot: the folder {target.parent} does not exist.")
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    atomic_write(target, lambda handle: handle.write(buffer.getvalue()))
+    make_folder(target.parent)
+    save_figure(target, predictions_figure(pictures, titles), fmt)
 
 
 # ---------------------------------------------------------------- batch-predict
@@ -107,8 +93,6 @@ def save_prediction_plot(path: str, pictures: list[Any], results: list[dict[str,
 def batch_predict(cfg: BatchPredictConfig) -> int:
     """Predict every image in DIR; returns the exit code (1 when none could be predicted)."""
     paths = _images_in_folder(cfg)
-    if not paths:
-        return EXIT_FAILED
     engine: InferenceModel | OnnxModel = (
         load_onnx_model(cfg.onnx, cfg.class_indices) if cfg.onnx else load_inference_model(cfg)
     )
@@ -121,7 +105,7 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
             markup=False,
         )
     ui.console(stderr=True).print(
-        f"{len(paths)} images in {cfg.dir}  |  {engine.describe()}", markup=False
+        f"{len(paths)} images in {cfg.data}  |  {engine.describe()}", markup=False
     )
     prep = engine.preprocessing
     dataset = ImageListDataset([(p, -1) for p in paths], prep.eval_transform(), prep.decode_min_size)
@@ -148,20 +132,26 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
 
 
 def _images_in_folder(cfg: BatchPredictConfig) -> list[str]:
-    assert cfg.dir is not None
-    folder = Path(cfg.dir)
+    assert cfg.data is not None
+    folder = Path(cfg.data)
     if not folder.exists():
-        raise UserError(f"The folder {cfg.dir} does not exist.")
+        raise UserError(f"The folder {cfg.data} does not exist.")
     if not folder.is_dir():
         raise UserError(
-            f"{cfg.dir} is a file; batch-predict takes a folder. For single images use "
-            f"`resnext predict {cfg.dir}`."
+            f"{cfg.data} is a file; batch-predict takes a folder. For single images use "
+            f"`resnext predict {cfg.data}`."
         )
     paths = list_images(folder, cfg.recursive)
-    if not paths:
-        hint = "" if cfg.recursive else " (sub-folders are searched with --recursive)"
-        ui.warn(f"No image files in {cfg.dir}{hint}.")
-    return paths
+    if paths:
+        return paths
+    nested = [] if cfg.recursive else list_images(folder, recursive=True)
+    if nested:
+        raise UserError(
+            f"No image files in {cfg.data} itself, but its sub-folders hold {len(nested)}. To "
+            f"predict them all, add --recursive: resnext batch-predict {shlex.quote(cfg.data)} "
+            "--recursive", EXIT_FAILED,
+        )  # fmt: skip
+    raise UserError(f"No image files in {cfg.data} (nor in its sub-folders).", EXIT_FAILED)
 
 
 class BatchSummary:

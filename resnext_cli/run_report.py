@@ -5,6 +5,7 @@ evaluation folder, which is (re)made first when missing or older than best.pt.""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 from dataclasses import dataclass, field
@@ -14,7 +15,13 @@ from typing import Any
 from PIL import ImageOps
 
 from resnext_cli import ui
-from resnext_cli.checkpoint import read_class_indices, read_metrics, read_run_config
+from resnext_cli.checkpoint import (
+    describe_run,
+    latest_run,
+    read_class_indices,
+    read_metrics,
+    read_run_config,
+)
 from resnext_cli.config import EvaluateConfig, ReportConfig
 from resnext_cli.errors import UserError
 from resnext_cli.evaluation import evaluate_into_folder, read_evaluation
@@ -39,6 +46,16 @@ class RunFiles:
     confusion_png: bytes | None = None
     mistakes: list[dict[str, str]] = field(default_factory=list)
     not_evaluated: str = ""  # why there is no evaluation
+
+
+def report(cfg: ReportConfig) -> Path:
+    """`resnext report [RUN]`: the given run, or the latest finished one (said on stderr)."""
+    if cfg.run_dir is None:
+        run_dir = latest_run()
+        ui.note(f"Reporting on {describe_run(run_dir)}: the latest finished run (pass RUN to "
+                "choose another).")  # fmt: skip
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    return write_report(cfg)
 
 
 def write_report(cfg: ReportConfig) -> Path:
@@ -240,11 +257,20 @@ def _thumbnail(path: str) -> bytes | None:
 
 
 def _config_table(config: dict[str, Any]) -> str:
+    """As config.yaml writes it: true/false/null, so that one style is shown throughout."""
     rows = "".join(
-        f"<tr><td>{_e(key)}</td><td>{_e('null' if value is None else str(value))}</td></tr>"
+        f"<tr><td>{_e(key)}</td><td>{_e(_yaml_scalar(value))}</td></tr>"
         for key, value in config.items()
     )
     return f'<table class="config">{rows}</table>'
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _image(data: bytes, kind: str, alt: str, css_class: str = "figure") -> str:

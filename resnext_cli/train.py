@@ -268,6 +268,8 @@ class TrainRecipe:
     # ------------------------------------------------------------ setup phases
 
     def setup(self) -> None:
+        if self.ctx.is_main and self.resume is None:  # before anything slow: fail fast
+            ckpt.check_run_dir(self.cfg.out, self.cfg.name)
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         self.device = self.setup_device()
@@ -501,6 +503,8 @@ class TrainRecipe:
             ui.warn(f"{len(self.failures)} unreadable file(s) were skipped (listed above).")
         best = self.run_dir / "best.pt"
         ui.info(f"Best val accuracy {self.best_acc:.2%} at epoch {self.best_epoch} -> {best}")
+        if self.ctx.is_main:
+            ckpt.mark_latest(self.run_dir)
         if self.cfg.report and self.ctx.is_main:
             request = ReportConfig(str(self.run_dir), workers=self.explicit_workers,
                                    device=self.cfg.device)  # fmt: skip

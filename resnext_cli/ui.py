@@ -28,6 +28,13 @@ def info(message: str) -> None:
         console().print(message, markup=False)
 
 
+def note(message: str) -> None:
+    """What the tool chose for the user (a default run, data folder...): on stderr, so that
+    stdout stays the result."""
+    if not _silenced:
+        console(stderr=True).print(message, markup=False)
+
+
 def show(renderable: Any) -> None:
     """A rich table or other renderable on stdout."""
     if not _silenced:

@@ -75,7 +75,8 @@ def run_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.Completed
 
 
 # --no-report: the end-of-run evaluation and report.html are tested once, on `trained_run`
-TINY_TRAIN = ["--no-report", "--arch", "resnet18", "--img-size", "32", "--batch-size", "8",
+# --device cpu: what these tests check (exact repeats, tolerances) is the CPU's behaviour
+TINY_TRAIN = ["--device", "cpu", "--no-report", "--arch", "resnet18", "--img-size", "32", "--batch-size", "8",
               "--workers", "0"]  # fmt: skip
 
 

@@ -42,14 +42,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     data = make_dataset(tmp_path / "ds", train_per_class=12, val_per_class=6)
     (data / "val" / "gamma" / "gamma_05.png").unlink()  # 17 val images: uneven over 2 ranks
     common = ["--data", data, "--arch", "resnet18", "--weights", "none", "--freeze", "--epochs", "3",
-              "--img-size", "32", "--workers", "0", "--seed", "0", "--lr", "0.02", "--precision", "fp32"]
+              "--img-size", "32", "--workers", "0", "--seed", "0", "--lr", "0.02", "--precision", "fp32",
+              "--device", "cpu"]  # gloo on the CPU, whatever GPUs the machine has
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "resnext_cli", "train", *map(str, common), "--batch-size", "4"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["exp"]  # rank 0 alone writes
+    runs = tmp_path / "runs"
+    assert [p.name for p in runs.iterdir() if p.is_dir()] == ["exp"]  # rank 0 alone writes
+    assert (runs / "latest").read_text() == "exp\n"  # once
     assert ddp.stdout.count("Best val accuracy") == 1  # and prints
     assert "2 processes, batch 4 per process (8 global)" in ddp.stdout
     single = invoke(["train", *common, "--batch-size", "8", "--out", tmp_path / "single"])
@@ -83,7 +86,7 @@ def test_cached_features_under_torchrun(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "ds", train_per_class=8, val_per_class=3)
     common = ["--data", data, "--arch", "resnet18", "--weights", "none", "--freeze", "--epochs", "2",
               "--img-size", "32", "--workers", "0", "--seed", "0", "--lr", "0.02", "--precision", "fp32",
-              "--cache-features", "--no-augment"]
+              "--cache-features", "--no-augment", "--device", "cpu"]
     env = {**__import__("os").environ, "RESNEXT_CACHE": str(tmp_path / "cache")}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

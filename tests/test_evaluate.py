@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from resnext_cli.evaluation import Prediction, mistakes, summarise
 from resnext_cli.metrics import classification_report, confusion_matrix
@@ -61,14 +62,15 @@ def test_top5_and_most_confident_mistakes_first():
         Prediction(f"img{i}.png", t, p, prob, hit)
         for i, (t, p, prob, hit) in enumerate(zip(TRUE, PRED, probs, top5))
     ]
-    evaluation = summarise(CLASSES, predictions, [("bad.png", "OSError")])
+    evaluation = summarise([*CLASSES, "f"], predictions, [("bad.png", "OSError")])
     metrics = evaluation.metrics()
     assert metrics["top5"] == pytest.approx(8 / 9)
     assert metrics["n"] == 9 and metrics["unreadable"] == 1
     assert metrics["accuracy"] == pytest.approx(5 / 9)
     assert [m.path for m in mistakes(evaluation)] == ["img7.png", "img3.png", "img5.png", "img8.png"]
     assert evaluation.shown == ["a", "b", "c", "d"]
-    # fewer than 5 classes: no top-5
+    # 5 classes or fewer: the true class is always in the top 5, so no top-5 is reported
+    assert "top5" not in summarise(CLASSES, predictions, []).metrics()
     assert "top5" not in summarise(CLASSES[:4], predictions[:3], []).metrics()
 
 
@@ -96,7 +98,7 @@ def test_evaluate_writes_the_interface_files_and_agrees_with_batch_predict(tmp_p
     # an independent count from batch-predict's per-image classes
     preds = tmp_path / "preds.csv"
     assert invoke(["batch-predict", root / "val", "--recursive", "--checkpoint",
-                   trained_run / "best.pt", "--output", preds, "-q", "--workers", "0"]).exit_code == 0
+                   trained_run / "best.pt", "--output", preds, "--quiet", "--workers", "0"]).exit_code == 0
     rows = _read_csv(preds)
     wrong = {r["path"] for r in rows if r["class"] != Path(r["path"]).parent.name}
     assert len(wrong) >= 4
@@ -166,6 +168,9 @@ def test_a_folder_the_run_split_itself_is_evaluated_on_its_recorded_val_split(tm
     assert metrics["n"] == len(held_out) == 6
 
 
-def test_evaluate_needs_data(tmp_path, trained_run):
-    result = invoke(["evaluate", "--checkpoint", trained_run / "best.pt"])
-    assert result.exit_code == 2 and "--data" in result.stderr
+def test_evaluate_without_data_needs_the_recorded_data_to_exist(tmp_path, trained_run):
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    ckpt["config"]["data"] = str(tmp_path / "moved")
+    torch.save(ckpt, tmp_path / "best.pt")
+    result = invoke(["evaluate", "--checkpoint", tmp_path / "best.pt"])
+    assert result.exit_code == 2 and "moved" in result.stderr and "does not exist" in result.stderr

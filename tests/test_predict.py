@@ -127,7 +127,7 @@ def test_batch_predict_decodes_with_draft_size(tmp_path, trained_run, monkeypatc
 
 def test_draft_decode_agrees_with_full_decode_on_large_photos(tmp_path, trained_run):
     """Large JPEGs decoded at reduced DCT scale give the same top-1 as a full decode."""
-    engine = load_inference_model(BatchPredictConfig(dir=".", checkpoint=str(trained_run / "best.pt")))
+    engine = load_inference_model(BatchPredictConfig(data=".", checkpoint=str(trained_run / "best.pt")))
     transform = engine.preprocessing.eval_transform()
     rng = random.Random(3)
     full, drafted = [], []
