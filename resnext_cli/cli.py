@@ -18,6 +18,7 @@ from rich.table import Table
 from resnext_cli import __version__, ui
 from resnext_cli.archs import ARCHS
 from resnext_cli.config import (
+    DECODERS,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
@@ -78,6 +79,10 @@ PRECISION_HELP = (
     "older GPUs, else fp32."
 )
 LAYOUT_HELP = "Channels-last memory layout (faster convolutions)."
+DECODE_HELP = (
+    f"{' | '.join(DECODERS)}: where JPEGs are decoded. auto: on the GPU when the device is CUDA "
+    "(workers only read files), else with Pillow in the workers."
+)
 CONFIG_HELP = "YAML file of option: value (snake_case); flags given here override it."
 MODEL_HELP = "A checkpoint (best.pt of a run)."
 MODEL_DEFAULT = "the latest finished run: runs/latest, else the newest runs/*/best.pt"
@@ -92,6 +97,7 @@ INFER_IMG_SIZE = option("Crop size.", default="the checkpoint's", metavar="S")
 DEVICE = option(DEVICE_HELP, default="auto", metavar="DEV")
 PRECISION = option(PRECISION_HELP, default="auto", metavar="P")
 CHANNELS_LAST = option(LAYOUT_HELP, "--channels-last/--no-channels-last", default=True)
+DECODE = option(DECODE_HELP, default="auto", metavar="WHERE")
 COMPILE = option("torch.compile the model (pays off on long runs; slow to start).", "--compile",
                  default=False)
 WORKERS = option(WORKERS_HELP, default=WORKERS_DEFAULT, metavar="N")
@@ -210,6 +216,7 @@ def train(
     device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
     channels_last: Optional[bool] = CHANNELS_LAST,
+    decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
     workers: Optional[int] = WORKERS,
     out: Optional[str] = train_option("out", "DIR"),
@@ -249,6 +256,7 @@ def predict(
     device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
     channels_last: Optional[bool] = CHANNELS_LAST,
+    decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
     json: Optional[bool] = JSON,
     plot: Optional[str] = option("Save the image(s) titled with the prediction; the extension picks "
@@ -283,6 +291,7 @@ def batch_predict(
     device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
     channels_last: Optional[bool] = CHANNELS_LAST,
+    decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
     quiet: Optional[bool] = option("No line per image.", "--quiet", default=False),
     resume_output: Optional[bool] = option("Skip images already in --output (after an "
@@ -321,6 +330,7 @@ def evaluate(
     device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
     channels_last: Optional[bool] = CHANNELS_LAST,
+    decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
@@ -344,6 +354,7 @@ def report(
     batch_size: Optional[int] = option("Images per batch.", default=ReportConfig().batch_size, metavar="N"),
     workers: Optional[int] = WORKERS,
     device: Optional[str] = DEVICE,
+    decode: Optional[str] = DECODE,
     gallery: Optional[int] = option("Mistakes shown as thumbnails.", default=ReportConfig().gallery,
                                     metavar="N"),
     config: Optional[str] = CONFIG,

@@ -23,6 +23,7 @@ from resnext_cli.errors import UserError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded; auto: on the GPU when on CUDA
 
 
 @dataclass
@@ -50,6 +51,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32 (fp16 on old GPUs)
     channels_last: bool = True
+    decode: str = "auto"
     compile: bool = False  # torch.compile the training forward (opt-in: compiling takes minutes)
     workers: int | None = None  # None: chosen for the machine
     out: str | None = None
@@ -93,6 +95,7 @@ class TrainConfig:
             raise UserError("Give either --out DIR or --name NAME, not both.")
         check_device_string(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("decode", self.decode, DECODERS)
 
 
 @dataclass
@@ -107,6 +110,7 @@ class InferenceConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    decode: str = "auto"
     compile: bool = False  # torch.compile the model: pays off only for large batches of images
 
     def validate(self) -> None:
@@ -123,6 +127,7 @@ class InferenceConfig:
             _check_range("img_size", self.img_size, low=16)
         check_device_string(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("decode", self.decode, DECODERS)
 
 
 @dataclass
@@ -155,6 +160,8 @@ class BatchPredictConfig(InferenceConfig):
         super().validate()
         if self.onnx and (self.checkpoint or self.weights):
             raise UserError("Give either --onnx or --checkpoint/--weights, not both.")
+        if self.onnx and self.decode == "gpu":
+            raise UserError("--decode gpu does not apply to --onnx: onnxruntime reads host memory.")
         if self.resume_output and not self.output:
             raise UserError("--resume-output needs --output FILE: the file to continue.")
         if not self.data:
@@ -189,6 +196,7 @@ class ReportConfig:
     batch_size: int = 16
     workers: int | None = None
     device: str = "auto"
+    decode: str = "auto"
     gallery: int = 24  # most confident mistakes shown as thumbnails
 
     def validate(self) -> None:
@@ -197,6 +205,7 @@ class ReportConfig:
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)
         check_device_string(self.device)
+        _check_choice("decode", self.decode, DECODERS)
 
 
 @dataclass

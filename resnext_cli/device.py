@@ -101,3 +101,14 @@ def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: b
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+
+
+def decode_on_device(requested: str, device: torch.device) -> bool:
+    """--decode: `auto` decodes JPEGs on the GPU when the model runs on CUDA, with Pillow
+    elsewhere; `gpu` without a CUDA device is an error, not a silent fallback."""
+    if requested == "gpu" and device.type != "cuda":
+        raise UserError(
+            f"--decode gpu needs a CUDA device, but this run is on {device}. Use --decode cpu "
+            "(Pillow in worker processes) or --decode auto."
+        )
+    return requested == "gpu" or (requested == "auto" and device.type == "cuda")

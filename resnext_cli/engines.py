@@ -16,11 +16,18 @@ import torch
 
 from resnext_cli import checkpoint as ckpt
 from resnext_cli import models, ui
-from resnext_cli.batches import InputSpec, model_input
+from resnext_cli.batches import InputSpec
 from resnext_cli.config import InferenceConfig
-from resnext_cli.device import autocast, pin_memory_for, precision_for, prepare_model, select_device
+from resnext_cli.device import (
+    autocast,
+    decode_on_device,
+    pin_memory_for,
+    precision_for,
+    prepare_model,
+    select_device,
+)
 from resnext_cli.errors import UserError
-from resnext_cli.loaders import LoadedBatch, inference_workers
+from resnext_cli.loaders import ImageListDataset, image_dataset, inference_workers
 from resnext_cli.transforms import Preprocessing, read_preprocess_json
 
 EXPORT_EXTRA = "pip install 'resnext-cli[export]'  (onnx, onnxruntime, onnxscript)"
@@ -39,24 +46,31 @@ class InferenceModel:
     precision: str = "fp32"
     channels_last: bool = False
     trained_on: str | None = None  # the data folder the checkpoint's run trained on
+    decode_on_device: bool = False
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
-        return f"{self.source} on {self.device} ({self.precision}{layout})"
+        decode = ", GPU decode" if self.decode_on_device else ""
+        return f"{self.source} on {self.device} ({self.precision}{layout}{decode})"
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.device, self.channels_last, self.preprocessing, self.decode_on_device)
 
     @property
     def pin_memory(self) -> bool:
         return pin_memory_for(self.device)
 
-    def decode_workers(self, paths: list[str], requested: int | None) -> int:
-        on_cpu = self.device.type == "cpu"
-        return inference_workers(paths, requested, on_cpu, self.preprocessing.decode_min_size)
+    def dataset(self, samples: list[tuple[str, int]]) -> ImageListDataset:
+        return image_dataset(samples, self.preprocessing, on_device=self.decode_on_device)
 
-    def probabilities(self, batch: LoadedBatch) -> torch.Tensor:
-        """Class probabilities (on the CPU) for a batch from the loader."""
-        spec = InputSpec(self.device, self.channels_last, self.preprocessing)
+    def decode_workers(self, paths: list[str], requested: int | None) -> int:
+        return inference_workers(paths, requested, self.device.type, self.preprocessing.decode_min_size)
+
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (on the CPU) for a batch's inputs (`batches.get_batch`)."""
         with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.model(model_input(batch, spec))
+            logits = self.model(inputs)
         return torch.softmax(logits.float(), dim=1).cpu()
 
 
@@ -94,9 +108,8 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
     prepare_model(model, device, cfg.channels_last)
     if cfg.compile:
         model = torch.compile(model)
-    return InferenceModel(
-        model, arch, classes, preprocessing, source, device, precision, cfg.channels_last, trained_on
-    )
+    return InferenceModel(model, arch, classes, preprocessing, source, device, precision,
+                          cfg.channels_last, trained_on, decode_on_device(cfg.decode, device))  # fmt: skip
 
 
 def _weights_only_model(
@@ -148,12 +161,18 @@ class OnnxModel:
     def describe(self) -> str:
         return f"{self.source} on onnxruntime (CPU, fp32)"
 
-    def decode_workers(self, paths: list[str], requested: int | None) -> int:
-        return inference_workers(paths, requested, True, self.preprocessing.decode_min_size)
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(torch.device("cpu"), False, self.preprocessing)
 
-    def probabilities(self, batch: LoadedBatch) -> torch.Tensor:
-        spec = InputSpec(torch.device("cpu"), False, self.preprocessing)
-        logits = run_onnx(self.session, model_input(batch, spec).numpy())
+    def dataset(self, samples: list[tuple[str, int]]) -> ImageListDataset:
+        return image_dataset(samples, self.preprocessing)
+
+    def decode_workers(self, paths: list[str], requested: int | None) -> int:
+        return inference_workers(paths, requested, "cpu", self.preprocessing.decode_min_size)
+
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        logits = run_onnx(self.session, inputs.numpy())
         return torch.softmax(logits.float(), dim=1)
 
 

@@ -19,7 +19,8 @@ from resnext_cli.engines import InferenceModel, OnnxModel, load_inference_model
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder
 from resnext_cli.folders import find_splits, ignored_entries, read_split_val
-from resnext_cli.loaders import ImageListDataset, make_loader
+from resnext_cli.batches import get_batch
+from resnext_cli.loaders import make_loader
 from resnext_cli.metrics import ClassificationReport, classification_report, confusion_matrix
 from resnext_cli.plots import confusion_matrix_png, write_png
 
@@ -103,15 +104,12 @@ def _labelled(
 
 def score(
     engine: InferenceModel | OnnxModel, samples: list[tuple[str, int]], batch_size: int,
-    workers: int | None,
-    warn: bool = True,
+    workers: int | None, warn: bool = True,
 ) -> Evaluation:  # fmt: skip
     """Predictions for every readable image; unreadable ones are left out (and, with `warn`,
     reported one by one)."""
-    prep = engine.preprocessing
-    dataset = ImageListDataset(samples, prep.eval_transform(), prep.decode_min_size)
     loader = make_loader(
-        dataset,
+        engine.dataset(samples),
         batch_size=batch_size,
         workers=engine.decode_workers([path for path, _ in samples], workers),
         pin_memory=engine.pin_memory,
@@ -119,16 +117,17 @@ def score(
     predictions: list[Prediction] = []
     unreadable: list[tuple[str, str]] = []
     k = min(5, len(engine.classes))
-    for batch in ui.progress(loader, desc="evaluate", unit="batch"):
+    for loaded in ui.progress(loader, desc="evaluate", unit="batch"):
+        batch = get_batch(loaded, engine.spec)
         for index, reason in batch.failures:
             unreadable.append((samples[index][0], reason))
             if warn:
                 ui.warn(f"skipped unreadable file {samples[index][0]}: {reason}")
-        if batch.images is None:
+        if batch.inputs is None:
             continue
-        probs = engine.probabilities(batch)
+        probs = engine.probabilities(batch.inputs)
         top_probs, top_classes = torch.topk(probs, k, dim=1)
-        hits = (top_classes == batch.labels[:, None]).any(dim=1)
+        hits = (top_classes == batch.labels.cpu()[:, None]).any(dim=1)
         for i, index in enumerate(batch.indices):
             path, label = samples[index]
             predictions.append(

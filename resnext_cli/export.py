@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from resnext_cli import ui
-from resnext_cli.batches import InputSpec, model_input, pixel_batch
+from resnext_cli.batches import InputSpec, get_batch, pixel_batch
 from resnext_cli.checkpoint import write_class_indices
 from resnext_cli.config import ExportConfig, InferenceConfig
 from resnext_cli.engines import load_inference_model, onnx_session, require_onnx, run_onnx
@@ -34,7 +34,9 @@ def realistic_batch(n: int, img_size: int, mean: Any, std: Any, seed: int = 0) -
     noise = torch.randn(n, 3, img_size, img_size, generator=generator) * 12
     pixels = (smooth + noise).clamp(0, 255).round().to(torch.uint8)
     preprocessing = Preprocessing(img_size, img_size, tuple(mean), tuple(std))
-    return model_input(pixel_batch(pixels), InputSpec(torch.device("cpu"), False, preprocessing))
+    batch = get_batch(pixel_batch(pixels), InputSpec(torch.device("cpu"), False, preprocessing))
+    assert batch.inputs is not None
+    return batch.inputs
 
 
 def export(cfg: ExportConfig) -> Path:

@@ -24,7 +24,7 @@ from resnext_cli.checkpoint import save_torch
 from resnext_cli.config import TrainConfig
 from resnext_cli.distributed import DistContext, barrier
 from resnext_cli.folders import DatasetLayout
-from resnext_cli.loaders import EpochSampler, ImageListDataset, make_loader
+from resnext_cli.loaders import EpochSampler, ImageListDataset, image_dataset, make_loader
 from resnext_cli.models import backbone_features
 from resnext_cli.steps import Step, TrainTally, Validation, ValidationTally
 from resnext_cli.transforms import Preprocessing
@@ -78,6 +78,7 @@ def _feature_settings(cfg: TrainConfig, preprocessing: Preprocessing) -> dict[st
         "views": cfg.feature_views,
         "augment": cfg.augment,
         "precision": cfg.precision,
+        "decode": cfg.decode,  # the device path resizes a little differently from Pillow
         # random init (--weights none) and the augmented views both depend on the seed
         "seed": cfg.seed,
         "format": 1,
@@ -116,19 +117,18 @@ def compute_features(
     """View 0 is the deterministic val transform; views 1..K-1 are seeded random augmentations
     (the same crops a normal run would draw for epochs 1..K-1)."""
     extractor = _Extractor(model, cfg, step, workers, pin_memory, report_failures)
-    preprocessing = step.spec.preprocessing
-    decode = preprocessing.decode_min_size
+    prep, on_device = step.spec.preprocessing, step.spec.decode_on_device
     train_views = []
     train_ok = torch.ones(len(layout.train), dtype=torch.bool)
     for view in range(cfg.feature_views):
         augmented = view > 0 and cfg.augment
-        transform = preprocessing.train_transform() if augmented else preprocessing.eval_transform()
-        dataset = ImageListDataset(layout.train, transform, decode, cfg.seed)
+        dataset = image_dataset(layout.train, prep, train=augmented, augment_seed=cfg.seed,
+                                on_device=on_device)  # fmt: skip
         features, ok = extractor.run(dataset, view, f"features {view + 1}/{cfg.feature_views}")
         train_views.append(features)
         train_ok &= ok
-    val_dataset = ImageListDataset(layout.val, preprocessing.eval_transform(), decode)
-    val, val_ok = extractor.run(val_dataset, 0, "features val")
+    val, val_ok = extractor.run(image_dataset(layout.val, prep, on_device=on_device), 0,
+                                "features val")  # fmt: skip
     return FeatureCache(torch.stack(train_views), train_ok, val, val_ok)
 
 
@@ -152,12 +152,13 @@ class _Extractor:
         ok = torch.zeros(len(dataset), dtype=torch.bool)
         self.model.eval()
         with torch.inference_mode():
-            for batch in ui.progress(loader, desc=label, unit="batch"):
+            for loaded in ui.progress(loader, desc=label, unit="batch"):
+                batch = self.step.get(loaded)
                 self.report_failures(batch.failures, dataset.samples)
-                if batch.images is None:
+                if batch.inputs is None:
                     continue
                 with self.step.autocast():
-                    out = backbone_features(self.model, self.step.inputs(batch)[0]).float().cpu()
+                    out = backbone_features(self.model, batch.inputs).float().cpu()
                 index = torch.tensor(batch.indices)
                 features[index] = out
                 ok[index] = True

@@ -4,14 +4,19 @@ reason for every file that cannot be read."""
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+EXIF_ORIENTATION = 0x0112
+DEVICE_JPEG_MODES = ("RGB", "L")  # what the GPU's JPEG decoder turns into RGB (not CMYK)
 
 
-def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path | BinaryIO, min_size: int | None = None) -> Image.Image:
     """Decode any Pillow-readable file to 8-bit RGB, upright per its EXIF orientation.
 
     With `min_size`, JPEGs are decoded at the smallest DCT scale whose shorter side stays
@@ -67,3 +72,36 @@ def describe_failure(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file's first bytes tell, without decoding its pixels: enough to draw its crop and
+    to hand a JPEG to the GPU's decoder."""
+
+    content: bytes
+    device_jpeg: bool  # a complete RGB or grayscale JPEG, which the GPU decoder takes
+    orientation: int  # EXIF orientation, 1 = stored upright
+    size: tuple[int, int]  # upright width, height
+    draft_size: tuple[int, int]  # upright size of `load_rgb(path, min_size)`'s reduced decode
+
+
+def read_header(path: str | Path, min_size: int | None = None) -> Header:
+    """The file's bytes and header; raises as `load_rgb` would for a file that is not an image
+    (or a decompression bomb), so such files are reported alike on either path."""
+    content = Path(path).read_bytes()
+    try:
+        with bombs_are_errors(), Image.open(io.BytesIO(content)) as img:
+            size, jpeg, mode = img.size, img.format == "JPEG", img.mode
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            if min_size and jpeg:
+                img.draft("RGB", (min_size, min_size))
+            draft = img.size
+    except UnidentifiedImageError:  # worded as Image.open(path) words it
+        raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+    orientation = orientation if orientation in range(2, 9) else 1
+    if orientation >= 5:  # a quarter turn: width and height swap
+        size, draft = size[::-1], draft[::-1]
+    complete = b"\xff\xd9" in content[-64:]  # the end-of-image marker: not truncated
+    device_jpeg = jpeg and mode in DEVICE_JPEG_MODES and complete
+    return Header(content, device_jpeg, orientation, size, draft)

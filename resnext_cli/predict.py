@@ -11,18 +11,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from rich.table import Table
 
 from resnext_cli import ui
-from resnext_cli.batches import pixel_batch
+from resnext_cli.batches import get_batch
 from resnext_cli.config import BatchPredictConfig, PredictConfig
 from resnext_cli.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
 from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError
 from resnext_cli.files import make_folder
 from resnext_cli.folders import list_images
-from resnext_cli.images import describe_failure, load_rgb
-from resnext_cli.loaders import ImageListDataset, make_loader
+from resnext_cli.images import load_rgb
+from resnext_cli.loaders import collate_skipping_failures, make_loader
 from resnext_cli.outputs import ResultWriter, Row
 from resnext_cli.plots import plot_format, predictions_figure, save_figure
 
@@ -42,16 +41,13 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
                 f"`resnext batch-predict {image}`."
             )
     engine = load_inference_model(cfg, announce=not cfg.json)
-    transform = engine.preprocessing.eval_transform()
-    pictures, problems = [], []
-    for image in cfg.images:
-        try:
-            pictures.append(load_rgb(image, engine.preprocessing.decode_min_size))
-        except Exception as exc:
-            problems.append(f"{image} ({describe_failure(exc)})")
-    if problems:
-        raise UserError(f"Could not read the image(s): {'; '.join(problems)}.")
-    probs = engine.probabilities(pixel_batch(torch.stack([transform(p) for p in pictures])))
+    dataset = engine.dataset([(image, -1) for image in cfg.images])
+    batch = get_batch(collate_skipping_failures([dataset[i] for i in range(len(dataset))]), engine.spec)
+    if batch.failures:
+        problems = "; ".join(f"{cfg.images[i]} ({reason})" for i, reason in batch.failures)
+        raise UserError(f"Could not read the image(s): {problems}.")
+    assert batch.inputs is not None
+    probs = engine.probabilities(batch.inputs)
     results = [
         {
             "path": image,
@@ -65,6 +61,7 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     else:
         _print_prediction_tables(results)
     if cfg.plot and plot_fmt:
+        pictures = [load_rgb(image, engine.preprocessing.decode_min_size) for image in cfg.images]
         save_prediction_plot(cfg.plot, plot_fmt, pictures, results)
         if not cfg.json:
             ui.info(f"Saved {cfg.plot}")
@@ -107,9 +104,7 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
     ui.console(stderr=True).print(
         f"{len(paths)} images in {cfg.data}  |  {engine.describe()}", markup=False
     )
-    prep = engine.preprocessing
-    dataset = ImageListDataset([(p, -1) for p in paths], prep.eval_transform(), prep.decode_min_size)
-    loader = make_loader(dataset, batch_size=cfg.batch_size,
+    loader = make_loader(engine.dataset([(p, -1) for p in paths]), batch_size=cfg.batch_size,
                          workers=engine.decode_workers(paths, cfg.workers),
                          pin_memory=engine.pin_memory)  # fmt: skip
     summary = BatchSummary()
@@ -200,10 +195,11 @@ def _predicted_rows(
     loader: Any, engine: InferenceModel | OnnxModel, k: int, paths: list[str]
 ) -> Iterator[list[Row]]:
     """One list of rows per batch, in file order, failures in their place."""
-    for batch in loader:
+    for loaded in loader:
+        batch = get_batch(loaded, engine.spec)
         ranked_by_index: dict[int, Any] = {}
-        if batch.images is not None:
-            ranked = top_k(engine.probabilities(batch), engine.classes, k)
+        if batch.inputs is not None:
+            ranked = top_k(engine.probabilities(batch.inputs), engine.classes, k)
             ranked_by_index = dict(zip(batch.indices, ranked))
         errors = dict(batch.failures)
         order = sorted([*ranked_by_index, *errors])

@@ -109,7 +109,7 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
         data = cfg.data or run.config.get("data")
         evaluation = EvaluateConfig(checkpoint=str(best), data=data, out=str(out),
                                     batch_size=cfg.batch_size, workers=cfg.workers,
-                                    device=cfg.device)  # fmt: skip
+                                    device=cfg.device, decode=cfg.decode)  # fmt: skip
         try:
             evaluation.validate()
             evaluate_into_folder(evaluation, quiet=True)

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from resnext_cli import ui
-from resnext_cli.batches import InputSpec, model_input
+from resnext_cli.batches import DeviceBatch, InputSpec, get_batch
 from resnext_cli.device import autocast
 from resnext_cli.distributed import DistContext, all_reduce_sums, average_gradients
 from resnext_cli.errors import EXIT_FAILED, UserError
@@ -35,8 +35,8 @@ class Step:
     def device(self) -> torch.device:
         return self.spec.device
 
-    def inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return model_input(batch, self.spec), batch.labels.to(self.device, non_blocking=True)
+    def get(self, loaded: Any) -> DeviceBatch:
+        return get_batch(loaded, self.spec)
 
     def autocast(self) -> Any:
         return autocast(self.device, self.precision)
@@ -101,11 +101,12 @@ def train_one_epoch(
     tally = TrainTally()
     started = time.perf_counter()
     bar = ui.progress(loader, desc=label, unit="batch")
-    for batch in bar:
+    for loaded in bar:
+        batch = step.get(loaded)
         report_failures(batch.failures, loader.dataset.samples, failures)
-        if batch.images is None or (not frozen and len(batch.indices) < 2):
+        if batch.inputs is None or (not frozen and len(batch.indices) < 2):
             continue  # nothing decodable, or a single image batch norm cannot train on
-        images, labels = step.inputs(batch)
+        images, labels = batch.inputs, batch.labels
         with step.autocast():
             if frozen:
                 with torch.no_grad():  # only the head builds a graph
@@ -161,14 +162,14 @@ def run_validation(
     model.eval()
     tally = ValidationTally(model.fc.out_features)
     with torch.inference_mode():
-        for batch in ui.progress(loader, desc="val", unit="batch"):
+        for loaded in ui.progress(loader, desc="val", unit="batch"):
+            batch = step.get(loaded)
             report_failures(batch.failures, loader.dataset.samples, failures)
-            if batch.images is None:
+            if batch.inputs is None:
                 continue
-            images, labels = step.inputs(batch)
             with step.autocast():
-                logits = model(images).float()
-            tally.add(step.criterion(logits, labels), logits, labels)
+                logits = model(batch.inputs).float()
+            tally.add(step.criterion(logits, batch.labels), logits, batch.labels)
     return tally.result(step)
 
 

@@ -28,7 +28,14 @@ from resnext_cli.config import (
     read_yaml_config,
     to_plain_dict,
 )
-from resnext_cli.device import make_grad_scaler, pin_memory_for, precision_for, prepare_model, select_device
+from resnext_cli.device import (
+    decode_on_device,
+    make_grad_scaler,
+    pin_memory_for,
+    precision_for,
+    prepare_model,
+    select_device,
+)
 from resnext_cli.distributed import (
     DistContext,
     broadcast_object,
@@ -38,7 +45,7 @@ from resnext_cli.distributed import (
 )
 from resnext_cli.errors import EXIT_INTERRUPTED, UserError
 from resnext_cli.folders import DatasetLayout, discover_dataset, write_split
-from resnext_cli.loaders import EpochSampler, ImageListDataset, default_workers, make_loader
+from resnext_cli.loaders import EpochSampler, default_workers, image_dataset, make_loader
 from resnext_cli.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 from resnext_cli.steps import (
     Step,
@@ -51,7 +58,7 @@ from resnext_cli.steps import (
 )
 from resnext_cli.transforms import Preprocessing
 
-RESUME_OVERRIDABLE = {"epochs", "workers", "device", "report"}
+RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report"}
 
 
 @dataclass
@@ -80,13 +87,11 @@ def train(config: TrainConfig) -> TrainResult:
 
 def resolve_config(config: TrainConfig, ctx: DistContext) -> TrainConfig:
     """Fill the choices left to the tool, so the saved config reproduces the run; under
-    torchrun every process takes rank 0's seed (same initial weights and order)."""
+    torchrun every process takes rank 0's seed (same initial weights and order). What depends
+    on the device (precision, decode, workers) is filled once it is chosen (`setup_device`)."""
     freeze = config.freeze if config.freeze is not None else config.weights != "none"
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-    workers = config.workers if config.workers is not None else default_workers()
-    return dataclasses.replace(
-        config, freeze=freeze, seed=broadcast_object(ctx, seed), workers=workers
-    )
+    return dataclasses.replace(config, freeze=freeze, seed=broadcast_object(ctx, seed))
 
 
 def resume_config(resume: str, overrides: dict[str, Any]) -> TrainConfig:
@@ -200,16 +205,14 @@ class Loaders:
     val_labels: torch.Tensor
 
 
-def setup_loaders(
-    layout: DatasetLayout, cfg: TrainConfig, ctx: DistContext, preprocessing: Preprocessing, pin: bool
-) -> Loaders:
+def setup_loaders(layout: DatasetLayout, cfg: TrainConfig, ctx: DistContext, spec: InputSpec) -> Loaders:
     """Seeded, epoch-keyed sampling and augmentation; validation sharded without padding."""
     assert cfg.seed is not None and cfg.workers is not None
-    decode = preprocessing.decode_min_size
-    transform = preprocessing.train_transform() if cfg.augment else preprocessing.eval_transform()
+    prep, on_device, pin = spec.preprocessing, spec.decode_on_device, pin_memory_for(spec.device)
     sampler = EpochSampler(len(layout.train), cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     train = make_loader(
-        ImageListDataset(layout.train, transform, decode, augment_seed=cfg.seed),
+        image_dataset(layout.train, prep, train=cfg.augment, augment_seed=cfg.seed,
+                      on_device=on_device),
         batch_size=cfg.batch_size, workers=cfg.workers, sampler=sampler, pin_memory=pin,
         # a lone last image cannot be batch-normalised in train mode
         drop_last=len(sampler) % cfg.batch_size == 1,
@@ -217,7 +220,7 @@ def setup_loaders(
     val_sampler = EpochSampler(len(layout.val), cfg.seed, shuffle=False, rank=ctx.rank,
                                world_size=ctx.world_size, pad=False)  # fmt: skip
     val = make_loader(
-        ImageListDataset(layout.val, preprocessing.eval_transform(), decode),
+        image_dataset(layout.val, prep, on_device=on_device),
         batch_size=cfg.batch_size, workers=cfg.workers, sampler=val_sampler, pin_memory=pin,
     )  # fmt: skip
     return Loaders(train, val, torch.tensor([label for _, label in layout.train]),
@@ -277,10 +280,9 @@ class TrainRecipe:
         self.preprocessing = self.setup_preprocessing()
         self.model = self.setup_model()
         self.run_dir = self.setup_run_folder()
-        self.loaders = setup_loaders(self.layout, self.cfg, self.ctx, self.preprocessing,
-                                     pin_memory_for(self.device))  # fmt: skip
-        self.opt = setup_optimization(self.model, self.cfg, max(1, len(self.loaders.train)), self.device)
         self.step = self.setup_step()
+        self.loaders = setup_loaders(self.layout, self.cfg, self.ctx, self.step.spec)
+        self.opt = setup_optimization(self.model, self.cfg, max(1, len(self.loaders.train)), self.device)
         self.restore()
         self.failures: dict[str, str] = {}
         self.trainer = None if self.frozen else wrap_for_training(self.model, self.ctx, self.device,
@@ -289,9 +291,13 @@ class TrainRecipe:
         self.plots = BackgroundWriter()  # results.png and confusion_matrix.png, off the epoch's path
 
     def setup_device(self) -> torch.device:
+        """The device, and what follows from it: precision, where JPEGs decode, workers."""
         cfg, ctx = self.cfg, self.ctx
         device = select_device(process_device(ctx, cfg.device))
-        self.cfg = dataclasses.replace(cfg, precision=precision_for(cfg.precision, device))
+        workers = cfg.workers if cfg.workers is not None else default_workers(device.type)
+        decode = "gpu" if decode_on_device(cfg.decode, device) else "cpu"
+        self.cfg = dataclasses.replace(cfg, precision=precision_for(cfg.precision, device),
+                                       decode=decode, workers=workers)  # fmt: skip
         if cfg.sync_bn and not ctx.enabled:
             ui.warn("--sync-bn has no effect in a single process (it is for torchrun jobs).")
         elif cfg.sync_bn and device.type != "cuda":
@@ -377,7 +383,7 @@ class TrainRecipe:
     def setup_step(self) -> Step:
         cfg = self.cfg
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        spec = InputSpec(self.device, cfg.channels_last, self.preprocessing)
+        spec = InputSpec(self.device, cfg.channels_last, self.preprocessing, cfg.decode == "gpu")
         step = Step(spec, cfg.precision, criterion, self.ctx)
         if cfg.compile:
             step.features = compiled_features(self.model)
@@ -507,7 +513,7 @@ class TrainRecipe:
             ckpt.mark_latest(self.run_dir)
         if self.cfg.report and self.ctx.is_main:
             request = ReportConfig(str(self.run_dir), workers=self.explicit_workers,
-                                   device=self.cfg.device)  # fmt: skip
+                                   device=self.cfg.device, decode=self.cfg.decode)  # fmt: skip
             try:
                 run_report.write_report(request)
             except UserError as exc:  # the run itself is complete and saved

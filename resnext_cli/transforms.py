@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torchvision.transforms.functional as F
+from PIL import Image
 from torchvision import transforms as T
 
 from resnext_cli.errors import UserError
@@ -17,6 +19,8 @@ from resnext_cli.files import atomic_write_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's defaults
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in a picture's pixels (edges)
 
 
 def resize_size(img_size: int) -> int:
@@ -50,13 +54,64 @@ class Preprocessing:
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         return eval_transform(self.img_size, self.resize_size)
 
+    def crop_plan(self, train: bool) -> CropPlan:
+        """The same crops as the transforms above, as boxes, for decoding on the device."""
+        return CropPlan(self.img_size, self.resize_size, train)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, self.mean, self.std)
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """Where a picture is cropped, as a box in its pixels: the training draw (RandomResizedCrop's
+    box and a coin for the flip, from torch's RNG, which the loader seeds per image and epoch) or
+    the eval resize + centre crop. The Pillow transforms and the device path both use it, so
+    both take the same crop of the same image in the same epoch."""
+
+    img_size: int
+    resize_size: int
+    train: bool
+
+    def draw(self, width: int, height: int) -> tuple[Box, bool]:
+        if not self.train:
+            return centre_crop_box(width, height, self.img_size, self.resize_size), False
+        # torchvision's own draw; it reads only the size, so a meta tensor (no memory) stands in
+        top, left, h, w = T.RandomResizedCrop.get_params(
+            torch.empty((1, height, width), device="meta"), list(CROP_SCALE), list(CROP_RATIO)
+        )
+        flip = bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip's coin, in the same order
+        return (left, top, left + w, top + h), flip
+
+
+def centre_crop_box(width: int, height: int, img_size: int, resize: int) -> Box:
+    """Resize(resize) then CenterCrop(img_size), as the region of the original it keeps."""
+    short, long = sorted((width, height))
+    new_long = int(resize * long / short)  # torchvision's rounding of the long side
+    new_w, new_h = (resize, new_long) if width <= height else (new_long, resize)
+    top, left = int(round((new_h - img_size) / 2.0)), int(round((new_w - img_size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + img_size) * sx, (top + img_size) * sy)
+
+
+class RandomCropFlip:
+    """RandomResizedCrop + horizontal flip to a uint8 tensor (torchvision's defaults and random
+    draws), with the box from `CropPlan`. Normalisation happens per batch on the device."""
+
+    def __init__(self, img_size: int) -> None:
+        self.size = img_size
+        self.plan = CropPlan(img_size, img_size, train=True)
+
+    def __call__(self, picture: Image.Image) -> torch.Tensor:
+        (x0, y0, x1, y1), flip = self.plan.draw(*picture.size)
+        out = F.resized_crop(picture, int(y0), int(x0), int(y1 - y0), int(x1 - x0),
+                             [self.size, self.size], T.InterpolationMode.BILINEAR, antialias=True)  # fmt: skip
+        return F.pil_to_tensor(F.hflip(out) if flip else out)
+
+
 def train_transform(img_size: int) -> Callable[[Any], torch.Tensor]:
     """Random crop and flip, to a uint8 tensor: normalisation happens per batch on the device."""
-    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    return RandomCropFlip(img_size)
 
 
 def eval_transform(img_size: int, resize: int | None = None) -> Callable[[Any], torch.Tensor]:

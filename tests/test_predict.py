@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from resnext_cli import folders, images, loaders, transforms
-from resnext_cli.batches import pixel_batch
+from resnext_cli.batches import get_batch, pixel_batch
 from resnext_cli.config import BatchPredictConfig
 from resnext_cli.engines import load_inference_model
 from tests.conftest import CLASS_COLOURS, draw_image, invoke, run_subprocess
@@ -139,8 +139,8 @@ def test_draft_decode_agrees_with_full_decode_on_large_photos(tmp_path, trained_
         assert reduced.size[0] < 1600 and min(reduced.size) >= engine.preprocessing.decode_min_size
         drafted.append(transform(reduced))
         full.append(transform(images.load_rgb(path)))
-    top_full = engine.probabilities(pixel_batch(torch.stack(full))).argmax(1)
-    top_draft = engine.probabilities(pixel_batch(torch.stack(drafted))).argmax(1)
+    top_full = engine.probabilities(get_batch(pixel_batch(torch.stack(full)), engine.spec).inputs).argmax(1)
+    top_draft = engine.probabilities(get_batch(pixel_batch(torch.stack(drafted)), engine.spec).inputs).argmax(1)
     assert torch.equal(top_full, top_draft)
 
 
@@ -224,4 +224,6 @@ def test_default_decode_workers_follow_image_size_device_and_cores(tmp_path, mon
     assert engine("meta").decode_workers(small_paths, None) == 1  # not the CPU: workers
     monkeypatch.setattr(loaders, "available_cores", lambda: 8)
     assert cpu.decode_workers(small_paths, None) == 4  # bigger machines: workers, as ever
+    assert loaders.default_workers("cuda") == 8 and loaders.default_workers("cpu") == 4  # CUDA: every core
+    assert engine("cuda").decode_workers(small_paths, None) == 5  # (capped by the 5 images)
     assert cpu.decode_workers(small_paths[:2], None) == 2  # never more than the images
