@@ -48,14 +48,16 @@ def batch_predict(model: nn.Module, paths: list[str], batch_size: int) -> int:
 
 
 def train(net: nn.Module, data_root: str, epochs: int, freeze: bool, lr: float = 1e-3,
-          batch_size: int = 16) -> dict[str, float]:
+          batch_size: int = 16, img_size: int = 224) -> dict[str, float]:
     """The tutorial's train.py: ImageFolder, RandomResizedCrop + flip, Adam, `net.train()` each
     epoch, validation every epoch, best accuracy kept. `freeze` is its (commented-out)
-    requires_grad=False loop over the pretrained backbone; the new fc always trains."""
+    requires_grad=False loop over the pretrained backbone; the new fc always trains. Its sizes
+    are 224 and 256; `img_size` scales both (for backbones trained at another size)."""
+    resize = int(round(img_size * 256 / 224))
     data_transform = {
-        "train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+        "train": transforms.Compose([transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(),
                                      transforms.ToTensor(), transforms.Normalize(MEAN, STD)]),
-        "val": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+        "val": transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(img_size),
                                    transforms.ToTensor(), transforms.Normalize(MEAN, STD)]),
     }  # fmt: skip
     train_dataset = datasets.ImageFolder(os.path.join(data_root, "train"), data_transform["train"])

@@ -19,10 +19,12 @@ from resnext_cli import __version__, ui
 from resnext_cli.archs import ARCHS
 from resnext_cli.config import (
     DECODERS,
+    AuditConfig,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
     BatchPredictConfig,
+    CacheConfig,
     CheckDataConfig,
     EvaluateConfig,
     ExportConfig,
@@ -102,6 +104,8 @@ COMPILE = option("torch.compile the model (pays off on long runs; slow to start)
                  default=False)
 WORKERS = option(WORKERS_HELP, default=WORKERS_DEFAULT, metavar="N")
 JSON = option("Print JSON instead of tables.", "--json", default=False)
+TTA = option("Test-time augmentation: average the predictions for each image and its mirror "
+             "image (2x the model's work).", "--tta", default=False)
 CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
 
 
@@ -159,10 +163,12 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
                "freeze, except with --weights none"),
     "unfreeze_after": ("Fine-tune the whole network after N head-only epochs.", None),
     "backbone_lr_mult": "Backbone lr = lr x this after --unfreeze-after.",
+    "freeze_bn": ("While the backbone fine-tunes, keep its BatchNorm statistics as loaded; its "
+                  "weights still train.", "on after --unfreeze-after's head-only epochs, else off"),
     "img_size": "Crop size S (pixels).",
     "augment": "RandomResizedCrop + flip in training.",
-    "cache_features": "Frozen phase: run the backbone once per image, cache the features on disk, "
-                      "train the head on them.",
+    "cache_features": "Frozen phase: run the backbone once per view of each image, cache the "
+                      "features on disk (`resnext cache`), train the head on them.",
     "feature_views": "With --cache-features: 1 plain + K-1 augmented views, cycled over epochs.",
     "val_split": "Val share when DATA has no val folder.",
     "epochs": "Training epochs.",
@@ -199,9 +205,11 @@ def train(
     freeze: Optional[bool] = train_option("freeze", None, "--freeze/--no-freeze"),
     unfreeze_after: Optional[int] = train_option("unfreeze_after", "N"),
     backbone_lr_mult: Optional[float] = train_option("backbone_lr_mult", "X"),
+    freeze_bn: Optional[bool] = train_option("freeze_bn", None, "--freeze-bn/--no-freeze-bn"),
     img_size: Optional[int] = train_option("img_size", "S"),
     augment: Optional[bool] = train_option("augment", None, "--augment/--no-augment"),
-    cache_features: Optional[bool] = train_option("cache_features", None, "--cache-features"),
+    cache_features: Optional[bool] = train_option("cache_features", None,
+                                                  "--cache-features/--no-cache-features"),
     feature_views: Optional[int] = train_option("feature_views", "K"),
     val_split: Optional[float] = train_option("val_split", "F"),
     epochs: Optional[int] = train_option("epochs", "N"),
@@ -261,6 +269,7 @@ def predict(
     json: Optional[bool] = JSON,
     plot: Optional[str] = option("Save the image(s) titled with the prediction; the extension picks "
                                  "the format (.png, .jpg, .pdf, .svg ...).", metavar="FILE"),
+    tta: Optional[bool] = TTA,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify one or more images."""
@@ -298,6 +307,7 @@ def batch_predict(
                                            "interruption).", "--resume-output", default=False),
     onnx: Optional[str] = option("Run an exported model.onnx on onnxruntime instead of a checkpoint.",
                                  metavar="FILE"),
+    tta: Optional[bool] = TTA,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify every image in a folder, streaming results as batches finish."""
@@ -332,6 +342,7 @@ def evaluate(
     channels_last: Optional[bool] = CHANNELS_LAST,
     decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
+    tta: Optional[bool] = TTA,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder."""
@@ -415,6 +426,84 @@ def export(
         from resnext_cli.export import export as run_export
 
         run_export(build_config(ExportConfig, config, overrides))
+
+    run_command(action)
+
+
+@app.command()
+def audit(
+    folder: Optional[str] = data_argument(DATA_HELP + " Same as --data."),
+    data: Optional[str] = option(DATA_HELP, metavar="DIR"),
+    weights: Optional[str] = option("Backbone: imagenet | none | PATH (state dict or checkpoint).",
+                                    default="imagenet", metavar="W"),
+    checkpoint: Optional[str] = option("A trained run's best.pt as the backbone (with its "
+                                       "preprocessing), instead of --weights.", metavar="PATH"),
+    arch: Optional[str] = option("Architecture (`resnext archs`).",
+                                 default="resnext50_32x4d, or the checkpoint's", metavar="ARCH"),
+    img_size: Optional[int] = option("Crop size.", default="224, or the checkpoint's", metavar="S"),
+    folds: Optional[int] = option("Cross-validation folds for the out-of-fold probabilities.",
+                                  default=AuditConfig().folds, metavar="K"),
+    similarity: Optional[float] = option("Centred cosine similarity at or above which two images "
+                                         "count as near-copies.", default=AuditConfig().similarity,
+                                         metavar="X"),
+    out: Optional[str] = option("Output folder.", default="runs/audit", metavar="DIR"),
+    json: Optional[bool] = JSON,
+    gallery: Optional[int] = option("Findings per section shown with thumbnails in audit.html.",
+                                    default=AuditConfig().gallery, metavar="N"),
+    batch_size: Optional[int] = option("Images per batch.", default=AuditConfig().batch_size, metavar="N"),
+    workers: Optional[int] = WORKERS,
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = PRECISION,
+    decode: Optional[str] = DECODE,
+    seed: Optional[int] = option("Seed of the folds (and of the split of a single folder).",
+                                 default=AuditConfig().seed, metavar="N"),
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
+    """Find likely label errors, near-duplicates and train/val leaks in a dataset (never changes
+    a file): audit.csv, audit.json and audit.html in --out."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
+
+    def action() -> int:
+        from resnext_cli.audit import audit as run_audit
+
+        overrides["data"] = pick_data(folder, data)
+        return run_audit(build_config(AuditConfig, config, overrides))
+
+    _exit_with(run_command(action))
+
+
+cache_app = typer.Typer(
+    help="The backbone-feature cache (--cache-features, audit): list or clear it.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list(json: Optional[bool] = JSON) -> None:
+    """Entries of the cache, most recently used first, with their size and the folder's limit."""
+    overrides = {"json": json}
+
+    def action() -> None:
+        from resnext_cli.cache import list_cache
+
+        list_cache(build_config(CacheConfig, None, overrides))
+
+    run_command(action)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    older_than: Optional[float] = option("Only entries unused for this many days.", default="all",
+                                         metavar="DAYS"),
+) -> None:
+    """Remove cached features (they are recomputed when needed)."""
+    overrides = {"older_than": older_than}
+
+    def action() -> None:
+        from resnext_cli.cache import clear_cache
+
+        clear_cache(build_config(CacheConfig, None, overrides))
 
     run_command(action)
 

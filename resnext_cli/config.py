@@ -34,10 +34,11 @@ class TrainConfig:
     freeze: bool | None = None  # None: freeze unless --weights none
     unfreeze_after: int | None = None
     backbone_lr_mult: float = 0.1
+    freeze_bn: bool | None = None  # fine-tuning: BN statistics as loaded; None: after a frozen phase
     img_size: int = 224
     augment: bool = True  # RandomResizedCrop + flip; off: the val transform for training too
-    cache_features: bool = False  # frozen phase: backbone features computed once, kept on disk
-    feature_views: int = 1  # with cache_features: view 1 plain, views 2..K augmented, cycled
+    cache_features: bool = True  # frozen phase: backbone features computed once, kept on disk
+    feature_views: int = 4  # with cache_features: view 1 plain, views 2..K augmented, cycled
     val_split: float = 0.1
     epochs: int = 10
     batch_size: int = 16
@@ -112,6 +113,7 @@ class InferenceConfig:
     channels_last: bool = True
     decode: str = "auto"
     compile: bool = False  # torch.compile the model: pays off only for large batches of images
+    tta: bool = False  # average the predictions for the image and its mirror image
 
     def validate(self) -> None:
         if self.checkpoint and self.weights:
@@ -223,6 +225,57 @@ class CheckDataConfig:
             _check_range("workers", self.workers, low=0)
         _check_range("min_size", self.min_size, low=1)
         _check_range("imbalance_ratio", self.imbalance_ratio, low=1)
+
+
+@dataclass
+class AuditConfig:
+    data: str | None = None
+    weights: str = "imagenet"  # imagenet | PATH (state dict or checkpoint) | none
+    checkpoint: str | None = None  # a trained run's best.pt as the backbone (and its preprocessing)
+    arch: str | None = None  # None: resnext50_32x4d, or the checkpoint's
+    img_size: int | None = None  # None: 224, or the checkpoint's
+    folds: int = 5
+    similarity: float = 0.9  # centred cosine similarity at or above which two images are near-copies
+    out: str | None = None  # None: runs/audit
+    json: bool = False
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    decode: str = "auto"
+    val_split: float = 0.1  # DATA without a val folder: split as train would
+    seed: int = 0  # folds; and the split of a single folder
+    gallery: int = 60  # findings shown with thumbnails in audit.html
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UserError("No dataset given. Usage: resnext audit DATA (a folder of class folders).")
+        if self.checkpoint and self.weights not in ("imagenet", None):
+            raise UserError("Give either --checkpoint or --weights, not both.")
+        if self.arch is not None:
+            _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
+        _check_range("folds", self.folds, low=2)
+        _check_range("similarity", self.similarity, low=0, high=1.0001)
+        _check_range("batch_size", self.batch_size, low=1)
+        _check_range("gallery", self.gallery, low=0)
+        _check_range("val_split", self.val_split, low=0, high=1, inclusive=False)
+        if self.img_size is not None:
+            _check_range("img_size", self.img_size, low=16)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+        check_device_string(self.device)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("decode", self.decode, DECODERS)
+
+
+@dataclass
+class CacheConfig:
+    json: bool = False
+    older_than: float | None = None  # clear: only entries unused for this many days
+
+    def validate(self) -> None:
+        if self.older_than is not None:
+            _check_range("older_than", self.older_than, low=0)
 
 
 EXPORT_FORMATS = ("onnx", "torchscript")

@@ -47,11 +47,13 @@ class InferenceModel:
     channels_last: bool = False
     trained_on: str | None = None  # the data folder the checkpoint's run trained on
     decode_on_device: bool = False
+    tta: bool = False  # average over the image and its mirror image
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
         decode = ", GPU decode" if self.decode_on_device else ""
-        return f"{self.source} on {self.device} ({self.precision}{layout}{decode})"
+        tta = ", mirror TTA" if self.tta else ""
+        return f"{self.source} on {self.device} ({self.precision}{layout}{decode}{tta})"
 
     @property
     def spec(self) -> InputSpec:
@@ -70,8 +72,10 @@ class InferenceModel:
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
         """Class probabilities (on the CPU) for a batch's inputs (`batches.get_batch`)."""
         with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.model(inputs)
-        return torch.softmax(logits.float(), dim=1).cpu()
+            probs = torch.softmax(self.model(inputs).float(), dim=1)
+            if self.tta:
+                probs = (probs + torch.softmax(self.model(inputs.flip(-1)).float(), dim=1)) / 2
+        return probs.cpu()
 
 
 def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> InferenceModel:
@@ -109,7 +113,8 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
     if cfg.compile:
         model = torch.compile(model)
     return InferenceModel(model, arch, classes, preprocessing, source, device, precision,
-                          cfg.channels_last, trained_on, decode_on_device(cfg.decode, device))  # fmt: skip
+                          cfg.channels_last, trained_on, decode_on_device(cfg.decode, device),
+                          cfg.tta)  # fmt: skip
 
 
 def _weights_only_model(
@@ -155,11 +160,12 @@ class OnnxModel:
     classes: list[str]
     preprocessing: Preprocessing
     source: str
+    tta: bool = False
 
     pin_memory = False  # onnxruntime reads host memory
 
     def describe(self) -> str:
-        return f"{self.source} on onnxruntime (CPU, fp32)"
+        return f"{self.source} on onnxruntime (CPU, fp32{', mirror TTA' if self.tta else ''})"
 
     @property
     def spec(self) -> InputSpec:
@@ -172,11 +178,14 @@ class OnnxModel:
         return inference_workers(paths, requested, "cpu", self.preprocessing.decode_min_size)
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        logits = run_onnx(self.session, inputs.numpy())
-        return torch.softmax(logits.float(), dim=1)
+        probs = torch.softmax(run_onnx(self.session, inputs.numpy()).float(), dim=1)
+        if self.tta:
+            mirrored = run_onnx(self.session, inputs.flip(-1).contiguous().numpy())
+            probs = (probs + torch.softmax(mirrored.float(), dim=1)) / 2
+        return probs
 
 
-def load_onnx_model(path: str, class_indices: str | None) -> OnnxModel:
+def load_onnx_model(path: str, class_indices: str | None, tta: bool = False) -> OnnxModel:
     require_onnx("onnxruntime")
     model_file = Path(path)
     if not model_file.is_file():
@@ -187,7 +196,7 @@ def load_onnx_model(path: str, class_indices: str | None) -> OnnxModel:
     outputs = session.get_outputs()[0].shape[-1]
     if isinstance(outputs, int) and outputs != len(classes):
         raise UserError(f"{path} has {outputs} outputs but the class file names {len(classes)}.")
-    return OnnxModel(session, classes, preprocessing, str(model_file))
+    return OnnxModel(session, classes, preprocessing, str(model_file), tta)
 
 
 def require_onnx(*modules: str) -> None:

@@ -3,8 +3,10 @@ per epoch, and train the head on the stored features.
 
 The cache lives on disk (`$RESNEXT_CACHE`, default `~/.cache/resnext/features`), keyed by
 everything that changes the features: the files (paths, sizes, mtimes), the architecture, the
-weights, image size, views, precision and seed. Re-running with other head settings reuses it;
-touching the data makes a new one.
+weights, image size, views, precision, decoder and (where it matters) the seed. Re-running with
+other head settings reuses it; touching the data makes a new one. Each entry has a .json beside
+it saying what it holds; the least recently used entries go when the folder outgrows
+`$RESNEXT_CACHE_MAX_GB` (default 10); `resnext cache list|clear` shows and empties it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +26,7 @@ from resnext_cli import ui
 from resnext_cli.checkpoint import save_torch
 from resnext_cli.config import TrainConfig
 from resnext_cli.distributed import DistContext, barrier
+from resnext_cli.files import atomic_write_text
 from resnext_cli.folders import DatasetLayout
 from resnext_cli.loaders import EpochSampler, ImageListDataset, image_dataset, make_loader
 from resnext_cli.models import backbone_features
@@ -50,8 +54,62 @@ def cache_root() -> Path:
     return Path(os.environ.get("RESNEXT_CACHE", Path.home() / ".cache" / "resnext" / "features"))
 
 
-def cache_key(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing) -> str:
-    """A digest of what the features depend on (not of the head's hyperparameters)."""
+def cache_limit_bytes() -> int:
+    """The most the cache folder may hold: $RESNEXT_CACHE_MAX_GB, default 10 (GB)."""
+    try:
+        gigabytes = float(os.environ.get("RESNEXT_CACHE_MAX_GB", "10"))
+    except ValueError:
+        gigabytes = 10.0
+    return int(gigabytes * 1e9)
+
+
+@dataclass
+class CacheEntry:
+    path: Path  # <key>.pt; what it holds in <key>.json beside it
+    size: int  # bytes
+    last_used: float  # mtime: written or last reused
+    about: dict[str, Any]
+
+
+def cache_entries() -> list[CacheEntry]:
+    """The cache's entries, least recently used first."""
+    entries = []
+    for path in cache_root().glob("*.pt"):
+        try:
+            stat = path.stat()
+            sidecar = path.with_suffix(".json")
+            about = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+        except (OSError, ValueError):
+            continue  # being replaced by another process, or a damaged sidecar: skip it
+        entries.append(CacheEntry(path, stat.st_size, stat.st_mtime, about))
+    return sorted(entries, key=lambda e: e.last_used)
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    entry.path.unlink(missing_ok=True)
+    entry.path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def keep_within_limit(keep: Path) -> list[CacheEntry]:
+    """Remove least recently used entries (never `keep`) until the cache fits its limit."""
+    entries = cache_entries()
+    total, limit, removed = sum(e.size for e in entries), cache_limit_bytes(), []
+    for entry in entries:
+        if total <= limit:
+            break
+        if entry.path != keep:
+            remove_entry(entry)
+            total -= entry.size
+            removed.append(entry)
+    return removed
+
+
+def cache_key(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing,
+              view: int = 0) -> str:  # fmt: skip
+    """A digest of what one part of the cache depends on (never the head's hyperparameters):
+    view 0 (with the val features) on the files and the backbone's input; an augmented view
+    also on the seed and its number. So `resnext audit`, which needs view 0, and training runs
+    with more views or other seeds share what they can."""
     digest = hashlib.sha256()
     for split, samples in (("train", layout.train), ("val", layout.val)):
         for path, label in samples:
@@ -61,7 +119,10 @@ def cache_key(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocess
             except OSError:
                 identity = "missing"
             digest.update(f"{split}|{os.path.abspath(path)}|{identity}|{label}\n".encode())
-    digest.update(json.dumps(_feature_settings(cfg, preprocessing), sort_keys=True).encode())
+    settings = _feature_settings(cfg, preprocessing)
+    if view > 0:
+        settings.update(view=view, augmented_with_seed=cfg.seed)
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 
@@ -75,61 +136,75 @@ def _feature_settings(cfg: TrainConfig, preprocessing: Preprocessing) -> dict[st
         "weights": weights,
         "img_size": cfg.img_size,
         "resize_size": preprocessing.resize_size,
-        "views": cfg.feature_views,
-        "augment": cfg.augment,
         "precision": cfg.precision,
         "decode": cfg.decode,  # the device path resizes a little differently from Pillow
-        # random init (--weights none) and the augmented views both depend on the seed
-        "seed": cfg.seed,
-        "format": 1,
+        "seed": cfg.seed if cfg.weights == "none" else None,  # random weights depend on it
+        "format": 3,
     }
 
 
 def load_or_compute(
-    layout: DatasetLayout,
-    cfg: TrainConfig,
-    preprocessing: Preprocessing,
-    compute: Callable[[], FeatureCache],
-) -> FeatureCache:
-    """Read the cache if it is there; otherwise compute and store it (atomically)."""
-    path = cache_root() / f"{cache_key(layout, cfg, preprocessing)}.pt"
+    layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing,
+    compute: Callable[[int], dict[str, torch.Tensor]],
+) -> FeatureCache:  # fmt: skip
+    """Each part read from the cache if it is there, else computed by `compute(view)` and
+    stored (atomically): view 0 with the val features, then the augmented views 1..K-1."""
+    views = cfg.feature_views if cfg.augment else 1  # without augmentation every view is view 0
+    parts = [_load_or_compute_part(layout, cfg, preprocessing, view, compute) for view in range(views)]
+    train = torch.stack([parts[v % views]["train"] for v in range(cfg.feature_views)])
+    train_ok = torch.stack([part["train_ok"] for part in parts]).all(dim=0)
+    return FeatureCache(train, train_ok, parts[0]["val"], parts[0]["val_ok"])
+
+
+def _load_or_compute_part(
+    layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing, view: int,
+    compute: Callable[[int], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    path = cache_root() / f"{cache_key(layout, cfg, preprocessing, view)}.pt"
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
+            os.utime(path)  # recently used: the last to go when the cache outgrows its limit
             ui.info(f"Features: reusing the cache {path}")
-            return FeatureCache(**stored)
+            return stored
         except Exception as exc:  # a damaged cache is recomputed, not fatal
             ui.warn(f"ignoring the unreadable feature cache {path}: {exc}")
-    cache = compute()
+    part = compute(view)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_torch(cache.__dict__, path)
-        ui.info(f"Features: cached in {path}")
+        save_torch(part, path)
+        about = {"data": os.path.abspath(cfg.data or ""), "images": len(layout.train) + len(layout.val),
+                 "view": view, **_feature_settings(cfg, preprocessing),
+                 "created": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+        atomic_write_text(path.with_suffix(".json"), json.dumps(about, indent=1) + "\n")
+        ui.info(f"Features: cached in {path} ({path.stat().st_size / 1e6:.1f} MB; `resnext cache "
+                "list` shows the cache)")
+        removed = keep_within_limit(keep=path)
+        if removed:
+            ui.info(f"Features: removed {len(removed)} least recently used cache entries "
+                    f"({sum(e.size for e in removed) / 1e6:.0f} MB) to stay within "
+                    f"{cache_limit_bytes() / 1e9:g} GB ($RESNEXT_CACHE_MAX_GB).")
     except Exception as exc:  # training goes on; only the reuse is lost
         ui.warn(f"could not store the feature cache in {path}: {exc}")
-    return cache
+    return part
 
 
-def compute_features(
+def compute_part(
     model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: Step, workers: int,
-    pin_memory: bool, report_failures: Reporter,
-) -> FeatureCache:  # fmt: skip
-    """View 0 is the deterministic val transform; views 1..K-1 are seeded random augmentations
-    (the same crops a normal run would draw for epochs 1..K-1)."""
+    pin_memory: bool, report_failures: Reporter, view: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """View 0: the deterministic val transform, with the val features. Views 1..K-1: seeded
+    random augmentations (the same crops a normal run would draw for epochs 1..K-1)."""
     extractor = _Extractor(model, cfg, step, workers, pin_memory, report_failures)
     prep, on_device = step.spec.preprocessing, step.spec.decode_on_device
-    train_views = []
-    train_ok = torch.ones(len(layout.train), dtype=torch.bool)
-    for view in range(cfg.feature_views):
-        augmented = view > 0 and cfg.augment
-        dataset = image_dataset(layout.train, prep, train=augmented, augment_seed=cfg.seed,
-                                on_device=on_device)  # fmt: skip
-        features, ok = extractor.run(dataset, view, f"features {view + 1}/{cfg.feature_views}")
-        train_views.append(features)
-        train_ok &= ok
+    dataset = image_dataset(layout.train, prep, train=view > 0, augment_seed=cfg.seed,
+                            on_device=on_device)  # fmt: skip
+    train, train_ok = extractor.run(dataset, view, f"features {view + 1}/{cfg.feature_views}")
+    if view > 0:
+        return {"train": train, "train_ok": train_ok}
     val, val_ok = extractor.run(image_dataset(layout.val, prep, on_device=on_device), 0,
                                 "features val")  # fmt: skip
-    return FeatureCache(torch.stack(train_views), train_ok, val, val_ok)
+    return {"train": train, "train_ok": train_ok, "val": val, "val_ok": val_ok}
 
 
 @dataclass
@@ -174,8 +249,8 @@ def prepare_cache(
 ) -> FeatureCache:  # fmt: skip
     """Rank 0 computes (or finds) the cache; under torchrun the others then read it."""
 
-    def compute() -> FeatureCache:
-        return compute_features(model, layout, cfg, step, cfg.workers or 0, pin, report_failures)
+    def compute(view: int) -> dict[str, torch.Tensor]:
+        return compute_part(model, layout, cfg, step, cfg.workers or 0, pin, report_failures, view)
 
     preprocessing = step.spec.preprocessing
     cache = load_or_compute(layout, cfg, preprocessing, compute) if ctx.is_main else None

@@ -149,13 +149,19 @@ def set_backbone_trainable(model: ResNet, trainable: bool) -> None:
             param.requires_grad_(trainable)
 
 
-def set_train_mode(model: ResNet, backbone_frozen: bool) -> None:
-    """Train mode for what trains: a frozen backbone stays in eval mode so its BN stats stay put."""
+def set_train_mode(model: ResNet, backbone_frozen: bool, freeze_bn: bool = False) -> None:
+    """Train mode for what trains: a frozen backbone stays in eval mode so its BN stats stay put;
+    with `freeze_bn` a fine-tuning backbone keeps its BatchNorm layers in eval mode (running
+    statistics as loaded, used for normalising) while every weight, BN's included, trains."""
     if backbone_frozen:
         model.eval()
         model.fc.train()
-    else:
-        model.train()
+        return
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def backbone_features(model: ResNet, images: torch.Tensor) -> torch.Tensor:

@@ -4,15 +4,10 @@ evaluation folder, which is (re)made first when missing or older than best.pt.""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from PIL import ImageOps
 
 from resnext_cli import ui
 from resnext_cli.checkpoint import (
@@ -26,10 +21,9 @@ from resnext_cli.config import EvaluateConfig, ReportConfig
 from resnext_cli.errors import UserError
 from resnext_cli.evaluation import evaluate_into_folder, read_evaluation
 from resnext_cli.files import atomic_write_text
-from resnext_cli.images import load_rgb
+from resnext_cli.html_parts import BASE_STYLE, escape, image_tag, thumbnail_tag
 from resnext_cli.plots import training_curves_png, write_png
 
-THUMBNAIL_PX = 160
 
 
 @dataclass
@@ -127,26 +121,10 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
 
 # ---------------------------------------------------------------- HTML
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222;
-       padding: 0 1rem; }
-h1 { margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
-.muted { color: #666; }
-.cards { display: flex; flex-wrap: wrap; gap: 1rem; margin: 1rem 0; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: .6rem 1rem; min-width: 9rem; }
-.card b { display: block; font-size: 1.4rem; }
-table { border-collapse: collapse; font-size: .9rem; }
-th, td { padding: .25rem .7rem; border-bottom: 1px solid #eee; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+STYLE = BASE_STYLE + """
 tr.avg td { font-weight: 600; border-top: 2px solid #ccc; }
 img.figure { max-width: 100%; height: auto; border: 1px solid #eee; }
-.gallery { display: flex; flex-wrap: wrap; gap: .8rem; }
-.gallery figure { margin: 0; width: 172px; font-size: .8rem; }
-.gallery img { width: 160px; height: 160px; object-fit: contain; background: #f4f4f4;
-               border: 1px solid #ddd; }
-.gallery .file { word-break: break-all; }
 table.config td { text-align: left; }
-.wrong { color: #b00020; font-weight: 600; }
 """
 
 
@@ -156,17 +134,17 @@ def render_html(run: RunFiles, gallery: int) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="muted">{_e(str(run.run_dir))}</p>',
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        f'<p class="muted">{escape(str(run.run_dir))}</p>',
         _summary(run),
         '<h2 id="curves">Training curves</h2>',
-        _image(run.curves_png, "png", "training curves: loss, accuracy and learning rate per epoch"),
+        image_tag(run.curves_png, "png", "training curves: loss, accuracy and learning rate per epoch"),
         '<h2 id="confusion">Confusion matrix</h2>',
         _evaluation_note(run),
     ]
     if run.confusion_png is not None:
-        parts.append(_image(run.confusion_png, "png", "confusion matrix"))
+        parts.append(image_tag(run.confusion_png, "png", "confusion matrix"))
     parts += ['<h2 id="per-class">Per-class metrics</h2>', _per_class_table(run)]
     parts += ['<h2 id="mistakes">Most confident mistakes</h2>', _gallery(run, gallery)]
     parts += ['<h2 id="config">Config</h2>', _config_table(run.config)]
@@ -187,18 +165,18 @@ def _summary(run: RunFiles) -> str:
         cards.insert(1, ("evaluated accuracy", f"{run.evaluation['accuracy']:.2%}"))
         if "top5" in run.evaluation:
             cards.insert(2, ("top-5", f"{run.evaluation['top5']:.2%}"))
-    body = "".join(f'<div class="card">{_e(k)}<b>{_e(v)}</b></div>' for k, v in cards)
+    body = "".join(f'<div class="card">{escape(k)}<b>{escape(v)}</b></div>' for k, v in cards)
     return f'<div class="cards">{body}</div>'
 
 
 def _evaluation_note(run: RunFiles) -> str:
     if run.evaluation is None:
-        return f'<p class="muted">Not evaluated: {_e(run.not_evaluated)}</p>'
+        return f'<p class="muted">Not evaluated: {escape(run.not_evaluated)}</p>'
     e = run.evaluation
     unreadable = f", {e['unreadable']} unreadable" if e.get("unreadable") else ""
     return (
-        f'<p class="muted">{_e(Path(str(e.get("checkpoint", "best.pt"))).name)} on '
-        f"{_e(str(e.get('images', e.get('data', ''))))}: {e['n']} images{_e(unreadable)}, "
+        f'<p class="muted">{escape(Path(str(e.get("checkpoint", "best.pt"))).name)} on '
+        f"{escape(str(e.get('images', e.get('data', ''))))}: {e['n']} images{escape(unreadable)}, "
         f"accuracy {e['accuracy']:.2%}, macro F1 {e['macro_f1']:.2%}.</p>"
     )
 
@@ -208,9 +186,9 @@ def _per_class_table(run: RunFiles) -> str:
         return '<p class="muted">No evaluation (see above).</p>'
     head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
     rows = [
-        f"<tr><td>{_e(r['class'])}</td><td>{float(r['precision']):.2%}</td>"
+        f"<tr><td>{escape(r['class'])}</td><td>{float(r['precision']):.2%}</td>"
         f"<td>{float(r['recall']):.2%}</td><td>{float(r['f1']):.2%}</td>"
-        f"<td>{_e(r['support'])}</td></tr>"
+        f"<td>{escape(r['support'])}</td></tr>"
         for r in run.per_class
     ]
     e = run.evaluation or {}
@@ -231,35 +209,21 @@ def _gallery(run: RunFiles, limit: int) -> str:
     shown = run.mistakes[:limit]
     figures = []
     for m in shown:
-        thumb = _thumbnail(m["path"])
-        picture = (
-            _image(thumb, "jpeg", f"{m['true']} predicted as {m['predicted']}", "")
-            if thumb else '<div class="muted">(file no longer readable)</div>'
-        )  # fmt: skip
+        picture = thumbnail_tag(m["path"], f"{m['true']} predicted as {m['predicted']}")
         figures.append(
-            f"<figure>{picture}<figcaption>true <b>{_e(m['true'])}</b><br>predicted "
-            f'<span class="wrong">{_e(m["predicted"])}</span>&nbsp;{float(m["prob"]):.1%}<br>'
-            f'<span class="muted file">{_e(Path(m["path"]).name)}</span></figcaption></figure>'
+            f"<figure>{picture}<figcaption>true <b>{escape(m['true'])}</b><br>predicted "
+            f'<span class="wrong">{escape(m["predicted"])}</span>&nbsp;{float(m["prob"]):.1%}<br>'
+            f'<span class="muted file">{escape(Path(m["path"]).name)}</span></figcaption></figure>'
         )
     more = len(run.mistakes) - len(shown)
     tail = f'<p class="muted">... and {more} more in eval/misclassified.csv.</p>' if more else ""
     return f'<div class="gallery">{"".join(figures)}</div>{tail}'
 
 
-def _thumbnail(path: str) -> bytes | None:
-    try:
-        picture = ImageOps.contain(load_rgb(path, THUMBNAIL_PX), (THUMBNAIL_PX, THUMBNAIL_PX))
-    except Exception:  # noqa: BLE001 - a moved or broken file only loses its thumbnail
-        return None
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
 def _config_table(config: dict[str, Any]) -> str:
     """As config.yaml writes it: true/false/null, so that one style is shown throughout."""
     rows = "".join(
-        f"<tr><td>{_e(key)}</td><td>{_e(_yaml_scalar(value))}</td></tr>"
+        f"<tr><td>{escape(key)}</td><td>{escape(_yaml_scalar(value))}</td></tr>"
         for key, value in config.items()
     )
     return f'<table class="config">{rows}</table>'
@@ -271,13 +235,3 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _image(data: bytes, kind: str, alt: str, css_class: str = "figure") -> str:
-    encoded = base64.b64encode(data).decode("ascii")
-    cls = f' class="{css_class}"' if css_class else ""
-    return f'<img{cls} alt="{_e(alt)}" src="data:image/{kind};base64,{encoded}">'
-
-
-def _e(text: str) -> str:
-    return html.escape(str(text), quote=True)

@@ -30,6 +30,7 @@ class Step:
     criterion: torch.nn.Module
     dist: DistContext
     features: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: backbone_features
+    freeze_bn: bool = False  # while the backbone fine-tunes: BN statistics stay as loaded
 
     @property
     def device(self) -> torch.device:
@@ -97,7 +98,7 @@ def train_one_epoch(
     """One pass over this process's shard. `trainer` is None while the backbone is frozen: the
     backbone then runs without autograd and only the head's gradients are averaged."""
     frozen = trainer is None
-    set_train_mode(model, backbone_frozen=frozen)
+    set_train_mode(model, backbone_frozen=frozen, freeze_bn=step.freeze_bn)
     tally = TrainTally()
     started = time.perf_counter()
     bar = ui.progress(loader, desc=label, unit="batch")

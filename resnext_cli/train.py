@@ -90,8 +90,12 @@ def resolve_config(config: TrainConfig, ctx: DistContext) -> TrainConfig:
     torchrun every process takes rank 0's seed (same initial weights and order). What depends
     on the device (precision, decode, workers) is filled once it is chosen (`setup_device`)."""
     freeze = config.freeze if config.freeze is not None else config.weights != "none"
+    freeze_bn = config.freeze_bn
+    if freeze_bn is None:  # measured (README: fine-tuning): helps after a head-only phase only
+        freeze_bn = freeze and config.unfreeze_after is not None and config.weights != "none"
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-    return dataclasses.replace(config, freeze=freeze, seed=broadcast_object(ctx, seed))
+    return dataclasses.replace(config, freeze=freeze, freeze_bn=freeze_bn,
+                               seed=broadcast_object(ctx, seed))  # fmt: skip
 
 
 def resume_config(resume: str, overrides: dict[str, Any]) -> TrainConfig:
@@ -318,6 +322,9 @@ class TrainRecipe:
                 "--freeze with --weights none keeps a random backbone fixed; only the head trains "
                 "and it will learn little. Going on as asked."
             )
+        if cfg.weights == "none" and cfg.freeze_bn:
+            ui.warn("--freeze-bn with --weights none keeps BatchNorm statistics of random weights; "
+                    "going on as asked.")  # fmt: skip
         if self.resume is not None and self.resume["classes"] != layout.classes:
             raise UserError(
                 f"The classes in {cfg.data} changed since the run started "
@@ -384,7 +391,7 @@ class TrainRecipe:
         cfg = self.cfg
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         spec = InputSpec(self.device, cfg.channels_last, self.preprocessing, cfg.decode == "gpu")
-        step = Step(spec, cfg.precision, criterion, self.ctx)
+        step = Step(spec, cfg.precision, criterion, self.ctx, freeze_bn=bool(cfg.freeze_bn))
         if cfg.compile:
             step.features = compiled_features(self.model)
         return step

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 from tqdm import tqdm
 
 _silenced = False
+_results_only = False  # stdout carries a machine-readable result (--json): messages go to stderr
+
+
+@contextlib.contextmanager
+def stdout_for_results(enabled: bool = True) -> Iterator[None]:
+    """With --json, stdout holds the JSON alone: inside this block every message goes to stderr."""
+    global _results_only
+    previous, _results_only = _results_only, enabled
+    try:
+        yield
+    finally:
+        _results_only = previous
 
 
 def silence() -> None:
@@ -25,7 +38,7 @@ def console(stderr: bool = False) -> Any:
 
 def info(message: str) -> None:
     if not _silenced:
-        console().print(message, markup=False)
+        console(stderr=_results_only).print(message, markup=False)
 
 
 def note(message: str) -> None:
@@ -38,7 +51,7 @@ def note(message: str) -> None:
 def show(renderable: Any) -> None:
     """A rich table or other renderable on stdout."""
     if not _silenced:
-        console().print(renderable)
+        console(stderr=_results_only).print(renderable)
 
 
 def warn(message: str) -> None:

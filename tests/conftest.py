@@ -45,6 +45,15 @@ def make_dataset(
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests never write into the user's ~/.cache: cached features (on by default for frozen
+    training) go to a session folder; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("feature_cache")
+    os.environ["RESNEXT_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "ds", train_per_class=12, val_per_class=6)

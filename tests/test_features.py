@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def metrics(run: Path) -> list[dict[str, float]]:
 
 
 def test_cached_run_reaches_the_plain_frozen_head(tmp_path, dataset, backbone, cache_dir):
-    train(dataset, tmp_path / "plain", backbone, "--no-augment")
+    train(dataset, tmp_path / "plain", backbone, "--no-augment", "--no-cache-features")
     cached = train(dataset, tmp_path / "cached", backbone, "--no-augment", "--cache-features")
     assert "Features: cached in" in cached.stdout
     plain_ckpt = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
@@ -62,26 +63,30 @@ def test_cached_run_reaches_the_plain_frozen_head(tmp_path, dataset, backbone, c
 
 def test_cache_is_reused_and_invalidated(tmp_path, backbone, cache_dir):
     data = make_dataset(tmp_path / "ds", train_per_class=4, val_per_class=2)
-    train(data, tmp_path / "a", backbone, "--cache-features")
-    again = train(data, tmp_path / "b", backbone, "--cache-features", "--lr", "0.05", "--batch-size", "4")
+    one = ["--cache-features", "--feature-views", "1"]  # one cache file per setting
+    train(data, tmp_path / "a", backbone, *one)
+    again = train(data, tmp_path / "b", backbone, *one, "--lr", "0.05", "--batch-size", "4")
     assert "reusing the cache" in again.stdout  # other head settings, same features
     assert len(list(cache_dir.glob("*.pt"))) == 1
     image = next((data / "train" / "alpha").iterdir())
     os.utime(image, (1, 1))  # the dataset changed
-    changed = train(data, tmp_path / "c", backbone, "--cache-features")
+    changed = train(data, tmp_path / "c", backbone, *one)
     assert "reusing" not in changed.stdout and len(list(cache_dir.glob("*.pt"))) == 2
-    other_size = train(data, tmp_path / "d", backbone, "--cache-features", "--img-size", "48")
+    other_size = train(data, tmp_path / "d", backbone, *one, "--img-size", "48")
     assert "reusing" not in other_size.stdout and len(list(cache_dir.glob("*.pt"))) == 3
 
 
 def test_feature_views_are_augmented_and_cycled(tmp_path, backbone, cache_dir):
     data = make_dataset(tmp_path / "ds", train_per_class=4, val_per_class=2)
     train(data, tmp_path / "run", backbone, "--cache-features", "--feature-views", "3")
-    (stored,) = list(cache_dir.glob("*.pt"))
-    cache = torch.load(stored, weights_only=True)
-    assert cache["train"].shape[:2] == (3, 12) and cache["val"].shape[0] == 6
-    assert not torch.allclose(cache["train"][0], cache["train"][1])  # an augmented view
-    assert not torch.allclose(cache["train"][1], cache["train"][2])
+    parts = {json.loads(p.with_suffix(".json").read_text())["view"]: torch.load(p, weights_only=True)
+             for p in cache_dir.glob("*.pt")}  # one file per view; view 0 holds the val features
+    assert sorted(parts) == [0, 1, 2] and parts[0]["val"].shape[0] == 6
+    assert all(part["train"].shape[0] == 12 for part in parts.values())
+    assert not torch.allclose(parts[0]["train"], parts[1]["train"])  # an augmented view
+    assert not torch.allclose(parts[1]["train"], parts[2]["train"])
+    again = train(data, tmp_path / "again", backbone, "--cache-features", "--feature-views", "4")
+    assert again.stdout.count("reusing the cache") == 3  # only the 4th view is new
 
 
 def test_unfreeze_after_with_cached_features(tmp_path, dataset, backbone, cache_dir):
@@ -101,8 +106,8 @@ def test_unreadable_files_with_cached_features(tmp_path, backbone, cache_dir):
 
 def test_compiled_frozen_training_matches_eager(tmp_path, dataset, backbone, cache_dir):
     """--compile (torch.compile of the frozen backbone's forward) changes speed, not results."""
-    train(dataset, tmp_path / "eager", backbone, "--epochs", "1")
-    train(dataset, tmp_path / "compiled", backbone, "--epochs", "1", "--compile")
+    train(dataset, tmp_path / "eager", backbone, "--epochs", "1", "--no-cache-features")
+    train(dataset, tmp_path / "compiled", backbone, "--epochs", "1", "--compile", "--no-cache-features")
     for a, b in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")):
         assert a["val_acc"] == b["val_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-3)

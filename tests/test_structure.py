@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "resnext_cli"
-COMMANDS = {"train", "predict", "evaluate", "export", "check_data"}
+COMMANDS = {"train", "predict", "evaluate", "export", "check_data", "cache", "audit"}
 
 
 def imports_of(path: Path) -> set[str]:
