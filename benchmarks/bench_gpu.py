@@ -19,7 +19,8 @@ with whole-command seconds beside them.
 Goals on an H100 with 16 cores, resnet50, 224 px (issue 17): full fine-tuning >= 0.75x the model
 alone, frozen >= 0.6x, batch-predict in-loop >= 0.5x at batch 128, >= 1,200 img/s on 3000x2000.
 `--device cpu --decode-on-cpu` runs every row on the CPU with tiny sizes, to check this script
-where there is no GPU (its numbers mean nothing).
+where there is no GPU (its numbers mean nothing). `--agreement CHECKPOINT` only compares the
+two decode paths' top-1 on the val photos of --photos with a trained model (on any device).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from torch import nn
 from torchvision import datasets, transforms
 
 from resnext_cli import engines, features, models, predict, train as train_module
-from resnext_cli.config import BatchPredictConfig, TrainConfig, available_cores
+from resnext_cli.config import BatchPredictConfig, EvaluateConfig, TrainConfig, available_cores
 from resnext_cli.device import autocast, precision_for
+from resnext_cli.engines import load_inference_model
+from resnext_cli.evaluation import evaluation_samples, score
 from resnext_cli.folders import list_images
 from resnext_cli.train import train
 
@@ -219,6 +222,24 @@ def resnext_predict(folder: Path, checkpoint: Path, device: str, decode: str, ba
     return {"images_per_s": recorded["n"] / recorded["seconds"], "wall": time.perf_counter() - started}
 
 
+def agreement(checkpoint: str, data: str, device: str) -> None:
+    """Top-1 of the device decode path against Pillow's, same model, same photos (fp32)."""
+    engine = load_inference_model(EvaluateConfig(checkpoint=checkpoint, device=device, precision="fp32"),
+                                  announce=False)  # fmt: skip
+    samples = evaluation_samples(data, engine.classes, None).samples
+    results = {}
+    for on_device in (False, True):
+        engine.decode_on_device = on_device
+        started = time.perf_counter()
+        results[on_device] = (score(engine, samples, 32, None, warn=False), time.perf_counter() - started)
+    pillow, tensor = results[False][0], results[True][0]
+    same = sum(a.predicted == b.predicted for a, b in zip(pillow.predictions, tensor.predictions))
+    print(f"{checkpoint} on {data} ({len(samples)} photos, {engine.preprocessing}, {device}):")
+    print(f"  top-1 agreement {same}/{len(pillow.predictions)} = {same / len(pillow.predictions):.1%}; "
+          f"accuracy Pillow {pillow.report.accuracy:.1%}, device path {tensor.report.accuracy:.1%}; "
+          f"{results[False][1]:.1f} s vs {results[True][1]:.1f} s")
+
+
 def allow_device_decode_on_cpu() -> None:
     """For --decode-on-cpu: the device pipeline on the CPU (what the tests exercise), so that
     every row of this script runs where there is no GPU."""
@@ -242,7 +263,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="resnext train epochs (1 is warm-up)")
     parser.add_argument("--model-batches", type=int, default=30)
     parser.add_argument("--decode-on-cpu", action="store_true", help="smoke test without a GPU")
+    parser.add_argument("--agreement", metavar="CHECKPOINT", help="only the decode paths' top-1 agreement")
     args = parser.parse_args()
+    if args.agreement:
+        return agreement(args.agreement, args.photos, args.device if torch.cuda.is_available() else "cpu")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

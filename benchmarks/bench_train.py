@@ -4,9 +4,9 @@ One run, same data (a DATA/train + DATA/val folder), same backbone weights, per 
 and per epoch count:
   (a) the tutorial loop, frozen backbone (requires_grad=False, but net.train() every epoch),
       Adam 1e-3, batch 16, RandomResizedCrop + flip, validation each epoch;
-  (b) `resnext train` frozen, no cache (its defaults, batch 16, Adam 1e-3);
-  (c) `resnext train --cache-features`, cold: the feature cache is computed inside the timed
-      run; (c') the same rerun with other head settings (lr 3e-3), reusing that cache;
+  (b) `resnext train` frozen, --no-cache-features (batch 16, Adam 1e-3);
+  (c) `resnext train --cache-features --feature-views 1`, cold: the feature cache is computed
+      inside the timed run; (c') the same rerun with other head settings (lr 3e-3), reusing it;
   (d) full fine-tuning: the tutorial loop without freezing vs `resnext train --no-freeze` at
       the default (best measured) precision.
 The resnext runs are `train` at its defaults, so their wall time includes the per-epoch
@@ -89,12 +89,14 @@ def main() -> None:
             cache = work / f"cache_{arch}_{epochs}"  # a new, empty cache for each (c)
             runs = {
                 "(a) tutorial, frozen": lambda: tutorial.train(tutorial_net(), args.data, epochs, freeze=True),
-                "(b) resnext frozen": lambda: ours(args.data, arch, weights, epochs, work / f"{arch}{epochs}b"),
+                "(b) resnext frozen": lambda: ours(args.data, arch, weights, epochs, work / f"{arch}{epochs}b",
+                                                   cache_features=False),
                 "(c) resnext --cache-features": lambda: ours(
-                    args.data, arch, weights, epochs, work / f"{arch}{epochs}c", cache, cache_features=True),
+                    args.data, arch, weights, epochs, work / f"{arch}{epochs}c", cache, cache_features=True,
+                    feature_views=1),
                 "(c') same, cache reused": lambda: ours(
                     args.data, arch, weights, epochs, work / f"{arch}{epochs}c2", cache, cache_features=True,
-                    lr=3e-3),
+                    feature_views=1, lr=3e-3),
                 "(d) tutorial, full fine-tune": lambda: tutorial.train(tutorial_net(), args.data, epochs, freeze=False),
                 "(d) resnext --no-freeze": lambda: ours(
                     args.data, arch, weights, epochs, work / f"{arch}{epochs}d", freeze=False),

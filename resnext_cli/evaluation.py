@@ -205,8 +205,8 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
             "Pass the labelled images: resnext evaluate DATA (DATA/<class>/* or a dataset root)."
         )
     if talk and not cfg.data:
-        ui.note(f"Evaluating on {data}, the data {engine.source} was trained on (pass DATA to "
-                "choose other images).")  # fmt: skip
+        ui.note(f"Data: {data}, which {engine.source} was trained on (pass DATA to choose other "
+                "images).")  # fmt: skip
     run_dir = Path(engine.source).parent if not cfg.weights else None
     chosen = evaluation_samples(data, engine.classes, run_dir)
     for message in chosen.warnings:

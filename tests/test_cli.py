@@ -151,7 +151,7 @@ def test_evaluate_defaults_to_the_data_the_checkpoint_trained_on(tmp_path: Path,
     result = invoke(["evaluate", "--checkpoint", trained_run / "best.pt", "--out", tmp_path / "eval",
                      "--workers", "0"])
     assert result.exit_code == 0, result.stderr
-    assert f"Evaluating on {dataset}, the data" in result.stderr
+    assert f"Data: {dataset}, which" in result.stderr and "was trained on" in result.stderr
     assert (tmp_path / "eval" / "metrics.json").is_file()
     weights = tmp_path / "plain.pth"
     torch.save(torch.load(trained_run / "best.pt", weights_only=True)["model"], weights)
