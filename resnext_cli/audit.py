@@ -94,6 +94,11 @@ def _audit(cfg: AuditConfig, cleanlab: Any) -> int:
         raise UserError("Fewer than 2 classes have readable images; nothing to audit.")
     probs, strength = out_of_fold_probabilities(embedded.features, embedded.labels,
                                                 len(embedded.classes), cfg.folds, cfg.seed)  # fmt: skip
+    accuracy = float((probs.argmax(1) == embedded.labels).mean())
+    if accuracy < 0.6:
+        ui.warn(f"the out-of-fold heads are right on only {accuracy:.0%} of the images: this "
+                "backbone's features separate these classes poorly, so the label suggestions are "
+                "weak. Try other --weights, or --checkpoint of a model trained on similar data.")  # fmt: skip
     labels, per_class = label_findings(cleanlab, embedded, probs)
     pairs = near_duplicates(embedded.features, cfg.similarity)
     duplicates = duplicate_findings(embedded, pairs)
