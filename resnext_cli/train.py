@@ -400,7 +400,6 @@ class TrainRecipe:
         """The optimiser, schedule position, scaler, RNG and history of a resumed run."""
         self.rows: list[dict[str, Any]] = []
         self.best_acc, self.best_epoch = -1.0, 0
-        self.completed = self.start_epoch - 1
         state = self.resume
         if state is None:
             return
@@ -466,7 +465,6 @@ class TrainRecipe:
         if self.ctx.is_main:
             self.save(row, improved)
             self.draw(validation, improved, epoch)
-        self.completed = epoch
         _print_epoch_row(row, improved, first=epoch == self.start_epoch)
 
     def save(self, row: dict[str, Any], improved: bool) -> None:
@@ -497,7 +495,13 @@ class TrainRecipe:
         return False
 
     def interrupted(self) -> UserError:
-        done, run_dir = self.completed, self.run_dir
+        """Told from what is on disk, the epoch last.pt holds, so that it is right whatever
+        moment Ctrl-C came at (even between writing last.pt and the next line)."""
+        run_dir, last = self.run_dir, self.run_dir / "last.pt"
+        try:
+            done = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
+        except Exception:  # noqa: BLE001 - nothing saved yet (or unreadable): no epoch to resume
+            done = 0
         saved = (
             f"{run_dir / 'last.pt'} holds epoch {done}; continue with "
             f"`resnext train --resume {run_dir}`."
