@@ -8,7 +8,8 @@ for the large-photo rows. Rows, each in images/s and as a ratio to the model alo
     inference;
   a hand-written loop (ImageFolder, Pillow transforms, DataLoader with every core, bf16,
     channels-last): full and frozen training, inference;
-  resnext train --no-freeze / frozen, --cache-features extraction, batch-predict (batch 128),
+  resnext train --no-freeze / frozen (--no-cache-features: images every epoch), the
+    --cache-features extraction, batch-predict (batch 128),
     each with --decode cpu and --decode gpu; batch-predict on the 3000x2000 photos.
 resnext rows are in-loop rates (epochs 2.., from metrics.csv; batch-predict's own loop time),
 with whole-command seconds beside them.
@@ -90,6 +91,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               device: torch.device, precision: str) -> None:
+    """The standard step of a hand-written loop: train mode, autocast forward, backward, step."""
+    model.train()
+    with autocast(device, precision):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def model_alone(arch: str, device: torch.device, precision: str, batch: int, img: int,
                 batches: int) -> dict[str, float]:
     model = models.build_model(arch, 10).to(device, memory_format=torch.channels_last)
@@ -99,12 +111,7 @@ def model_alone(arch: str, device: torch.device, precision: str, batch: int, img
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def full() -> None:
-        model.train()
-        with autocast(device, precision):
-            loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, y, device, precision)
 
     head_opt = torch.optim.Adam(model.fc.parameters(), lr=1e-3)
 
@@ -144,7 +151,6 @@ def pil_loop(data: Path, arch: str, device: torch.device, precision: str, batch:
     model = models.build_model(arch, len(ds.classes)).to(device, memory_format=torch.channels_last)
     params = model.fc.parameters() if freeze else model.parameters()
     opt = torch.optim.Adam(params, lr=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
     seen, started = 0, time.perf_counter()
     warm_up = min(2, len(loader) - 1)
     for i, (x, y) in enumerate(loader):
@@ -158,12 +164,7 @@ def pil_loop(data: Path, arch: str, device: torch.device, precision: str, batch:
                 model.eval()
                 model(x)
         else:
-            model.train()
-            with autocast(device, precision):
-                loss = loss_fn(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, opt, x, y, device, precision)
         seen += len(y)
     sync(device)
     return seen / (time.perf_counter() - started)
@@ -300,7 +301,7 @@ def main() -> None:
     runs: dict[tuple[str, str], Path] = {}
     for decode in ("cpu", "gpu"):
         for label, key, options in (("train --no-freeze", "full", {"freeze": False}),
-                                    ("train (frozen)", "frozen", {}),
+                                    ("train (frozen)", "frozen", {"cache_features": False}),
                                     ("train --cache-features: extraction", "inference",
                                      {"cache_features": True})):
             out = runs[decode, label] = work / f"run_{decode}_{len(rows)}"

@@ -103,7 +103,7 @@ def _audit(cfg: AuditConfig, cleanlab: Any) -> int:
     pairs = near_duplicates(embedded.features, cfg.similarity)
     duplicates = duplicate_findings(embedded, pairs)
     seconds = time.perf_counter() - started
-    summary = _summary(cfg, embedded, probs, strength, labels, duplicates, per_class,
+    summary = _summary(cfg, embedded, accuracy, strength, labels, duplicates, per_class,
                        {"embedding": embedding_seconds, "total": seconds})  # fmt: skip
     findings = labels + duplicates
     write_outputs(out, findings, summary, embedded, probs, cfg.gallery)
@@ -302,7 +302,7 @@ def duplicate_findings(embedded: Embedded, pairs: list[tuple[int, int, float]]) 
 # ---------------------------------------------------------------- outputs
 
 
-def _summary(cfg: AuditConfig, embedded: Embedded, probs: np.ndarray, strength: float,
+def _summary(cfg: AuditConfig, embedded: Embedded, accuracy: float, strength: float,
              labels: list[Finding], duplicates: list[Finding], per_class: dict,
              seconds: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     cross = [d for d in duplicates if d.issue == "duplicate" and d.given != d.suggested]
@@ -318,7 +318,7 @@ def _summary(cfg: AuditConfig, embedded: Embedded, probs: np.ndarray, strength: 
             "leak": sum(d.issue == "leak" for d in duplicates),
         },
         "per_class": per_class,
-        "out_of_fold_accuracy": float((probs.argmax(1) == embedded.labels).mean()),
+        "out_of_fold_accuracy": accuracy,
         "settings": {"folds": cfg.folds, "similarity": cfg.similarity, "seed": cfg.seed,
                      "l2_strength": strength, "checkpoint": cfg.checkpoint, "weights": cfg.weights,
                      "arch": cfg.arch, "img_size": cfg.img_size},  # fmt: skip

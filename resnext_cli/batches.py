@@ -61,15 +61,17 @@ def get_batch(batch: LoadedBatch, spec: InputSpec) -> DeviceBatch:
         return DeviceBatch(None, labels[:0], [], failures)
     crops = crop_and_flip([pictures[i] for i in kept], [batch.encoded[i] for i in kept],  # type: ignore[misc]
                           spec.preprocessing.img_size)  # fmt: skip
-    layout = torch.channels_last if spec.channels_last else torch.contiguous_format
-    inputs = spec.preprocessing.normalize(crops).contiguous(memory_format=layout)
+    inputs = spec.preprocessing.normalize(crops).contiguous(memory_format=layout(spec.channels_last))
     kept_labels = labels[torch.tensor(kept, device=labels.device)]
     return DeviceBatch(inputs, kept_labels, [batch.indices[i] for i in kept], failures)
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=layout)
+    return images.to(device, non_blocking=True, memory_format=layout(channels_last))
+
+
+def layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def pixel_batch(pixels: torch.Tensor) -> LoadedBatch:

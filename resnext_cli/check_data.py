@@ -30,7 +30,7 @@ from resnext_cli.folders import (
     find_splits,
     layout_findings,
 )
-from resnext_cli.images import bombs_are_errors, describe_failure
+from resnext_cli.images import bombs_are_errors, describe_failure, unidentified
 
 EXIF_ORIENTATION = 0x0112
 
@@ -110,7 +110,7 @@ def inspect_file(path: str) -> FileFacts:
                 img.draft(img.mode, (64, 64))  # a reduced decode still reads every byte
             img.load()
     except UnidentifiedImageError:  # worded as train words it (its message names our buffer)
-        facts.error = f"UnidentifiedImageError: cannot identify image file {path!r}"
+        facts.error = describe_failure(unidentified(path))
     except Exception as exc:  # any decoder error means unreadable
         facts.error = describe_failure(exc)
     return facts

@@ -7,7 +7,6 @@ loaded only with `weights_only=True`, so opening a file never runs code from it.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import pickle
@@ -21,7 +20,13 @@ import yaml
 from resnext_cli import __version__
 from resnext_cli.config import read_yaml_config
 from resnext_cli.errors import UserError
-from resnext_cli.files import atomic_write, atomic_write_csv, atomic_write_text, make_folder
+from resnext_cli.files import (
+    atomic_write,
+    atomic_write_csv,
+    atomic_write_text,
+    make_folder,
+    read_csv,
+)
 from resnext_cli.transforms import Preprocessing, resize_size
 
 CHECKPOINT_FORMAT = "resnext-cli/1"
@@ -288,8 +293,7 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
     """metrics.csv's rows as written (strings), one per completed epoch."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(path)
 
 
 def _fmt(value: Any) -> str:

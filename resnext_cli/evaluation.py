@@ -4,7 +4,6 @@ their predictions (`score`), the metrics (`summarise`) and the eval/ folder of f
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from resnext_cli import ui
 from resnext_cli.config import EvaluateConfig
 from resnext_cli.engines import InferenceModel, OnnxModel, load_inference_model
 from resnext_cli.errors import EXIT_FAILED, UserError
-from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder
+from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
 from resnext_cli.folders import find_splits, ignored_entries, read_split_val
 from resnext_cli.batches import get_batch
 from resnext_cli.loaders import make_loader
@@ -237,15 +236,10 @@ class RecordedEvaluation:
 def read_evaluation(out: Path) -> RecordedEvaluation:
     return RecordedEvaluation(
         json.loads((out / "metrics.json").read_text(encoding="utf-8")),
-        _read_csv(out / "per_class.csv"),
-        _read_csv(out / "misclassified.csv"),
+        read_csv(out / "per_class.csv"),
+        read_csv(out / "misclassified.csv"),
         (out / "confusion_matrix.png").read_bytes(),
     )
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _num(value: float) -> str:

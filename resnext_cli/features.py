@@ -104,13 +104,14 @@ def keep_within_limit(keep: Path) -> list[CacheEntry]:
     return removed
 
 
-def cache_key(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing,
-              view: int = 0) -> str:  # fmt: skip
-    """A digest of what one part of the cache depends on (never the head's hyperparameters):
-    view 0 (with the val features) on the files and the backbone's input; an augmented view
-    also on the seed and its number. So `resnext audit`, which needs view 0, and training runs
-    with more views or other seeds share what they can."""
-    digest = hashlib.sha256()
+def cache_keys(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing,
+               views: int) -> list[str]:  # fmt: skip
+    """One digest per part of the cache, of what that part depends on (never the head's
+    hyperparameters): view 0 (with the val features) on the files and the backbone's input; an
+    augmented view also on the seed and its number. So `resnext audit`, which needs view 0,
+    and training runs with more views or other seeds share what they can. The files are
+    listed (and stat-ed) once for all parts."""
+    files = hashlib.sha256()
     for split, samples in (("train", layout.train), ("val", layout.val)):
         for path, label in samples:
             try:
@@ -118,12 +119,16 @@ def cache_key(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocess
                 identity = f"{stat.st_size}:{stat.st_mtime_ns}"
             except OSError:
                 identity = "missing"
-            digest.update(f"{split}|{os.path.abspath(path)}|{identity}|{label}\n".encode())
-    settings = _feature_settings(cfg, preprocessing)
-    if view > 0:
-        settings.update(view=view, augmented_with_seed=cfg.seed)
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:32]
+            files.update(f"{split}|{os.path.abspath(path)}|{identity}|{label}\n".encode())
+    keys = []
+    for view in range(views):
+        settings = _feature_settings(cfg, preprocessing)
+        if view > 0:
+            settings.update(view=view, augmented_with_seed=cfg.seed)
+        digest = files.copy()
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        keys.append(digest.hexdigest()[:32])
+    return keys
 
 
 def _feature_settings(cfg: TrainConfig, preprocessing: Preprocessing) -> dict[str, Any]:
@@ -150,17 +155,18 @@ def load_or_compute(
     """Each part read from the cache if it is there, else computed by `compute(view)` and
     stored (atomically): view 0 with the val features, then the augmented views 1..K-1."""
     views = cfg.feature_views if cfg.augment else 1  # without augmentation every view is view 0
-    parts = [_load_or_compute_part(layout, cfg, preprocessing, view, compute) for view in range(views)]
+    keys = cache_keys(layout, cfg, preprocessing, views)
+    parts = [_load_or_compute_part(layout, cfg, preprocessing, view, cache_root() / f"{key}.pt", compute)
+             for view, key in enumerate(keys)]  # fmt: skip
     train = torch.stack([parts[v % views]["train"] for v in range(cfg.feature_views)])
     train_ok = torch.stack([part["train_ok"] for part in parts]).all(dim=0)
     return FeatureCache(train, train_ok, parts[0]["val"], parts[0]["val_ok"])
 
 
 def _load_or_compute_part(
-    layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing, view: int,
+    layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing, view: int, path: Path,
     compute: Callable[[int], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    path = cache_root() / f"{cache_key(layout, cfg, preprocessing, view)}.pt"
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)

@@ -68,6 +68,12 @@ def typical_short_side(paths: list[str], sample: int = 16) -> int | None:
     return sorted(sides)[len(sides) // 2] if sides else None
 
 
+def unidentified(path: str | Path) -> UnidentifiedImageError:
+    """Pillow's error for a file that is no image, worded as `Image.open(path)` words it (opened
+    from bytes in memory, Pillow would name its buffer instead of the file)."""
+    return UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+
+
 def describe_failure(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
@@ -97,8 +103,8 @@ def read_header(path: str | Path, min_size: int | None = None) -> Header:
             if min_size and jpeg:
                 img.draft("RGB", (min_size, min_size))
             draft = img.size
-    except UnidentifiedImageError:  # worded as Image.open(path) words it
-        raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+    except UnidentifiedImageError:
+        raise unidentified(path) from None
     orientation = orientation if orientation in range(2, 9) else 1
     if orientation >= 5:  # a quarter turn: width and height swap
         size, draft = size[::-1], draft[::-1]

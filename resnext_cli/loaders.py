@@ -5,6 +5,7 @@ decoding processes to use."""
 from __future__ import annotations
 
 import contextlib
+import io
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
@@ -35,14 +36,18 @@ def inference_workers(
     of the model's time per image (measured, resnet18 on 2 cores: 0.85-0.90 of model-only
     speed vs 0.75-0.76 with the worker). Large photos keep their worker: the reduced-size
     decode overlapped with the model is what makes them fast."""
-    small = (typical_short_side(paths) or 0) <= 2 * decode_min_size
     if requested is not None:
         workers = requested
-    elif device_type == "cpu" and available_cores() <= 3 and small:
+    elif device_type == "cpu" and available_cores() <= 3 and _small(paths, decode_min_size):
         workers = 0
     else:
         workers = default_workers(device_type)
     return min(workers, len(paths))
+
+
+def _small(paths: list[str], decode_min_size: int) -> bool:
+    """Small images: a median shorter side of at most twice the resize size (headers only)."""
+    return (typical_short_side(paths) or 0) <= 2 * decode_min_size
 
 
 class EncodedImage(NamedTuple):
@@ -136,8 +141,8 @@ class ImageListDataset:
         the same box), then scaled to the full-size picture the GPU decodes."""
         header = read_header(path, self.decode_min_size)
         box, flip = crops.draw(*header.draft_size)
-        if not header.device_jpeg:  # Pillow decodes it here, as the CPU path does
-            pixels = F.pil_to_tensor(load_rgb(path, self.decode_min_size))
+        if not header.device_jpeg:  # Pillow decodes it here (from the bytes read), as on the CPU path
+            pixels = F.pil_to_tensor(load_rgb(io.BytesIO(header.content), self.decode_min_size))
             return EncodedImage(pixels, False, 1, box, flip)
         sx = header.size[0] / header.draft_size[0]
         sy = header.size[1] / header.draft_size[1]

@@ -97,13 +97,8 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
     earlier = writer.done if writer else {}
     if earlier:
         paths = [p for p in paths if p not in earlier]
-        ui.console(stderr=True).print(
-            f"Resuming {cfg.output}: {len(earlier)} image(s) already there, {len(paths)} to go.",
-            markup=False,
-        )
-    ui.console(stderr=True).print(
-        f"{len(paths)} images in {cfg.data}  |  {engine.describe()}", markup=False
-    )
+        ui.note(f"Resuming {cfg.output}: {len(earlier)} image(s) already there, {len(paths)} to go.")
+    ui.note(f"{len(paths)} images in {cfg.data}  |  {engine.describe()}")
     loader = make_loader(engine.dataset([(p, -1) for p in paths]), batch_size=cfg.batch_size,
                          workers=engine.decode_workers(paths, cfg.workers),
                          pin_memory=engine.pin_memory)  # fmt: skip

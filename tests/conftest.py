@@ -45,6 +45,21 @@ def make_dataset(
     return root
 
 
+def save_backbone(path: Path, seed: int) -> Path:
+    """A resnet18 state dict with non-trivial BatchNorm statistics, so that drift would show."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    reference = torchvision.models.resnet18()
+    for module in reference.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tests never write into the user's ~/.cache: cached features (on by default for frozen

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
-from tests.conftest import TINY_TRAIN, invoke, make_dataset
+from tests.conftest import TINY_TRAIN, invoke, make_dataset, save_backbone
 
 
 @pytest.fixture
@@ -23,15 +22,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    reference = torchvision.models.resnet18()
-    for module in reference.modules():  # BN statistics that matter
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("backbone") / "r18.pth"
-    torch.save(reference.state_dict(), path)
-    return path
+    return save_backbone(tmp_path_factory.mktemp("backbone") / "r18.pth", seed=1)
 
 
 def train(data: Path, out: Path, backbone: Path, *extra: str):

@@ -11,27 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 import yaml
 
 from resnext_cli.batches import get_batch, pixel_batch
 from resnext_cli.config import EvaluateConfig
 from resnext_cli.engines import load_inference_model
-from tests.conftest import TINY_TRAIN, invoke, make_dataset
+from tests.conftest import TINY_TRAIN, invoke, make_dataset, save_backbone
 from tests.test_predict import image_folder
 
 
 @pytest.fixture
 def backbone(tmp_path: Path) -> Path:
-    torch.manual_seed(2)
-    reference = torchvision.models.resnet18()
-    for module in reference.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-    path = tmp_path / "r18.pth"
-    torch.save(reference.state_dict(), path)
-    return path
+    return save_backbone(tmp_path / "r18.pth", seed=2)
 
 
 def train(data: Path, out: Path, *extra) -> str:
