@@ -6,11 +6,33 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from resnext_cli.errors import EXIT_FAILED, UserError
+
+
+class _ErrorKeepingFile:
+    """A binary file that remembers the first OSError its writes raised.
+
+    torch.save's zip writer swallows the OSError of a failed write (a full disk, say) and
+    raises a bare RuntimeError ("unexpected pos ...") instead; this keeps the real reason."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # flush, tell, fileno...: the file's own
+        return getattr(self.handle, name)
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -20,23 +42,34 @@ def atomic_write(path: Path, write: Any) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise UserError(f"Cannot write {path}: {exc.strerror or exc}.", EXIT_FAILED) from None
+    target = None
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files, which would hide results from others
             os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            target = _ErrorKeepingFile(handle)
+            write(target)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        reason = target.error if target is not None and target.error is not None else exc
+        if isinstance(reason, OSError):
             raise UserError(
-                f"Cannot write {path}: {exc.strerror or exc}. The previous file, if any, is "
-                "unchanged.",
+                f"Cannot write {path}: {reason.strerror or reason}{_free_space(path.parent)}. "
+                "The previous file, if any, is unchanged.",
                 EXIT_FAILED,
             ) from None
         raise
+
+
+def _free_space(folder: Path) -> str:
+    """' (N MB free there)', so that a full disk reads as one; '' where it cannot be told."""
+    try:
+        return f" ({shutil.disk_usage(folder).free / 1e6:,.0f} MB free there)"
+    except OSError:
+        return ""
 
 
 def _umask() -> int:

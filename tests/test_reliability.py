@@ -111,25 +111,51 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path, straight_run):
     assert [r["epoch"] for r in metrics_rows(run)] == [str(e) for e in range(1, 8)]
 
 
-def test_disk_full_during_a_checkpoint_write(tmp_path, resume_data, monkeypatch):
-    """The write fails half-way in epoch 2: the error is clear and epoch 1's files still load."""
-    real_save = torch.save
-    calls = {"n": 0}
+class FillingDisk:
+    """A file on a disk with `room` bytes left: writes past it fail as a full disk does."""
 
-    def failing_save(obj, handle, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:  # epoch 1 wrote best.pt and last.pt
-            handle.write(b"PK\x03\x04 half a zip")
+    def __init__(self, handle, room: int):
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
             raise OSError(28, "No space left on device")
-        return real_save(obj, handle, *args, **kwargs)
+        self.room -= len(data)
+        return self.handle.write(data)
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_disk_full_during_a_checkpoint_write(tmp_path, resume_data, monkeypatch):
+    """The disk fills half-way through a checkpoint in epoch 2, under the real torch.save (which
+    turns the failed write into a bare RuntimeError): the error names the full disk, and epoch
+    1's files still load."""
+    real_fdopen = os.fdopen
+    checkpoints = {"n": 0}
+
+    def fdopen_on_a_filling_disk(fd, *args, **kwargs):
+        handle = real_fdopen(fd, *args, **kwargs)
+        if ".pt." not in os.readlink(f"/proc/self/fd/{fd}"):
+            return handle
+        checkpoints["n"] += 1
+        return handle if checkpoints["n"] <= 2 else FillingDisk(handle, room=1_000_000)  # epoch 1: best, last
+
+    monkeypatch.setattr(os, "fdopen", fdopen_on_a_filling_disk)
     run = tmp_path / "run"
     result = invoke(["train", "--data", resume_data, *TRAIN_ARGS, "--epochs", "3", "--out", run])
-    assert result.exit_code == 1
-    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert result.exit_code == 1, result.stderr
+    assert "No space left on device" in result.stderr and "MB free there" in result.stderr
+    assert "Unexpected failure" not in result.stderr and "Traceback" not in result.stderr
     assert "epoch 3" not in result.stdout  # training did not go on without saving
-    monkeypatch.setattr(torch, "save", real_save)
     for name in ("best.pt", "last.pt"):
         assert torch.load(run / name, weights_only=True)["epoch"] == 1
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
