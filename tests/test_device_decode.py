@@ -22,7 +22,7 @@ from resnext_cli.evaluation import evaluation_samples, score
 from resnext_cli.images import load_rgb, read_header
 from resnext_cli.loaders import EncodedImage, LoadedBatch, collate_skipping_failures, image_dataset
 from resnext_cli.transforms import Preprocessing, train_transform
-from tests.conftest import TINY_TRAIN, invoke, make_dataset, run_subprocess
+from tests.conftest import TINY_TRAIN, invoke, make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -193,16 +193,15 @@ def test_a_seeded_run_decoding_on_the_device_repeats(tmp_path: Path, monkeypatch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_decode_gpu_without_cuda_is_an_error(tmp_path: Path, dataset: Path):
-    result = run_subprocess(["train", dataset, "--arch", "resnet18", "--weights", "none",
-                             "--decode", "gpu", "--out", tmp_path / "run"], cwd=tmp_path)
-    assert result.returncode == 2 and "--decode gpu needs a CUDA device" in result.stderr
+    result = invoke(["train", dataset, "--arch", "resnet18", "--weights", "none", "--decode", "gpu",
+                     "--out", tmp_path / "run"], cwd=tmp_path)
+    assert result.exit_code == 2 and "--decode gpu needs a CUDA device" in result.stderr
     assert not (tmp_path / "run" / "best.pt").exists()
     folder = tmp_path / "imgs"
     folder.mkdir()
     photo(folder / "a.jpg", (40, 40), 0)
-    result = run_subprocess(["batch-predict", folder, "--decode", "gpu", "--checkpoint",
-                             tmp_path / "x.pt"], cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("Error:")
+    result = invoke(["batch-predict", folder, "--decode", "gpu", "--checkpoint", tmp_path / "x.pt"], cwd=tmp_path)
+    assert result.exit_code == 2 and result.stderr.startswith("Error:")
 
 
 # ---------------------------------------------------------------- on a GPU

@@ -192,8 +192,8 @@ def test_predict_errors(tmp_path, trained_run, case):
     image = {"missing": tmp_path / "nope.jpg", "folder": folder, "unreadable": folder / "bad.jpg",
              "not_checkpoint": folder / "a.png"}[case]
     ckpt = tmp_path / "foreign.pt" if case == "not_checkpoint" else trained_run / "best.pt"
-    result = run_subprocess(["predict", image, "--checkpoint", ckpt], cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("Error:")
+    result = invoke(["predict", image, "--checkpoint", ckpt], cwd=tmp_path)
+    assert result.exit_code == 2 and result.stderr.startswith("Error:"), result.stderr
     assert "Traceback" not in result.stderr
     if case == "folder":
         assert "batch-predict" in result.stderr

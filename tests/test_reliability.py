@@ -190,9 +190,8 @@ def test_hostile_images_are_unreadable_not_crashes(tmp_path, trained_run):
     assert all(rows[n]["error"] for n in names) and rows["ok.png"]["class"]
     assert "DecompressionBomb" in rows["bomb.png"]["error"]
     for name in names:
-        single = run_subprocess(["predict", tmp_path / "bad" / name, "--checkpoint", trained_run / "best.pt"],
-                                cwd=tmp_path)
-        assert single.returncode == 2 and single.stderr.startswith("Error:"), single.stderr
+        single = invoke(["predict", tmp_path / "bad" / name, "--checkpoint", trained_run / "best.pt"], cwd=tmp_path)
+        assert single.exit_code == 2 and single.stderr.startswith("Error:"), single.stderr
         assert "Traceback" not in single.stderr
 
 
