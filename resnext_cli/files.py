@@ -54,7 +54,7 @@ def atomic_write(path: Path, write: Any) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        reason = target.error if target is not None and target.error is not None else exc
+        reason = getattr(target, "error", None) or exc  # the write's own OSError, if it hid one
         if isinstance(reason, OSError):
             raise UserError(
                 f"Cannot write {path}: {reason.strerror or reason}{_free_space(path.parent)}. "
