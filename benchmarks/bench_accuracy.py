@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import tutorial  # benchmarks/tutorial.py: the baseline loops
 
-from resnext_cli import models
+from resnext_cli.commands.train import train
 from resnext_cli.config import EvaluateConfig, TrainConfig
-from resnext_cli.device import cpu_has_native_bf16
-from resnext_cli.engines import load_inference_model
-from resnext_cli.evaluation import evaluation_samples, score
-from resnext_cli.train import train
+from resnext_cli.model import networks
+from resnext_cli.model.device import cpu_has_native_bf16
+from resnext_cli.model.engines import load_inference_model
+from resnext_cli.outputs.evaluation import evaluation_samples, score
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -74,7 +74,7 @@ def run_resnext(data: str, arch: str, weights: Path, seed: int, epochs: int, img
 
 def run_tutorial(data: str, arch: str, weights: Path, seed: int, epochs: int, img_size: int) -> dict:
     torch.manual_seed(seed)
-    net = models.build_model(arch, 200)
+    net = networks.build_model(arch, 200)
     net.load_state_dict({k: v.float() for k, v in torch.load(weights, weights_only=True).items()})
     m = tutorial.train(net, data, epochs, freeze=True, lr=1e-4, img_size=img_size)
     return {"acc": m["best_val_acc"], "seconds": m["seconds"]}

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from resnext_cli import audit
+from resnext_cli.commands import audit
 from resnext_cli.config import AuditConfig
-from resnext_cli.folders import discover_dataset
+from resnext_cli.data.folders import discover_dataset
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 

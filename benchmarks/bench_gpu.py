@@ -41,13 +41,15 @@ from PIL import Image
 from torch import nn
 from torchvision import datasets, transforms
 
-from resnext_cli import engines, features, models, predict, train as train_module
+from resnext_cli.commands import predict
+from resnext_cli.commands import train as train_module
+from resnext_cli.commands.train import train
 from resnext_cli.config import BatchPredictConfig, EvaluateConfig, TrainConfig, available_cores
-from resnext_cli.device import autocast, precision_for
-from resnext_cli.engines import load_inference_model
-from resnext_cli.evaluation import evaluation_samples, score
-from resnext_cli.folders import list_images
-from resnext_cli.train import train
+from resnext_cli.data.folders import list_images
+from resnext_cli.model import engines, features, networks
+from resnext_cli.model.device import autocast, precision_for
+from resnext_cli.model.engines import load_inference_model
+from resnext_cli.outputs.evaluation import evaluation_samples, score
 
 REPO = Path(__file__).resolve().parent.parent
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -104,7 +106,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 def model_alone(arch: str, device: torch.device, precision: str, batch: int, img: int,
                 batches: int) -> dict[str, float]:
-    model = models.build_model(arch, 10).to(device, memory_format=torch.channels_last)
+    model = networks.build_model(arch, 10).to(device, memory_format=torch.channels_last)
     x = torch.randn(batch, 3, img, img, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
@@ -116,10 +118,10 @@ def model_alone(arch: str, device: torch.device, precision: str, batch: int, img
     head_opt = torch.optim.Adam(model.fc.parameters(), lr=1e-3)
 
     def frozen() -> None:
-        models.set_train_mode(model, backbone_frozen=True)
+        networks.set_train_mode(model, backbone_frozen=True)
         with autocast(device, precision):
             with torch.no_grad():
-                feats = models.backbone_features(model, x)
+                feats = networks.backbone_features(model, x)
             loss = loss_fn(model.fc(feats).float(), y)
         head_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -148,7 +150,7 @@ def pil_loop(data: Path, arch: str, device: torch.device, precision: str, batch:
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=freeze is not None,
                                          num_workers=workers, pin_memory=device.type == "cuda",
                                          drop_last=True)
-    model = models.build_model(arch, len(ds.classes)).to(device, memory_format=torch.channels_last)
+    model = networks.build_model(arch, len(ds.classes)).to(device, memory_format=torch.channels_last)
     params = model.fc.parameters() if freeze else model.parameters()
     opt = torch.optim.Adam(params, lr=1e-4)
     seen, started = 0, time.perf_counter()

@@ -34,15 +34,15 @@ import torch
 import tutorial  # benchmarks/tutorial.py: the baseline loops
 from PIL import Image
 
-from resnext_cli import checkpoint as ckpt
-from resnext_cli import models
+from resnext_cli.commands.export import export
+from resnext_cli.commands.predict import batch_predict
 from resnext_cli.config import BatchPredictConfig, ExportConfig
-from resnext_cli.batches import to_device
-from resnext_cli.device import autocast, cpu_has_native_bf16, precision_for, prepare_model
-from resnext_cli.folders import list_images
-from resnext_cli.transforms import Preprocessing
-from resnext_cli.export import export
-from resnext_cli.predict import batch_predict
+from resnext_cli.data.batches import to_device
+from resnext_cli.data.folders import list_images
+from resnext_cli.data.transforms import Preprocessing
+from resnext_cli.model import checkpoint as ckpt
+from resnext_cli.model import networks
+from resnext_cli.model.device import autocast, cpu_has_native_bf16, precision_for, prepare_model
 
 
 def model_only(model: torch.nn.Module, n_images: int, batch_size: int, precision: str,
@@ -116,7 +116,7 @@ def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: 
               batch_size: int, workers: int, repeats: int, precision: str,
               channels_last: bool) -> dict[str, float]:
     def load() -> torch.nn.Module:
-        model = models.build_model(arch, 5)
+        model = networks.build_model(arch, 5)
         model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
         return model
 
@@ -182,7 +182,7 @@ def main() -> None:
         checkpoint = given.get(arch) or work / f"{arch}.pt"
         if arch not in given:
             torch.manual_seed(0)
-            model = models.build_model(arch, 5)
+            model = networks.build_model(arch, 5)
             ckpt.save_torch(ckpt.build_checkpoint(
                 model, arch=arch, classes=[f"c{i}" for i in range(5)],
                 preprocessing=Preprocessing.classic(224), epoch=0, val_acc=0.0,

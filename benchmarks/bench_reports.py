@@ -29,10 +29,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from resnext_cli import plots
+from resnext_cli.commands.train import train
 from resnext_cli.config import TrainConfig
-from resnext_cli.folders import find_splits
-from resnext_cli.train import train
+from resnext_cli.data.folders import find_splits
+from resnext_cli.outputs import plots
 
 
 def epoch_seconds(data: str, out: Path, plotting: bool, **options) -> tuple[float, float]:

@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import tutorial  # benchmarks/tutorial.py: the baseline loops
 
-from resnext_cli import models
+from resnext_cli.commands.train import train
 from resnext_cli.config import TrainConfig
-from resnext_cli.device import cpu_has_native_bf16, precision_for
-from resnext_cli.train import train
+from resnext_cli.model import networks
+from resnext_cli.model.device import cpu_has_native_bf16, precision_for
 
 
 def ours(data: str, arch: str, weights: Path, epochs: int, out: Path, cache: Path | None = None,
@@ -78,10 +78,10 @@ def main() -> None:
         else:
             torch.manual_seed(0)
             weights, source = work / f"{arch}_init.pth", "fixed random init (seed 0)"
-            torch.save(models.build_model(arch, 1000).state_dict(), weights)
+            torch.save(networks.build_model(arch, 1000).state_dict(), weights)
 
         def tutorial_net() -> torch.nn.Module:
-            net = models.build_model(arch, 1000)
+            net = networks.build_model(arch, 1000)
             net.load_state_dict(torch.load(weights, weights_only=True))
             return net
 

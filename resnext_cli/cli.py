@@ -10,19 +10,18 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 from rich.table import Table
 
 from resnext_cli import __version__, ui
-from resnext_cli.archs import ARCHS
 from resnext_cli.config import (
     DECODERS,
-    AuditConfig,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
+    AuditConfig,
     BatchPredictConfig,
     CacheConfig,
     CheckDataConfig,
@@ -34,6 +33,7 @@ from resnext_cli.config import (
     build_config,
 )
 from resnext_cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
+from resnext_cli.model.archs import ARCHS, check_arch
 
 app = typer.Typer(
     name="resnext",
@@ -45,6 +45,7 @@ app = typer.Typer(
 )
 
 _T, _B, _E = TrainConfig(), BatchPredictConfig(), EvaluateConfig()
+C = TypeVar("C")
 
 
 def option(help: str, *decls: str, default: Any = None, metavar: str | None = None) -> Any:
@@ -107,6 +108,16 @@ JSON = option("Print JSON instead of tables.", "--json", default=False)
 TTA = option("Test-time augmentation: average the predictions for each image and its mirror "
              "image (2x the model's work).", "--tta", default=False)
 CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
+
+
+def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
+    """The command's config (defaults, file, flags), checked before torch loads; the architecture
+    against the model registry, which the config layer below it does not import."""
+    config = build_config(cls, config_file, overrides)
+    arch = getattr(config, "arch", None)
+    if arch is not None:
+        check_arch(arch)
+    return config
 
 
 def run_command(action: Callable[[], Any]) -> Any:
@@ -239,14 +250,14 @@ def train(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "folder")}
 
     def action() -> None:
-        from resnext_cli.train import resume_config
-        from resnext_cli.train import train as run_train
+        from resnext_cli.commands.train import resume_config
+        from resnext_cli.commands.train import train as run_train
 
         overrides["data"] = pick_data(folder, data)
         if resume and config:
             raise UserError("--resume uses the run's own config.yaml; leave out --config.")
         run_train(
-            resume_config(resume, overrides) if resume else build_config(TrainConfig, config, overrides)
+            resume_config(resume, overrides) if resume else configure(TrainConfig, config, overrides)
         )
 
     run_command(action)
@@ -276,9 +287,9 @@ def predict(
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
     def action() -> None:
-        from resnext_cli.predict import predict as run_predict
+        from resnext_cli.commands.predict import predict as run_predict
 
-        run_predict(build_config(PredictConfig, config, overrides))
+        run_predict(configure(PredictConfig, config, overrides))
 
     run_command(action)
 
@@ -314,10 +325,10 @@ def batch_predict(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> int:
-        from resnext_cli.predict import batch_predict as run_batch_predict
+        from resnext_cli.commands.predict import batch_predict as run_batch_predict
 
         overrides["data"] = pick_data(folder, data)
-        return run_batch_predict(build_config(BatchPredictConfig, config, overrides))
+        return run_batch_predict(configure(BatchPredictConfig, config, overrides))
 
     _exit_with(run_command(action))
 
@@ -349,10 +360,10 @@ def evaluate(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> None:
-        from resnext_cli.evaluate import evaluate as run_evaluate
+        from resnext_cli.commands.evaluate import evaluate as run_evaluate
 
         overrides["data"] = pick_data(folder, data)
-        run_evaluate(build_config(EvaluateConfig, config, overrides))
+        run_evaluate(configure(EvaluateConfig, config, overrides))
 
     run_command(action)
 
@@ -375,9 +386,9 @@ def report(
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
     def action() -> None:
-        from resnext_cli.run_report import report as run_report
+        from resnext_cli.commands.report import report as run_report
 
-        run_report(build_config(ReportConfig, config, overrides))
+        run_report(configure(ReportConfig, config, overrides))
 
     run_command(action)
 
@@ -399,10 +410,10 @@ def check_data(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> int:
-        from resnext_cli.check_data import check_data as run_check_data
+        from resnext_cli.commands.check_data import check_data as run_check_data
 
         overrides["data"] = pick_data(folder, data)
-        return run_check_data(build_config(CheckDataConfig, config, overrides))
+        return run_check_data(configure(CheckDataConfig, config, overrides))
 
     _exit_with(run_command(action))
 
@@ -423,9 +434,9 @@ def export(
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
     def action() -> None:
-        from resnext_cli.export import export as run_export
+        from resnext_cli.commands.export import export as run_export
 
-        run_export(build_config(ExportConfig, config, overrides))
+        run_export(configure(ExportConfig, config, overrides))
 
     run_command(action)
 
@@ -464,10 +475,10 @@ def audit(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> int:
-        from resnext_cli.audit import audit as run_audit
+        from resnext_cli.commands.audit import audit as run_audit
 
         overrides["data"] = pick_data(folder, data)
-        return run_audit(build_config(AuditConfig, config, overrides))
+        return run_audit(configure(AuditConfig, config, overrides))
 
     _exit_with(run_command(action))
 
@@ -485,9 +496,9 @@ def cache_list(json: Optional[bool] = JSON) -> None:
     overrides = {"json": json}
 
     def action() -> None:
-        from resnext_cli.cache import list_cache
+        from resnext_cli.commands.cache import list_cache
 
-        list_cache(build_config(CacheConfig, None, overrides))
+        list_cache(configure(CacheConfig, None, overrides))
 
     run_command(action)
 
@@ -501,9 +512,9 @@ def cache_clear(
     overrides = {"older_than": older_than}
 
     def action() -> None:
-        from resnext_cli.cache import clear_cache
+        from resnext_cli.commands.cache import clear_cache
 
-        clear_cache(build_config(CacheConfig, None, overrides))
+        clear_cache(configure(CacheConfig, None, overrides))
 
     run_command(action)
 
@@ -513,7 +524,7 @@ def archs() -> None:
     """List the architectures with their parameter counts (ImageNet head)."""
 
     def action() -> None:
-        from resnext_cli.models import arch_parameter_counts
+        from resnext_cli.model.networks import arch_parameter_counts
 
         counts = arch_parameter_counts()
         table = Table("arch", "family", "parameters", "blocks", box=None)

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-from resnext_cli.archs import ARCHS
 from resnext_cli.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -68,7 +67,6 @@ class TrainConfig:
                 "No dataset given. Usage: resnext train DATA (or --data DATA, or `data:` in the "
                 "config file), with DATA/train/<class>/* and DATA/val/<class>/*."
             )
-        _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_range("epochs", self.epochs, low=1)
@@ -123,8 +121,6 @@ class InferenceConfig:
                 "--weights needs --arch and --class-indices too, e.g. "
                 "`--weights resNet34.pth --arch resnet34 --class-indices class_indices.json`."
             )
-        if self.arch is not None:
-            _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
         if self.img_size is not None:
             _check_range("img_size", self.img_size, low=16)
         check_device_string(self.device)
@@ -252,8 +248,6 @@ class AuditConfig:
             raise UserError("No dataset given. Usage: resnext audit DATA (a folder of class folders).")
         if self.checkpoint and self.weights not in ("imagenet", None):
             raise UserError("Give either --checkpoint or --weights, not both.")
-        if self.arch is not None:
-            _check_choice("arch", self.arch, tuple(ARCHS), "`resnext archs` lists them")
         _check_range("folds", self.folds, low=2)
         _check_range("similarity", self.similarity, low=0, high=1.0001)
         _check_range("batch_size", self.batch_size, low=1)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnext_cli import checkpoint as ckpt
 from resnext_cli.errors import UserError
+from resnext_cli.model import checkpoint as ckpt
 from tests.conftest import invoke
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from resnext_cli import folders, images, loaders, transforms
+from resnext_cli.data import folders, images, loaders, transforms
 from resnext_cli.errors import UserError
 from tests.conftest import make_dataset
 

@@ -5,9 +5,9 @@ import csv
 import pytest
 import torch
 
-from resnext_cli import batches
-from resnext_cli import device as dev
+from resnext_cli.data import batches
 from resnext_cli.errors import UserError
+from resnext_cli.model import device as dev
 from tests.conftest import invoke
 from tests.test_predict import image_folder
 

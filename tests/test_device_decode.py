@@ -5,7 +5,6 @@ tests that need CUDA are marked and skip without it."""
 from __future__ import annotations
 
 import csv
-import io
 import random
 from pathlib import Path
 
@@ -14,14 +13,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from resnext_cli import train as train_module
-from resnext_cli.batches import InputSpec, decode_jpegs, get_batch
+from resnext_cli.commands import train as train_module
 from resnext_cli.config import EvaluateConfig
-from resnext_cli.engines import load_inference_model
-from resnext_cli.evaluation import evaluation_samples, score
-from resnext_cli.images import load_rgb, read_header
-from resnext_cli.loaders import EncodedImage, LoadedBatch, collate_skipping_failures, image_dataset
-from resnext_cli.transforms import Preprocessing, train_transform
+from resnext_cli.data.batches import InputSpec, decode_jpegs, get_batch
+from resnext_cli.data.images import load_rgb, read_header
+from resnext_cli.data.loaders import EncodedImage, LoadedBatch, collate_skipping_failures, image_dataset
+from resnext_cli.data.transforms import Preprocessing, train_transform
+from resnext_cli.model.engines import load_inference_model
+from resnext_cli.outputs.evaluation import evaluation_samples, score
 from tests.conftest import TINY_TRAIN, invoke, make_dataset
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from resnext_cli.loaders import EpochSampler
+from resnext_cli.data.loaders import EpochSampler
 from tests.conftest import invoke, make_dataset
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnext_cli.evaluation import Prediction, mistakes, summarise
-from resnext_cli.metrics import classification_report, confusion_matrix
+from resnext_cli.outputs.evaluation import Prediction, mistakes, summarise
+from resnext_cli.outputs.metrics import classification_report, confusion_matrix
 from tests.conftest import TINY_TRAIN, invoke, make_dataset
 
 # a small fixed set, scored by hand below (rows: true a a a a b b c c c)

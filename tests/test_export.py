@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnext_cli.export import realistic_batch
+from resnext_cli.commands.export import realistic_batch
 from tests.conftest import invoke
 from tests.test_predict import image_folder
 
@@ -29,10 +29,10 @@ def exports(trained_run: Path, tmp_path_factory) -> dict[str, Path]:
 
 
 def reference(trained_run: Path, inputs: torch.Tensor) -> torch.Tensor:
-    from resnext_cli import models
+    from resnext_cli.model import networks
 
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
-    model = models.build_model(ckpt["arch"], len(ckpt["classes"])).eval()
+    model = networks.build_model(ckpt["arch"], len(ckpt["classes"])).eval()
     model.load_state_dict(ckpt["model"])
     with torch.inference_mode():
         return model(inputs)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from resnext_cli import models
 from resnext_cli.errors import UserError
+from resnext_cli.model import networks
 from tests.conftest import invoke
 
 PUBLISHED_PARAMETERS = {
@@ -28,12 +28,12 @@ PUBLISHED_PARAMETERS = {
 
 
 def test_parameter_counts_match_published():
-    assert models.arch_parameter_counts() == PUBLISHED_PARAMETERS
+    assert networks.arch_parameter_counts() == PUBLISHED_PARAMETERS
 
 
 def test_resnext50_first_stage_is_grouped():
     with torch.device("meta"):
-        model = models.build_model("resnext50_32x4d", 5)
+        model = networks.build_model("resnext50_32x4d", 5)
     conv = model.layer1[0].conv2
     assert (conv.in_channels, conv.out_channels, conv.groups, conv.kernel_size) == (128, 128, 32, (3, 3))
     assert model.fc.out_features == 5
@@ -56,9 +56,9 @@ def test_official_layout_loads_strictly_and_fp16_is_cast(tmp_path: Path):
     state = {k: v.half() if v.is_floating_point() else v for k, v in reference.state_dict().items()}
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
-    model = models.build_model("resnet18", 4)
+    model = networks.build_model("resnet18", 4)
     messages: list[str] = []
-    models.load_weights(model, "resnet18", str(path), messages.append)
+    networks.load_weights(model, "resnet18", str(path), messages.append)
     assert any("Replaced the classifier" in m and "1000 outputs -> 4" in m for m in messages)
     for key, value in model.state_dict().items():
         if not key.startswith("fc."):
@@ -73,7 +73,7 @@ def test_wrong_keys_are_named(tmp_path: Path):
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(UserError) as info:
-        models.load_weights(models.build_model("resnet18", 3), "resnet18", str(path), print)
+        networks.load_weights(networks.build_model("resnet18", 3), "resnet18", str(path), print)
     assert "layer1.0.conv1.weight" in str(info.value) and "extra.weight" in str(info.value)
 
 
@@ -81,7 +81,7 @@ def test_wrong_arch_is_reported(tmp_path: Path):
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(UserError, match="do not fit"):
-        models.load_weights(models.build_model("resnet34", 3), "resnet34", str(path), print)
+        networks.load_weights(networks.build_model("resnet34", 3), "resnet34", str(path), print)
 
 
 def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch):
@@ -92,8 +92,8 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch):
     cache.parent.mkdir(parents=True)
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), cache)
-    model = models.build_model("resnet18", 3)
-    models.load_weights(model, "resnet18", "imagenet", print)
+    model = networks.build_model("resnet18", 3)
+    networks.load_weights(model, "resnet18", "imagenet", print)
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
 
 
@@ -115,15 +115,15 @@ def test_offline_imagenet_error_names_url_and_cache_path(tmp_path: Path, monkeyp
 
 
 def test_frozen_mode_keeps_backbone_in_eval():
-    model = models.build_model("resnet18", 3)
-    models.set_train_mode(model, backbone_frozen=True)
+    model = networks.build_model("resnet18", 3)
+    networks.set_train_mode(model, backbone_frozen=True)
     assert not model.bn1.training and not model.layer4[1].bn2.training
-    models.set_train_mode(model, backbone_frozen=False)
+    networks.set_train_mode(model, backbone_frozen=False)
     assert model.bn1.training
 
 
 def test_backbone_features_feed_the_head():
-    model = models.build_model("resnet18", 3).eval()
+    model = networks.build_model("resnet18", 3).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.fc(models.backbone_features(model, x)), model(x))
+        assert torch.allclose(model.fc(networks.backbone_features(model, x)), model(x))

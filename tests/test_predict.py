@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_cli import folders, images, loaders, transforms
-from resnext_cli.batches import get_batch, pixel_batch
 from resnext_cli.config import BatchPredictConfig
-from resnext_cli.engines import load_inference_model
+from resnext_cli.data import folders, images, loaders, transforms
+from resnext_cli.data.batches import get_batch, pixel_batch
+from resnext_cli.model.engines import load_inference_model
 from tests.conftest import CLASS_COLOURS, draw_image, invoke, run_subprocess
 
 
@@ -200,8 +200,8 @@ def test_predict_errors(tmp_path, trained_run, case):
 
 
 def test_default_decode_workers_follow_image_size_device_and_cores(tmp_path, monkeypatch):
-    from resnext_cli.engines import InferenceModel
-    from resnext_cli.transforms import Preprocessing
+    from resnext_cli.data.transforms import Preprocessing
+    from resnext_cli.model.engines import InferenceModel
 
     small = image_folder(tmp_path / "small", [f"s{i}.jpg" for i in range(5)])  # 40 px
     large = tmp_path / "large"

@@ -10,25 +10,26 @@ import pytest
 import torch
 import torchvision
 
-from resnext_cli import loaders, models
-from resnext_cli.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, read_preprocess_json
+from resnext_cli.data import loaders
+from resnext_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, read_preprocess_json
+from resnext_cli.model import networks
 from tests.conftest import invoke
 from tests.test_predict import image_folder
 
 
 def test_imagenet_weights_bring_their_own_resize():
-    v2 = models.weights_preprocessing("resnext50_32x4d", "imagenet", 224)  # IMAGENET1K_V2
+    v2 = networks.weights_preprocessing("resnext50_32x4d", "imagenet", 224)  # IMAGENET1K_V2
     assert v2 == Preprocessing(224, 232, IMAGENET_MEAN, IMAGENET_STD)
-    assert models.weights_preprocessing("resnet18", "imagenet", 224).resize_size == 256  # V1
-    assert models.weights_preprocessing("resnext50_32x4d", "imagenet", 64).resize_size == 66
+    assert networks.weights_preprocessing("resnet18", "imagenet", 224).resize_size == 256  # V1
+    assert networks.weights_preprocessing("resnext50_32x4d", "imagenet", 64).resize_size == 66
     for weights in ("none", "some/file.pth"):
-        assert models.weights_preprocessing("resnext50_32x4d", weights, 224).resize_size == 256
-        assert models.weights_preprocessing("resnet18", weights, 64).resize_size == 73
+        assert networks.weights_preprocessing("resnext50_32x4d", weights, 224).resize_size == 256
+        assert networks.weights_preprocessing("resnet18", weights, 64).resize_size == 73
 
 
 def test_training_on_imagenet_weights_stores_their_resize(tmp_path: Path, dataset: Path, monkeypatch):
     reference = torchvision.models.resnet50()  # torchvision's DEFAULT for it is V2: 232/224
-    monkeypatch.setattr(models, "imagenet_state_dict", lambda arch: reference.state_dict())
+    monkeypatch.setattr(networks, "imagenet_state_dict", lambda arch: reference.state_dict())
     result = invoke(["train", "--data", dataset, "--arch", "resnet50", "--img-size", "32",
                      "--batch-size", "8", "--workers", "0", "--no-report", "--epochs", "1",
                      "--seed", "0", "--out", tmp_path / "run"])
@@ -62,7 +63,7 @@ def test_inference_follows_the_checkpoint(tmp_path, trained_run, monkeypatch, re
 
 
 def test_a_smaller_img_size_keeps_the_checkpoints_ratio(trained_run):
-    from resnext_cli.checkpoint import checkpoint_preprocessing
+    from resnext_cli.model.checkpoint import checkpoint_preprocessing
 
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
     ckpt["resize_size"] = 40  # 32 crop

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from resnext_cli.batches import get_batch, pixel_batch
 from resnext_cli.config import EvaluateConfig
-from resnext_cli.engines import load_inference_model
+from resnext_cli.data.batches import get_batch, pixel_batch
+from resnext_cli.model.engines import load_inference_model
 from tests.conftest import TINY_TRAIN, invoke, make_dataset, save_backbone
 from tests.test_predict import image_folder
 

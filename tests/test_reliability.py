@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_cli import images
+from resnext_cli.data import images
 from tests.conftest import TINY_TRAIN, invoke, make_dataset, run_subprocess
 from tests.test_predict import image_folder
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from resnext_cli.plots import BackgroundWriter
-from resnext_cli.run_report import RunFiles, render_html
+from resnext_cli.outputs.plots import BackgroundWriter
+from resnext_cli.outputs.run_report import RunFiles, render_html
 from tests.conftest import invoke
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -193,8 +193,8 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, trained_run: Path):
 
 
 def test_a_failed_report_does_not_fail_the_finished_run(tmp_path: Path, dataset: Path, monkeypatch):
-    from resnext_cli import run_report as report
     from resnext_cli.errors import UserError
+    from resnext_cli.outputs import run_report as report
 
     def broken(cfg):
         raise UserError("Cannot write report.html: No space left on device.")

@@ -11,7 +11,7 @@ import torchvision
 import yaml
 
 from resnext_cli.config import TrainConfig, build_config
-from resnext_cli.train import LrSchedule
+from resnext_cli.model.optimization import LrSchedule
 from tests.conftest import TINY_TRAIN, invoke, make_dataset, run_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +144,7 @@ def test_tutorial_config_is_the_tutorial_recipe():
         (["--data", "{one_class}"], "at least 2 class folders"),
         (["--data", "{empty_class}"], "no images"),
         (["--data", "{ok}", "--arch", "resnet19"], "Invalid arch 'resnet19'. Did you mean 'resnet18'"),
+        (["--data", "{ok}", "--arch", "resnext50"], "Did you mean 'resnext50_32x4d'"),
         (["--data", "{ok}", "--epochs", "0"], "--epochs 0"),
         (["--data", "{ok}", "--optimizer", "adamm"], "Did you mean 'adam'"),
         (["--data", "{ok}", "--lr", "-1"], "--lr -1"),

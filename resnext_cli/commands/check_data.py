@@ -20,8 +20,7 @@ from rich.table import Table
 
 from resnext_cli import ui
 from resnext_cli.config import CheckDataConfig, available_cores
-from resnext_cli.errors import EXIT_FAILED, EXIT_OK
-from resnext_cli.folders import (
+from resnext_cli.data.folders import (
     ERROR,
     INFO,
     WARNING,
@@ -30,7 +29,8 @@ from resnext_cli.folders import (
     find_splits,
     layout_findings,
 )
-from resnext_cli.images import bombs_are_errors, describe_failure, unidentified
+from resnext_cli.data.images import bombs_are_errors, describe_failure, unidentified
+from resnext_cli.errors import EXIT_FAILED, EXIT_OK
 
 EXIF_ORIENTATION = 0x0112
 

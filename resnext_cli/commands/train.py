@@ -7,10 +7,9 @@ model, run folder, loaders, optimizer, restore), `train` runs the epochs, `finis
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from resnext_cli import checkpoint as ckpt
-from resnext_cli import features, models, run_report, ui
-from resnext_cli.batches import InputSpec
+from resnext_cli import ui
 from resnext_cli.config import (
     ReportConfig,
     TrainConfig,
@@ -28,26 +25,29 @@ from resnext_cli.config import (
     read_yaml_config,
     to_plain_dict,
 )
-from resnext_cli.device import (
+from resnext_cli.data.batches import InputSpec
+from resnext_cli.data.folders import DatasetLayout, discover_dataset, write_split
+from resnext_cli.data.loaders import EpochSampler, default_workers, image_dataset, make_loader
+from resnext_cli.data.transforms import Preprocessing
+from resnext_cli.errors import EXIT_INTERRUPTED, UserError
+from resnext_cli.model import checkpoint as ckpt
+from resnext_cli.model import features, networks
+from resnext_cli.model.device import (
     decode_on_device,
-    make_grad_scaler,
     pin_memory_for,
     precision_for,
     prepare_model,
     select_device,
 )
-from resnext_cli.distributed import (
+from resnext_cli.model.distributed import (
     DistContext,
     broadcast_object,
     init_distributed,
     process_device,
     shutdown,
 )
-from resnext_cli.errors import EXIT_INTERRUPTED, UserError
-from resnext_cli.folders import DatasetLayout, discover_dataset, write_split
-from resnext_cli.loaders import EpochSampler, default_workers, image_dataset, make_loader
-from resnext_cli.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
-from resnext_cli.steps import (
+from resnext_cli.model.optimization import backbone_frozen_at, setup_optimization
+from resnext_cli.model.steps import (
     Step,
     Validation,
     compiled_features,
@@ -56,7 +56,8 @@ from resnext_cli.steps import (
     train_one_epoch,
     wrap_for_training,
 )
-from resnext_cli.transforms import Preprocessing
+from resnext_cli.outputs import run_report
+from resnext_cli.outputs.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 
 RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report"}
 
@@ -130,74 +131,6 @@ def _resume_dir(resume: str) -> Path:
     return run_dir
 
 
-def backbone_frozen_at(cfg: TrainConfig, epoch: int) -> bool:
-    """Frozen while --freeze holds and the --unfreeze-after epochs have not yet passed."""
-    return bool(cfg.freeze) and (cfg.unfreeze_after is None or epoch <= cfg.unfreeze_after)
-
-
-# ---------------------------------------------------------------- optimisation
-
-
-class LrSchedule:
-    """Per-step multiplier: linear warmup, then cosine to zero, step decay or constant.
-
-    A plain object (not a closure) so the scheduler's state dict holds only plain types.
-    """
-
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int, steps_per_epoch: int):
-        self.kind = kind
-        self.total_steps = max(1, total_steps)
-        self.warmup_steps = warmup_steps
-        # step decay: x0.1 at one third and two thirds of training
-        self.step_every = max(1, math.ceil(total_steps / 3 / steps_per_epoch)) * steps_per_epoch
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if self.kind == "cosine":
-            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if self.kind == "step":
-            return 0.1 ** (step // self.step_every)
-        return 1.0
-
-
-def build_optimizer(
-    model: torch.nn.Module, config: TrainConfig, backbone_will_train: bool, frozen_now: bool
-) -> torch.optim.Optimizer:
-    """Head and backbone in separate groups; the backbone gets `backbone_lr_mult` when it is
-    fine-tuned after a frozen phase (`--unfreeze-after`), the full rate with `--no-freeze`."""
-    head = list(model.fc.parameters())
-    groups = [{"params": head, "lr": config.lr, "name": "head"}]
-    if backbone_will_train:
-        head_ids = {id(p) for p in head}
-        backbone = [p for p in model.parameters() if id(p) not in head_ids]
-        mult = config.backbone_lr_mult if frozen_now else 1.0
-        groups.insert(0, {"params": backbone, "lr": config.lr * mult, "name": "backbone"})
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
-@dataclass
-class Optimization:
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: Any  # torch.amp.GradScaler, disabled unless fp16 on CUDA
-
-
-def setup_optimization(
-    model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device
-) -> Optimization:
-    backbone_will_train = not backbone_frozen_at(cfg, 1) or cfg.unfreeze_after is not None
-    optimizer = build_optimizer(model, cfg, backbone_will_train, backbone_frozen_at(cfg, 1))
-    schedule = LrSchedule(cfg.scheduler, cfg.epochs * steps_per_epoch,
-                          cfg.warmup_epochs * steps_per_epoch, steps_per_epoch)  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return Optimization(optimizer, scheduler, make_grad_scaler(device, cfg.precision))
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -229,6 +162,37 @@ def setup_loaders(layout: DatasetLayout, cfg: TrainConfig, ctx: DistContext, spe
     )  # fmt: skip
     return Loaders(train, val, torch.tensor([label for _, label in layout.train]),
                    torch.tensor([label for _, label in layout.val]))  # fmt: skip
+
+
+# ---------------------------------------------------------------- the run's history
+
+
+@dataclass
+class RunHistory:
+    """The epochs completed so far (metrics.csv's rows) and the best of them."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_epoch: int = 0
+
+    @classmethod
+    def resumed(cls, state: dict[str, Any] | None) -> RunHistory:
+        """As last.pt recorded it, or empty for a new run."""
+        if state is None:
+            return cls()
+        return cls([dict(row) for row in state["metrics"]], state["best_val_acc"], state["best_epoch"])
+
+    def add(self, row: dict[str, Any]) -> bool:
+        """Keep the epoch's row; True when it is the best so far."""
+        self.rows.append(row)
+        improved = row["val_acc"] > self.best_acc
+        if improved:
+            self.best_acc, self.best_epoch = row["val_acc"], row["epoch"]
+        return improved
+
+    def stalled(self, patience: int | None) -> bool:
+        """--patience: that many epochs since the best one."""
+        return bool(patience) and self.rows[-1]["epoch"] - self.best_epoch >= patience  # type: ignore[operator]
 
 
 # ---------------------------------------------------------------- the recipe
@@ -265,11 +229,16 @@ class TrainRecipe:
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
                 row, validation = self.run_epoch(epoch)
-                self.record(row, validation)
-                if self.should_stop(epoch):
+                improved = self.history.add(row)
+                if self.ctx.is_main:
+                    self.save(row, improved)
+                    self.draw(validation, improved, epoch)
+                print_epoch_row(row, improved, first=epoch == self.start_epoch)
+                if self.history.stalled(self.cfg.patience):
+                    ui.info(f"Early stopping: no val improvement for {self.cfg.patience} epochs.")
                     break
         except KeyboardInterrupt:
-            raise self.interrupted() from None
+            raise interrupted(self.run_dir) from None
         return self.finish()
 
     # ------------------------------------------------------------ setup phases
@@ -287,7 +256,7 @@ class TrainRecipe:
         self.step = self.setup_step()
         self.loaders = setup_loaders(self.layout, self.cfg, self.ctx, self.step.spec)
         self.opt = setup_optimization(self.model, self.cfg, max(1, len(self.loaders.train)), self.device)
-        self.restore()
+        self.history = self.restore()
         self.failures: dict[str, str] = {}
         self.trainer = None if self.frozen else wrap_for_training(self.model, self.ctx, self.device,
                                                                   self.cfg.compile)  # fmt: skip
@@ -315,16 +284,8 @@ class TrainRecipe:
         cfg = self.cfg
         assert cfg.data is not None and cfg.seed is not None
         layout = discover_dataset(cfg.data, cfg.val_split, cfg.seed)
-        for message in layout.warnings:
+        for message in layout.warnings + odd_choices(cfg, self.explicit_freeze):
             ui.warn(message)
-        if cfg.weights == "none" and self.explicit_freeze:
-            ui.warn(
-                "--freeze with --weights none keeps a random backbone fixed; only the head trains "
-                "and it will learn little. Going on as asked."
-            )
-        if cfg.weights == "none" and cfg.freeze_bn:
-            ui.warn("--freeze-bn with --weights none keeps BatchNorm statistics of random weights; "
-                    "going on as asked.")  # fmt: skip
         if self.resume is not None and self.resume["classes"] != layout.classes:
             raise UserError(
                 f"The classes in {cfg.data} changed since the run started "
@@ -336,18 +297,18 @@ class TrainRecipe:
         """From the weights (torchvision's own resize for --weights imagenet), or as resumed."""
         if self.resume is not None:
             return ckpt.checkpoint_preprocessing(self.resume)
-        return models.weights_preprocessing(self.cfg.arch, self.cfg.weights, self.cfg.img_size)
+        return networks.weights_preprocessing(self.cfg.arch, self.cfg.weights, self.cfg.img_size)
 
     def setup_model(self) -> torch.nn.Module:
         cfg = self.cfg
-        model = models.build_model(cfg.arch, len(self.layout.classes))
+        model = networks.build_model(cfg.arch, len(self.layout.classes))
         if self.resume is None:
-            models.load_weights(model, cfg.arch, cfg.weights, ui.info)
+            networks.load_weights(model, cfg.arch, cfg.weights, ui.info)
         else:
             model.load_state_dict(self.resume["model"])
         self.start_epoch = self.resume["epoch"] + 1 if self.resume else 1
         self.frozen = backbone_frozen_at(cfg, self.start_epoch)
-        models.set_backbone_trainable(model, not self.frozen)
+        networks.set_backbone_trainable(model, not self.frozen)
         if cfg.sync_bn and self.ctx.enabled:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         prepare_model(model, self.device, cfg.channels_last)
@@ -363,29 +324,8 @@ class TrainRecipe:
             if layout.split is not None:
                 write_split(run_dir / "split.json", layout.split)
         run_dir = Path(broadcast_object(ctx, str(run_dir) if ctx.is_main else None))
-        self._announce(run_dir)
+        announce(run_dir, cfg, self.device, layout, ctx, self.resume, self.model, self.frozen)
         return run_dir
-
-    def _announce(self, run_dir: Path) -> None:
-        cfg, layout = self.cfg, self.layout
-        layout_name = ", channels-last" if cfg.channels_last else ""
-        ui.info(
-            f"Run folder: {run_dir}  |  {cfg.arch} on {self.device} ({cfg.precision}{layout_name})"
-            f"  |  {len(layout.classes)} classes, {len(layout.train)} train / {len(layout.val)} "
-            "val images"
-        )
-        if self.ctx.enabled:
-            ui.info(
-                f"Distributed: {self.ctx.world_size} processes, batch {cfg.batch_size} per process "
-                f"({cfg.batch_size * self.ctx.world_size} global)."
-            )
-        if self.resume is not None:
-            ui.info(f"Resuming after epoch {self.resume['epoch']} of {cfg.epochs}.")
-        ui.info(
-            f"Trainable parameters: {models.count_parameters(self.model, trainable_only=True):,} "
-            f"of {models.count_parameters(self.model):,} "
-            f"({'backbone frozen' if self.frozen else 'all layers'})"
-        )
 
     def setup_step(self) -> Step:
         cfg = self.cfg
@@ -396,21 +336,17 @@ class TrainRecipe:
             step.features = compiled_features(self.model)
         return step
 
-    def restore(self) -> None:
+    def restore(self) -> RunHistory:
         """The optimiser, schedule position, scaler, RNG and history of a resumed run."""
-        self.rows: list[dict[str, Any]] = []
-        self.best_acc, self.best_epoch = -1.0, 0
         state = self.resume
-        if state is None:
-            return
-        self.opt.optimizer.load_state_dict(state["optimizer"])
-        # the position in the schedule, not its shape: --epochs may have extended the run
-        groups = len(self.opt.optimizer.param_groups)
-        self.opt.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * groups))
-        self.opt.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng_state"])
-        self.rows = [dict(row) for row in state["metrics"]]
-        self.best_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        if state is not None:
+            self.opt.optimizer.load_state_dict(state["optimizer"])
+            # the position in the schedule, not its shape: --epochs may have extended the run
+            groups = len(self.opt.optimizer.param_groups)
+            self.opt.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * groups))
+            self.opt.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng_state"])
+        return RunHistory.resumed(state)
 
     def setup_cache(self) -> features.FeatureCache:
         report = partial(report_failures, seen=self.failures)
@@ -423,7 +359,8 @@ class TrainRecipe:
         """Train one epoch (on cached features while they serve), then validate."""
         cfg, opt = self.cfg, self.opt
         if self.frozen and not backbone_frozen_at(cfg, epoch):
-            self.unfreeze(epoch)
+            self.frozen = False
+            self.trainer = unfreeze_backbone(self.model, cfg, self.ctx, self.device, epoch)
         self.loaders.train.sampler.set_epoch(epoch)
         started, epoch_lr = time.perf_counter(), opt.optimizer.param_groups[-1]["lr"]
         if self.cache is not None and self.frozen:
@@ -446,69 +383,26 @@ class TrainRecipe:
                "seconds": time.perf_counter() - started}  # fmt: skip
         return row, validation
 
-    def unfreeze(self, epoch: int) -> None:
-        self.frozen = False
-        models.set_backbone_trainable(self.model, True)
-        self.trainer = wrap_for_training(self.model, self.ctx, self.device, self.cfg.compile)
-        ui.info(
-            f"Epoch {epoch}: unfreezing the backbone (lr x{self.cfg.backbone_lr_mult}); "
-            f"{models.count_parameters(self.model, trainable_only=True):,} parameters train."
-        )
-
-    def record(self, row: dict[str, Any], validation: Validation) -> None:
-        """Keep the epoch's row, save its files (rank 0), queue its plots, print its line."""
-        epoch = row["epoch"]
-        self.rows.append(row)
-        improved = row["val_acc"] > self.best_acc
-        if improved:
-            self.best_acc, self.best_epoch = row["val_acc"], epoch
-        if self.ctx.is_main:
-            self.save(row, improved)
-            self.draw(validation, improved, epoch)
-        _print_epoch_row(row, improved, first=epoch == self.start_epoch)
-
     def save(self, row: dict[str, Any], improved: bool) -> None:
+        """best.pt (if improved), last.pt with the state a resume needs, metrics.csv."""
         checkpoint = ckpt.build_checkpoint(
             self.model, arch=self.cfg.arch, classes=self.layout.classes,
             preprocessing=self.preprocessing, epoch=row["epoch"], val_acc=row["val_acc"],
             config=self.resolved,
         )  # fmt: skip
-        opt = self.opt
+        opt, history = self.opt, self.history
         last = ckpt.with_training_state(
             checkpoint, optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
-            best_val_acc=self.best_acc, best_epoch=self.best_epoch, metrics=self.rows,
+            best_val_acc=history.best_acc, best_epoch=history.best_epoch, metrics=history.rows,
         )  # fmt: skip
-        ckpt.save_epoch(self.run_dir, checkpoint if improved else None, last, self.rows)
+        ckpt.save_epoch(self.run_dir, checkpoint if improved else None, last, history.rows)
 
     def draw(self, validation: Validation, improved: bool, epoch: int) -> None:
-        self.plots.submit(self.run_dir / "results.png", partial(training_curves_png, list(self.rows)))
+        self.plots.submit(self.run_dir / "results.png", partial(training_curves_png, list(self.history.rows)))
         if improved:
             title = f"val split, epoch {epoch}: accuracy {validation.accuracy:.2%}"
             render = partial(confusion_matrix_png, validation.confusion, self.layout.classes, title)
             self.plots.submit(self.run_dir / "confusion_matrix.png", render)
-
-    def should_stop(self, epoch: int) -> bool:
-        patience = self.cfg.patience
-        if patience and epoch - self.best_epoch >= patience:
-            ui.info(f"Early stopping: no val improvement for {patience} epochs.")
-            return True
-        return False
-
-    def interrupted(self) -> UserError:
-        """Told from what is on disk, the epoch last.pt holds, so that it is right whatever
-        moment Ctrl-C came at (even between writing last.pt and the next line)."""
-        run_dir, last = self.run_dir, self.run_dir / "last.pt"
-        try:
-            done = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
-        except Exception:  # noqa: BLE001 - nothing saved yet (or unreadable): no epoch to resume
-            done = 0
-        saved = (
-            f"{run_dir / 'last.pt'} holds epoch {done}; continue with "
-            f"`resnext train --resume {run_dir}`."
-            if done
-            else "No epoch had completed, so nothing was saved."
-        )
-        return UserError(f"Interrupted during epoch {done + 1}. {saved}", EXIT_INTERRUPTED)
 
     # ------------------------------------------------------------ the end
 
@@ -518,21 +412,95 @@ class TrainRecipe:
             ui.warn(f"could not draw a plot ({problem}); training itself is unaffected.")
         if self.failures:
             ui.warn(f"{len(self.failures)} unreadable file(s) were skipped (listed above).")
-        best = self.run_dir / "best.pt"
-        ui.info(f"Best val accuracy {self.best_acc:.2%} at epoch {self.best_epoch} -> {best}")
+        history = self.history
+        ui.info(f"Best val accuracy {history.best_acc:.2%} at epoch {history.best_epoch} -> "
+                f"{self.run_dir / 'best.pt'}")  # fmt: skip
         if self.ctx.is_main:
             ckpt.mark_latest(self.run_dir)
-        if self.cfg.report and self.ctx.is_main:
-            request = ReportConfig(str(self.run_dir), workers=self.explicit_workers,
-                                   device=self.cfg.device, decode=self.cfg.decode)  # fmt: skip
-            try:
-                run_report.write_report(request)
-            except UserError as exc:  # the run itself is complete and saved
-                ui.warn(f"report.html was not written: {exc} Try `resnext report {self.run_dir}` later.")
-        return TrainResult(self.run_dir, self.best_acc, self.best_epoch, len(self.rows))
+            if self.cfg.report:
+                write_end_report(self.run_dir, self.explicit_workers, self.cfg)
+        return TrainResult(self.run_dir, history.best_acc, history.best_epoch, len(history.rows))
 
 
-def _print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
+# ---------------------------------------------------------------- the recipe's helpers
+
+
+def odd_choices(cfg: TrainConfig, explicit_freeze: bool | None) -> list[str]:
+    """Combinations that are allowed but rarely meant, said before training starts."""
+    warnings = []
+    if cfg.weights == "none" and explicit_freeze:
+        warnings.append("--freeze with --weights none keeps a random backbone fixed; only the head "
+                        "trains and it will learn little. Going on as asked.")  # fmt: skip
+    if cfg.weights == "none" and cfg.freeze_bn:
+        warnings.append("--freeze-bn with --weights none keeps BatchNorm statistics of random "
+                        "weights; going on as asked.")  # fmt: skip
+    return warnings
+
+
+def announce(
+    run_dir: Path, cfg: TrainConfig, device: torch.device, layout: DatasetLayout, ctx: DistContext,
+    resume: dict[str, Any] | None, model: torch.nn.Module, frozen: bool,
+) -> None:  # fmt: skip
+    """What is about to train, where, on what."""
+    layout_name = ", channels-last" if cfg.channels_last else ""
+    ui.info(
+        f"Run folder: {run_dir}  |  {cfg.arch} on {device} ({cfg.precision}{layout_name})"
+        f"  |  {len(layout.classes)} classes, {len(layout.train)} train / {len(layout.val)} "
+        "val images"
+    )
+    if ctx.enabled:
+        ui.info(
+            f"Distributed: {ctx.world_size} processes, batch {cfg.batch_size} per process "
+            f"({cfg.batch_size * ctx.world_size} global)."
+        )
+    if resume is not None:
+        ui.info(f"Resuming after epoch {resume['epoch']} of {cfg.epochs}.")
+    ui.info(
+        f"Trainable parameters: {networks.count_parameters(model, trainable_only=True):,} "
+        f"of {networks.count_parameters(model):,} "
+        f"({'backbone frozen' if frozen else 'all layers'})"
+    )
+
+
+def unfreeze_backbone(
+    model: torch.nn.Module, cfg: TrainConfig, ctx: DistContext, device: torch.device, epoch: int
+) -> torch.nn.Module:
+    """--unfreeze-after: from this epoch the whole network trains; returns what it trains through."""
+    networks.set_backbone_trainable(model, True)
+    trainer = wrap_for_training(model, ctx, device, cfg.compile)
+    ui.info(
+        f"Epoch {epoch}: unfreezing the backbone (lr x{cfg.backbone_lr_mult}); "
+        f"{networks.count_parameters(model, trainable_only=True):,} parameters train."
+    )
+    return trainer
+
+
+def interrupted(run_dir: Path) -> UserError:
+    """Told from what is on disk, the epoch last.pt holds, so that it is right whatever moment
+    Ctrl-C came at (even between writing last.pt and the next line)."""
+    try:
+        done = int(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # noqa: BLE001 - nothing saved yet (or unreadable): no epoch to resume
+        done = 0
+    saved = (
+        f"{run_dir / 'last.pt'} holds epoch {done}; continue with "
+        f"`resnext train --resume {run_dir}`."
+        if done
+        else "No epoch had completed, so nothing was saved."
+    )
+    return UserError(f"Interrupted during epoch {done + 1}. {saved}", EXIT_INTERRUPTED)
+
+
+def write_end_report(run_dir: Path, explicit_workers: int | None, cfg: TrainConfig) -> None:
+    """report.html for the finished run; a failure warns, the run itself is complete and saved."""
+    request = ReportConfig(str(run_dir), workers=explicit_workers, device=cfg.device, decode=cfg.decode)
+    try:
+        run_report.write_report(request)
+    except UserError as exc:
+        ui.warn(f"report.html was not written: {exc} Try `resnext report {run_dir}` later.")
+
+
+def print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
     table = Table(show_header=first, box=None, pad_edge=False)
     widths = {"epoch": 5, "train_loss": 10, "train_acc": 9, "val_loss": 8, "val_acc": 8,
               "lr": 9, "seconds": 7}  # fmt: skip

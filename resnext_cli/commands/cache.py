@@ -10,7 +10,7 @@ from rich.table import Table
 
 from resnext_cli import ui
 from resnext_cli.config import CacheConfig
-from resnext_cli.features import cache_entries, cache_limit_bytes, cache_root, remove_entry
+from resnext_cli.model.features import cache_entries, cache_limit_bytes, cache_root, remove_entry
 
 
 def list_cache(cfg: CacheConfig) -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from resnext_cli import ui
 from resnext_cli.config import EvaluateConfig
-from resnext_cli.evaluation import Evaluation, evaluate_into_folder
+from resnext_cli.outputs.evaluation import Evaluation, evaluate_into_folder
 
 
 def evaluate(cfg: EvaluateConfig) -> Evaluation:

@@ -9,7 +9,7 @@ import io
 
 from PIL import ImageOps
 
-from resnext_cli.images import load_rgb
+from resnext_cli.data.images import load_rgb
 
 THUMBNAIL_PX = 160
 BASE_STYLE = """

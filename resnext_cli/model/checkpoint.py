@@ -19,6 +19,7 @@ import yaml
 
 from resnext_cli import __version__
 from resnext_cli.config import read_yaml_config
+from resnext_cli.data.transforms import Preprocessing, resize_size
 from resnext_cli.errors import UserError
 from resnext_cli.files import (
     atomic_write,
@@ -27,7 +28,6 @@ from resnext_cli.files import (
     make_folder,
     read_csv,
 )
-from resnext_cli.transforms import Preprocessing, resize_size
 
 CHECKPOINT_FORMAT = "resnext-cli/1"
 CHECKPOINT_KEYS = (

@@ -13,8 +13,8 @@ import torchvision.transforms.functional as F
 from torch.utils.data import DataLoader
 
 from resnext_cli.config import available_cores
-from resnext_cli.images import describe_failure, load_rgb, read_header, typical_short_side
-from resnext_cli.transforms import Box, CropPlan, Preprocessing
+from resnext_cli.data.images import describe_failure, load_rgb, read_header, typical_short_side
+from resnext_cli.data.transforms import Box, CropPlan, Preprocessing
 
 
 def default_workers(device_type: str = "cpu") -> int:

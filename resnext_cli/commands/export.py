@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from resnext_cli import ui
-from resnext_cli.batches import InputSpec, get_batch, pixel_batch
-from resnext_cli.checkpoint import write_class_indices
 from resnext_cli.config import ExportConfig, InferenceConfig
-from resnext_cli.engines import load_inference_model, onnx_session, require_onnx, run_onnx
+from resnext_cli.data.batches import InputSpec, get_batch, pixel_batch
+from resnext_cli.data.transforms import Preprocessing, write_preprocess_json
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import make_folder
-from resnext_cli.transforms import Preprocessing, write_preprocess_json
+from resnext_cli.model.checkpoint import write_class_indices
+from resnext_cli.model.engines import load_inference_model, onnx_session, require_onnx, run_onnx
 
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write
-from resnext_cli.metrics import row_normalised
+from resnext_cli.outputs.metrics import row_normalised
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

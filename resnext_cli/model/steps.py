@@ -14,11 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from resnext_cli import ui
-from resnext_cli.batches import DeviceBatch, InputSpec, get_batch
-from resnext_cli.device import autocast
-from resnext_cli.distributed import DistContext, all_reduce_sums, average_gradients
+from resnext_cli.data.batches import DeviceBatch, InputSpec, get_batch
 from resnext_cli.errors import EXIT_FAILED, UserError
-from resnext_cli.models import backbone_features, set_train_mode
+from resnext_cli.model.device import autocast
+from resnext_cli.model.distributed import DistContext, all_reduce_sums, average_gradients
+from resnext_cli.model.networks import backbone_features, set_train_mode
 
 
 @dataclass

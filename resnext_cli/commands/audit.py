@@ -29,19 +29,26 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from resnext_cli import features, models, ui
-from resnext_cli.audit_page import render_audit_html
-from resnext_cli.batches import InputSpec
-from resnext_cli.checkpoint import checkpoint_preprocessing, load_checkpoint
+from resnext_cli import ui
 from resnext_cli.config import AuditConfig, TrainConfig
-from resnext_cli.device import decode_on_device, pin_memory_for, precision_for, prepare_model, select_device
-from resnext_cli.distributed import DistContext
+from resnext_cli.data.batches import InputSpec
+from resnext_cli.data.folders import DatasetLayout, discover_dataset
+from resnext_cli.data.loaders import default_workers
+from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.errors import EXIT_OK, UserError
 from resnext_cli.files import atomic_write_text, make_folder
-from resnext_cli.folders import DatasetLayout, discover_dataset
-from resnext_cli.loaders import default_workers
-from resnext_cli.steps import Step, report_failures
-from resnext_cli.transforms import Preprocessing
+from resnext_cli.model import features, networks
+from resnext_cli.model.checkpoint import checkpoint_preprocessing, load_checkpoint
+from resnext_cli.model.device import (
+    decode_on_device,
+    pin_memory_for,
+    precision_for,
+    prepare_model,
+    select_device,
+)
+from resnext_cli.model.distributed import DistContext
+from resnext_cli.model.steps import Step, report_failures
+from resnext_cli.outputs.audit_page import render_audit_html
 
 AUDIT_EXTRA = "pip install 'resnext-cli[audit]'  (cleanlab)"
 CSV_COLUMNS = ("path", "given", "suggested", "confidence", "issue", "related_path")
@@ -161,14 +168,14 @@ def _backbone(cfg: AuditConfig, n_classes: int) -> tuple[torch.nn.Module, str, s
         arch = ckpt["arch"]
         if cfg.arch and cfg.arch != arch:
             raise UserError(f"--arch {cfg.arch} disagrees with {cfg.checkpoint}, a {arch}.")
-        model = models.build_model(arch, len(ckpt["classes"]))
+        model = networks.build_model(arch, len(ckpt["classes"]))
         model.load_state_dict(ckpt["model"])
         return model, arch, cfg.checkpoint, checkpoint_preprocessing(ckpt, cfg.img_size)
     arch = cfg.arch or "resnext50_32x4d"
     torch.manual_seed(cfg.seed)  # --weights none: the same random backbone for the same seed
-    model = models.build_model(arch, n_classes)
-    models.load_weights(model, arch, cfg.weights, ui.note)
-    return model, arch, cfg.weights, models.weights_preprocessing(arch, cfg.weights, cfg.img_size or 224)
+    model = networks.build_model(arch, n_classes)
+    networks.load_weights(model, arch, cfg.weights, ui.note)
+    return model, arch, cfg.weights, networks.weights_preprocessing(arch, cfg.weights, cfg.img_size or 224)
 
 
 # ---------------------------------------------------------------- 2. out-of-fold probabilities

@@ -15,16 +15,15 @@ import torch.hub
 import torch.nn as nn
 from torchvision.models import ResNet, get_model_builder, get_model_weights
 
-from resnext_cli.archs import ARCHS
-from resnext_cli.checkpoint import CHECKPOINT_FORMAT, safe_torch_load
+from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.errors import UserError
-from resnext_cli.transforms import Preprocessing
+from resnext_cli.model.archs import ARCHS, check_arch
+from resnext_cli.model.checkpoint import CHECKPOINT_FORMAT, safe_torch_load
 
 
 def build_model(arch: str, num_classes: int) -> ResNet:
     """torchvision's network with random weights and a classifier for `num_classes`."""
-    if arch not in ARCHS:
-        raise UserError(f"Unknown architecture {arch!r}. `resnext archs` lists the choices.")
+    check_arch(arch)
     model = get_model_builder(arch)(weights=None)
     if num_classes != model.fc.out_features:
         model.fc = nn.Linear(model.fc.in_features, num_classes)

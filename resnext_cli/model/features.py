@@ -23,15 +23,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from resnext_cli import ui
-from resnext_cli.checkpoint import save_torch
 from resnext_cli.config import TrainConfig
-from resnext_cli.distributed import DistContext, barrier
+from resnext_cli.data.folders import DatasetLayout
+from resnext_cli.data.loaders import EpochSampler, ImageListDataset, image_dataset, make_loader
+from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.files import atomic_write_text
-from resnext_cli.folders import DatasetLayout
-from resnext_cli.loaders import EpochSampler, ImageListDataset, image_dataset, make_loader
-from resnext_cli.models import backbone_features
-from resnext_cli.steps import Step, TrainTally, Validation, ValidationTally
-from resnext_cli.transforms import Preprocessing
+from resnext_cli.model.checkpoint import save_torch
+from resnext_cli.model.distributed import DistContext, barrier
+from resnext_cli.model.networks import backbone_features
+from resnext_cli.model.steps import Step, TrainTally, Validation, ValidationTally
 
 Reporter = Callable[[list[tuple[int, str]], list[tuple[str, int]]], None]
 

@@ -14,11 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from resnext_cli import checkpoint as ckpt
-from resnext_cli import models, ui
-from resnext_cli.batches import InputSpec
+from resnext_cli import ui
 from resnext_cli.config import InferenceConfig
-from resnext_cli.device import (
+from resnext_cli.data.batches import InputSpec
+from resnext_cli.data.loaders import ImageListDataset, image_dataset, inference_workers
+from resnext_cli.data.transforms import Preprocessing, read_preprocess_json
+from resnext_cli.errors import UserError
+from resnext_cli.model import checkpoint as ckpt
+from resnext_cli.model import networks
+from resnext_cli.model.device import (
     autocast,
     decode_on_device,
     pin_memory_for,
@@ -26,9 +30,6 @@ from resnext_cli.device import (
     prepare_model,
     select_device,
 )
-from resnext_cli.errors import UserError
-from resnext_cli.loaders import ImageListDataset, image_dataset, inference_workers
-from resnext_cli.transforms import Preprocessing, read_preprocess_json
 
 EXPORT_EXTRA = "pip install 'resnext-cli[export]'  (onnx, onnxruntime, onnxscript)"
 
@@ -86,7 +87,7 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
     if cfg.weights:
         assert cfg.arch and cfg.class_indices
         classes = ckpt.read_class_indices(cfg.class_indices)
-        state = models.read_state_dict(cfg.weights)
+        state = networks.read_state_dict(cfg.weights)
         _check_class_count(state, classes, cfg.weights, cfg.class_indices)
         model = _weights_only_model(cfg.arch, len(classes), state, cfg.weights)
         source, arch, trained_on = cfg.weights, cfg.arch, None
@@ -123,10 +124,10 @@ def _weights_only_model(
     """Built on the meta device and given the file's tensors: no random init to throw away
     (0.2 s for resnet18, more for the large models, at every predict)."""
     with torch.device("meta"):
-        model = models.build_model(arch, num_classes)
+        model = networks.build_model(arch, num_classes)
     if "fc.weight" not in state:
         raise UserError(f"{source} has no classifier (fc.*): it cannot predict classes.")
-    models.apply_state_dict(model, state, source, log=lambda _: None, assign=True)
+    networks.apply_state_dict(model, state, source, log=lambda _: None, assign=True)
     return model
 
 

@@ -14,14 +14,14 @@ import torch
 
 from resnext_cli import ui
 from resnext_cli.config import EvaluateConfig
-from resnext_cli.engines import InferenceModel, OnnxModel, load_inference_model
+from resnext_cli.data.batches import get_batch
+from resnext_cli.data.folders import find_splits, ignored_entries, read_split_val
+from resnext_cli.data.loaders import make_loader
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
-from resnext_cli.folders import find_splits, ignored_entries, read_split_val
-from resnext_cli.batches import get_batch
-from resnext_cli.loaders import make_loader
-from resnext_cli.metrics import ClassificationReport, classification_report, confusion_matrix
-from resnext_cli.plots import confusion_matrix_png, write_png
+from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
+from resnext_cli.outputs.metrics import ClassificationReport, classification_report, confusion_matrix
+from resnext_cli.outputs.plots import confusion_matrix_png, write_png
 
 
 @dataclass

@@ -14,17 +14,16 @@ from typing import Any, Iterator
 from rich.table import Table
 
 from resnext_cli import ui
-from resnext_cli.batches import get_batch
 from resnext_cli.config import BatchPredictConfig, PredictConfig
-from resnext_cli.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
+from resnext_cli.data.batches import get_batch
+from resnext_cli.data.folders import list_images
+from resnext_cli.data.images import load_rgb
+from resnext_cli.data.loaders import collate_skipping_failures, make_loader
 from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError
 from resnext_cli.files import make_folder
-from resnext_cli.folders import list_images
-from resnext_cli.images import load_rgb
-from resnext_cli.loaders import collate_skipping_failures, make_loader
-from resnext_cli.outputs import ResultWriter, Row
-from resnext_cli.plots import plot_format, predictions_figure, save_figure
-
+from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
+from resnext_cli.outputs.plots import plot_format, predictions_figure, save_figure
+from resnext_cli.outputs.results import ResultWriter, Row
 
 # ---------------------------------------------------------------- predict
 

@@ -22,9 +22,9 @@ import torchvision.transforms.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from resnext_cli.images import describe_failure, load_rgb
-from resnext_cli.loaders import EncodedImage, LoadedBatch
-from resnext_cli.transforms import Box, Preprocessing
+from resnext_cli.data.images import describe_failure, load_rgb
+from resnext_cli.data.loaders import EncodedImage, LoadedBatch
+from resnext_cli.data.transforms import Box, Preprocessing
 
 CROP_CHUNK_BYTES = 1 << 30  # float32 pictures stacked for one roi_align call, at most
 

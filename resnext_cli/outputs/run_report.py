@@ -4,26 +4,22 @@ evaluation folder, which is (re)made first when missing or older than best.pt.""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from resnext_cli import ui
-from resnext_cli.checkpoint import (
-    describe_run,
-    latest_run,
+from resnext_cli.config import EvaluateConfig, ReportConfig
+from resnext_cli.errors import UserError
+from resnext_cli.files import atomic_write_text
+from resnext_cli.model.checkpoint import (
     read_class_indices,
     read_metrics,
     read_run_config,
 )
-from resnext_cli.config import EvaluateConfig, ReportConfig
-from resnext_cli.errors import UserError
-from resnext_cli.evaluation import evaluate_into_folder, read_evaluation
-from resnext_cli.files import atomic_write_text
-from resnext_cli.html_parts import BASE_STYLE, escape, image_tag, thumbnail_tag
-from resnext_cli.plots import training_curves_png, write_png
-
+from resnext_cli.outputs.evaluation import evaluate_into_folder, read_evaluation
+from resnext_cli.outputs.html_parts import BASE_STYLE, escape, image_tag, thumbnail_tag
+from resnext_cli.outputs.plots import training_curves_png, write_png
 
 
 @dataclass
@@ -40,16 +36,6 @@ class RunFiles:
     confusion_png: bytes | None = None
     mistakes: list[dict[str, str]] = field(default_factory=list)
     not_evaluated: str = ""  # why there is no evaluation
-
-
-def report(cfg: ReportConfig) -> Path:
-    """`resnext report [RUN]`: the given run, or the latest finished one (said on stderr)."""
-    if cfg.run_dir is None:
-        run_dir = latest_run()
-        ui.note(f"Reporting on {describe_run(run_dir)}: the latest finished run (pass RUN to "
-                "choose another).")  # fmt: skip
-        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    return write_report(cfg)
 
 
 def write_report(cfg: ReportConfig) -> Path:

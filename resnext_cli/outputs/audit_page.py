@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from resnext_cli.html_parts import BASE_STYLE, escape, thumbnail_tag
+from resnext_cli.outputs.html_parts import BASE_STYLE, escape, thumbnail_tag
 
 STYLE = BASE_STYLE + """
 .finding { display: flex; gap: 1.2rem; align-items: flex-start; padding: .8rem 0;

@@ -1,11 +1,14 @@
 """The architectures resnext knows, by name: torch-free, so flags are checked before torch loads.
 
-torchvision's builder and weights enum share each architecture's name; `models.py` builds them.
+torchvision's builder and weights enum share each architecture's name; `networks.py` builds them.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+
+from resnext_cli.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,3 +33,16 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("wide_resnet101_2", "Wide ResNet", "bottleneck twice as wide, 101 layers"),
     )
 }
+
+
+def check_arch(name: str) -> None:
+    """An unknown name is an error that suggests the closest known one: a name it begins (or
+    that begins it) first, so `resnext50` suggests resnext50_32x4d rather than resnet50."""
+    if name in ARCHS:
+        return
+    prefixed = [a for a in ARCHS if a.startswith(name) or name.startswith(a)]
+    close = prefixed[:1] or difflib.get_close_matches(name, list(ARCHS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UserError(
+        f"Invalid arch {name!r}.{hint} Choose one of: {', '.join(ARCHS)} (`resnext archs` lists them)."
+    )
