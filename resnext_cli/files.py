@@ -3,13 +3,17 @@ temporary file beside its target and is renamed over it; folders are made with c
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
+
+from filelock import SoftFileLock, Timeout
 
 from resnext_cli.errors import EXIT_FAILED, UserError
 
@@ -107,3 +111,40 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     """A CSV written by `atomic_write_csv`, as one dict per row (values as written)."""
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """One writer at a time: hold `lock_path` while writing `what`; a second writer is refused
+    (exit 2) with the holder's pid, host and start time.
+
+    filelock's soft lock writes the holder's pid and host into the file and takes over a lock
+    whose process has died on this host (a stale lock after a crash or SIGKILL); the file goes
+    when the holder releases it."""
+    lock = SoftFileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"{what} is being written by another resnext process ({lock_holder(lock_path)}). "
+            f"Wait for it to finish, or write elsewhere. If no such process exists (it ran on "
+            f"another machine), delete {lock_path}.",
+        ) from None
+    except OSError as exc:
+        raise UserError(f"Cannot lock {what} ({lock_path}): {exc.strerror or exc}.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def lock_holder(lock_path: Path) -> str:
+    """'pid N on host H since T', read from a lock file (filelock writes pid and host first)."""
+    try:
+        lines = lock_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        since = datetime.datetime.fromtimestamp(lock_path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    except OSError:
+        return "holder unknown"
+    pid = lines[0].strip() if lines else "?"
+    host = lines[1].strip() if len(lines) > 1 else "?"
+    return f"pid {pid} on host {host} since {since}"

@@ -62,8 +62,11 @@ def test_sigkill_then_resume_matches_a_straight_run(tmp_path, resume_data, strai
     process.wait()
     killed_at = torch.load(run / "last.pt", weights_only=True)["epoch"]
     assert 2 <= killed_at < 6
+    assert (run / "run.lock").exists() and run_record(run)["status"] == "running"  # left by the kill
     result = run_subprocess(["train", "--resume", run], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert not (run / "run.lock").exists()  # the dead process's lock was taken over, then released
+    assert run_record(run)["status"] == "finished" and run_record(run)["sessions"] == 2
     assert f"Resuming after epoch {killed_at}" in result.stdout
     assert metrics_rows(run) == metrics_rows(straight_run)
     resumed = torch.load(run / "best.pt", weights_only=True)
@@ -86,12 +89,39 @@ def test_sigint_stops_with_130_and_the_run_resumes(tmp_path, resume_data, straig
     assert process.returncode == 130, stderr
     assert time.time() - started < 30
     assert "Interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert run_record(run)["status"] == "interrupted"
     state = torch.load(run / "last.pt", weights_only=True)
     assert 1 <= state["epoch"] < 6
     assert len(metrics_rows(run)) == state["epoch"]
     result = run_subprocess(["train", "--resume", run, "--workers", "0"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert metrics_rows(run) == metrics_rows(straight_run)
+
+
+def run_record(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(tmp_path, straight_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom filelock import SoftFileLock\n"
+         f"lock = SoftFileLock({str(run / 'run.lock')!r}, timeout=0)\nlock.acquire()\n"
+         "print('held', flush=True)\n"
+         "time.sleep(120)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = invoke(["train", "--resume", run, "--epochs", "7"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2, result.stderr
+    assert "being written by another resnext process" in result.stderr
+    assert f"pid {holder.pid}" in result.stderr
+    assert len(metrics_rows(run)) == 6 and run_record(run)["status"] == "finished"  # untouched
 
 
 def test_resume_refuses_changed_settings(tmp_path, straight_run):

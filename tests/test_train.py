@@ -38,6 +38,15 @@ def test_end_to_end_run_folder(trained_run: Path):
     assert best["val_acc"] >= 0.9  # colour is enough to separate the classes
 
 
+def test_run_json_marks_the_run_and_times_all_of_it(trained_run: Path):
+    record = json.loads((trained_run / "run.json").read_text())
+    assert record["format"] == "resnext-run/1" and record["status"] == "finished"
+    assert record["sessions"] == 1 and record["ended"] >= record["started"]
+    epochs = sum(float(row["seconds"]) for row in csv.DictReader((trained_run / "metrics.csv").open()))
+    assert record["wall_seconds"] > epochs  # setup and the end of the run count too
+    assert not (trained_run / "run.lock").exists()
+
+
 def test_frozen_backbone_changes_only_the_head(tmp_path: Path, dataset: Path):
     reference = torchvision.models.resnet18()
     # non-trivial BN statistics so that drift would show

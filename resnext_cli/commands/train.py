@@ -6,6 +6,7 @@ model, run folder, loaders, optimizer, restore), `train` runs the epochs, `finis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -30,6 +31,7 @@ from resnext_cli.data.folders import DatasetLayout, discover_dataset, write_spli
 from resnext_cli.data.loaders import EpochSampler, default_workers, image_dataset, make_loader
 from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.errors import EXIT_INTERRUPTED, UserError
+from resnext_cli.files import exclusive_lock
 from resnext_cli.model import checkpoint as ckpt
 from resnext_cli.model import features, networks
 from resnext_cli.model.device import (
@@ -207,6 +209,9 @@ class TrainRecipe:
         self.ctx = ctx
         self.cfg = resolve_config(config, ctx)
         self.resume = ckpt.load_resume_state(self.cfg.resume) if self.cfg.resume else None
+        self.held = contextlib.ExitStack()  # the run folder's lock, from its creation to the end
+        self.run_dir: Path | None = None
+        self.record_since: float | None = None  # rank 0, once run.json says `running`
 
     def already_finished(self) -> TrainResult | None:
         """A resume of a run that already reached its last epoch (or stopped early)."""
@@ -225,21 +230,44 @@ class TrainRecipe:
                            state["epoch"])  # fmt: skip
 
     def run(self) -> TrainResult:
-        self.setup()
+        """Set up, train the epochs, finish; the run folder is locked throughout and run.json
+        says how the session ended (finished, interrupted or failed)."""
+        with self.held:
+            try:
+                self.setup()
+                self.train_epochs()
+            except KeyboardInterrupt:
+                self.end_record("interrupted")
+                if self.run_dir is None:  # nothing of this run is on disk yet
+                    raise
+                raise interrupted(self.run_dir) from None
+            except BaseException:
+                self.end_record("failed")
+                raise
+            self.end_record("finished")
+            return self.finish()
+
+    def train_epochs(self) -> None:
+        for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+            row, validation = self.run_epoch(epoch)
+            improved = self.history.add(row)
+            if self.ctx.is_main:
+                self.save(row, improved)
+                self.draw(validation, improved, epoch)
+            print_epoch_row(row, improved, first=epoch == self.start_epoch)
+            if self.history.stalled(self.cfg.patience):
+                ui.info(f"Early stopping: no val improvement for {self.cfg.patience} epochs.")
+                break
+
+    def end_record(self, status: str) -> None:
+        """run.json's status for this session; a failure to write it only warns."""
+        if self.record_since is None:
+            return
         try:
-            for epoch in range(self.start_epoch, self.cfg.epochs + 1):
-                row, validation = self.run_epoch(epoch)
-                improved = self.history.add(row)
-                if self.ctx.is_main:
-                    self.save(row, improved)
-                    self.draw(validation, improved, epoch)
-                print_epoch_row(row, improved, first=epoch == self.start_epoch)
-                if self.history.stalled(self.cfg.patience):
-                    ui.info(f"Early stopping: no val improvement for {self.cfg.patience} epochs.")
-                    break
-        except KeyboardInterrupt:
-            raise interrupted(self.run_dir) from None
-        return self.finish()
+            ckpt.end_run_record(self.run_dir, status, self.record_since)
+        except UserError as exc:
+            ui.warn(f"run.json was not updated: {exc}")
+        self.record_since = None
 
     # ------------------------------------------------------------ setup phases
 
@@ -319,6 +347,8 @@ class TrainRecipe:
         self.resolved = to_plain_dict(dataclasses.replace(cfg, resume=None))
         if ctx.is_main:
             run_dir = Path(cfg.resume) if cfg.resume else ckpt.make_run_dir(cfg.out, cfg.name)
+            self.held.enter_context(exclusive_lock(run_dir / ckpt.RUN_LOCK, f"The run folder {run_dir}"))
+            self.record_since = ckpt.start_run_record(run_dir)
             ckpt.write_run_config(run_dir, self.resolved)
             ckpt.write_class_indices(run_dir / "class_indices.json", layout.classes)
             if layout.split is not None:

@@ -7,9 +7,11 @@ loaded only with `weights_only=True`, so opening a file never runs code from it.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,50 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
 
 
 LATEST = "latest"  # beside a run folder: the name of the newest run that finished
+RUN_RECORD = "run.json"  # marks a folder as a run of this tool: its status and wall time
+RUN_LOCK = "run.lock"  # held while a process writes the run (files.exclusive_lock)
+RUN_FORMAT = "resnext-run/1"
+RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+
+
+def start_run_record(run_dir: Path) -> float:
+    """run.json at the start of a run (or of a resumed one): status `running`; `created` and the
+    `wall_seconds` of earlier sessions are kept. Returns the clock `end_run_record` measures from."""
+    previous = read_run_record(run_dir) or {}
+    record = {
+        "format": RUN_FORMAT,
+        "status": "running",
+        "created": previous.get("created", _now()),
+        "started": _now(),
+        "ended": None,
+        "wall_seconds": float(previous.get("wall_seconds", 0.0)),
+        "sessions": int(previous.get("sessions", 0)) + 1,
+    }
+    atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1) + "\n")
+    return time.perf_counter()
+
+
+def end_run_record(run_dir: Path, status: str, since: float) -> None:
+    """The session's end: `finished`, `interrupted` or `failed`, and its time added to
+    `wall_seconds` (everything from the start of the session: data, feature caching, epochs)."""
+    record = read_run_record(run_dir) or {"format": RUN_FORMAT, "created": _now(), "wall_seconds": 0.0}
+    record.update(status=status, ended=_now(),
+                  wall_seconds=float(record.get("wall_seconds", 0.0)) + time.perf_counter() - since)  # fmt: skip
+    atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1) + "\n")
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """run.json as written by `start_run_record`; None where there is none (a folder that is not
+    a run of this tool, or a run from before run.json existed) or it is not ours."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == RUN_FORMAT else None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 def check_run_dir(out: str | None, name: str | None, root: str = "runs") -> None:
