@@ -88,7 +88,23 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    """UTF-8, with a file name's undecodable bytes escaped: Python reads byte 0xE9 of a non-UTF-8
+    name as the lone surrogate U+DCE9, which UTF-8 cannot encode; it is written as the six
+    characters `\\udce9`, which JSON and YAML strings read back as the same name (lossless), and
+    which CSV and HTML show as they are. Nothing else is changed (UTF-8 encodes every other
+    character)."""
+    atomic_write(path, lambda handle: handle.write(escaped_utf8(text)))
+
+
+def escaped_utf8(text: str) -> bytes:
+    """`text` in UTF-8, lone surrogates (undecodable bytes of file names) as `\\udcXX` escapes."""
+    return text.encode("utf-8", errors="backslashreplace")
+
+
+def printable(name: str) -> str:
+    """A file name as `atomic_write_text` writes it, for text that must stay encodable (messages,
+    tables): undecodable bytes as `\\udcXX`."""
+    return escaped_utf8(name).decode("utf-8")
 
 
 def make_folder(path: Path) -> None:
@@ -116,12 +132,14 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
     """One writer at a time: hold `lock_path` while writing `what`; a second writer is refused
-    (exit 2) with the holder's pid, host and start time.
+    (exit 2) with the holder's pid, host and start time. Re-entrant within one process.
 
     filelock's soft lock writes the holder's pid and host into the file and takes over a lock
     whose process has died on this host (a stale lock after a crash or SIGKILL); the file goes
     when the holder releases it."""
-    lock = SoftFileLock(str(lock_path), timeout=0)
+    # one lock object per file in this process (is_singleton): a writer that already holds it,
+    # train writing its end-of-run report say, takes it again instead of refusing itself
+    lock = SoftFileLock(str(Path(lock_path).resolve()), timeout=0, is_singleton=True)
     try:
         lock.acquire()
     except Timeout:

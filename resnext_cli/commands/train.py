@@ -212,6 +212,7 @@ class TrainRecipe:
         self.held = contextlib.ExitStack()  # the run folder's lock, from its creation to the end
         self.run_dir: Path | None = None
         self.record_since: float | None = None  # rank 0, once run.json says `running`
+        self.record_dir: Path | None = None  # ... in this folder (set before self.run_dir is)
 
     def already_finished(self) -> TrainResult | None:
         """A resume of a run that already reached its last epoch (or stopped early)."""
@@ -264,7 +265,7 @@ class TrainRecipe:
         if self.record_since is None:
             return
         try:
-            ckpt.end_run_record(self.run_dir, status, self.record_since)
+            ckpt.end_run_record(self.record_dir, status, self.record_since)
         except UserError as exc:
             ui.warn(f"run.json was not updated: {exc}")
         self.record_since = None
@@ -348,7 +349,7 @@ class TrainRecipe:
         if ctx.is_main:
             run_dir = Path(cfg.resume) if cfg.resume else ckpt.make_run_dir(cfg.out, cfg.name)
             self.held.enter_context(exclusive_lock(run_dir / ckpt.RUN_LOCK, f"The run folder {run_dir}"))
-            self.record_since = ckpt.start_run_record(run_dir)
+            self.record_since, self.record_dir = ckpt.start_run_record(run_dir), run_dir
             ckpt.write_run_config(run_dir, self.resolved)
             ckpt.write_class_indices(run_dir / "class_indices.json", layout.classes)
             if layout.split is not None:

@@ -119,7 +119,7 @@ def cache_keys(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preproces
                 identity = f"{stat.st_size}:{stat.st_mtime_ns}"
             except OSError:
                 identity = "missing"
-            files.update(f"{split}|{os.path.abspath(path)}|{identity}|{label}\n".encode())
+            files.update(f"{split}|{os.path.abspath(path)}|{identity}|{label}\n".encode(errors="surrogateescape"))
     keys = []
     for view in range(views):
         settings = _feature_settings(cfg, preprocessing)

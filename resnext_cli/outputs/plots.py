@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from resnext_cli.errors import UserError
-from resnext_cli.files import atomic_write
+from resnext_cli.files import atomic_write, printable
 from resnext_cli.outputs.metrics import row_normalised
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def confusion_matrix_png(matrix: list[list[int]], classes: Sequence[str], title:
     """Raw counts beside row-normalised fractions. Cells carry numbers up to 30 classes; the
     figure and its fonts scale so that ~100 class names stay readable."""
     n = len(classes)
+    classes = [printable(name) for name in classes]  # a non-UTF-8 folder name cannot be drawn
     side = min(28.0, max(4.5, 0.24 * n + 2.5))
     font = 10 if n <= 15 else max(5.0, 10 - (n - 15) / 15)
     figure = _figure(2 * side + 1.5, side + 1.2)
@@ -95,7 +96,7 @@ def predictions_figure(pictures: Sequence[Any], titles: Sequence[str]) -> Figure
     for axes, picture, title in zip(figure.subplots(1, len(pictures), squeeze=False)[0],
                                     pictures, titles):  # fmt: skip
         axes.imshow(picture)
-        axes.set_title(title, fontsize=13)
+        axes.set_title(printable(title), fontsize=13)
         axes.set_axis_off()
     return figure
 
