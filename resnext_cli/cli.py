@@ -59,7 +59,7 @@ def option(help: str, *decls: str, default: Any = None, metavar: str | None = No
 
 
 FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
-         "--resume-output", "--dynamic-batch", "--tta"}  # fmt: skip
+         "--resume-output", "--dynamic-batch", "--tta", "--overwrite"}  # fmt: skip
 
 
 def data_argument(help: str) -> Any:
@@ -93,6 +93,7 @@ MODEL_DEFAULT = "the latest finished run: runs/latest, else the newest runs/*/be
 
 # options that several commands share, declared once
 CHECKPOINT = option(MODEL_HELP, default=MODEL_DEFAULT, metavar="PATH")
+RUN = option("A run by name: runs/NAME/best.pt (`--name NAME` of train).", metavar="NAME")
 WEIGHTS = option("A plain state dict (with --arch and --class-indices).", metavar="PATH")
 WEIGHTS_ARCH = option("Architecture of --weights.", metavar="ARCH")
 CLASS_INDICES = option("class_indices.json for --weights.", metavar="FILE")
@@ -267,6 +268,7 @@ def train(
 def predict(
     images: List[str] = typer.Argument(..., help="Image files.", metavar="IMAGE...", show_default=False),
     checkpoint: Optional[str] = CHECKPOINT,
+    run: Optional[str] = RUN,
     weights: Optional[str] = WEIGHTS,
     arch: Optional[str] = WEIGHTS_ARCH,
     class_indices: Optional[str] = CLASS_INDICES,
@@ -300,6 +302,7 @@ def batch_predict(
     data: Optional[str] = option("Folder of images.", metavar="DIR"),
     batch_size: Optional[int] = option("Images per batch.", default=_B.batch_size, metavar="N"),
     checkpoint: Optional[str] = CHECKPOINT,
+    run: Optional[str] = RUN,
     weights: Optional[str] = WEIGHTS,
     arch: Optional[str] = WEIGHTS_ARCH,
     class_indices: Optional[str] = CLASS_INDICES,
@@ -340,6 +343,7 @@ def evaluate(
     data: Optional[str] = option("Labelled images, as DATA.", default="the data the checkpoint "
                                  "was trained on", metavar="DIR"),
     checkpoint: Optional[str] = CHECKPOINT,
+    run: Optional[str] = RUN,
     weights: Optional[str] = WEIGHTS,
     arch: Optional[str] = WEIGHTS_ARCH,
     class_indices: Optional[str] = CLASS_INDICES,
@@ -372,6 +376,7 @@ def evaluate(
 def report(
     run_dir: Optional[str] = typer.Argument(None, help="A run folder written by `resnext train`.",
                                             metavar="RUN", show_default=False),
+    run: Optional[str] = option("A run by name: runs/NAME (instead of RUN).", metavar="NAME"),
     data: Optional[str] = option("Evaluate on this folder.", default="the run's data", metavar="DIR"),
     batch_size: Optional[int] = option("Images per batch.", default=ReportConfig().batch_size, metavar="N"),
     workers: Optional[int] = WORKERS,
@@ -421,6 +426,7 @@ def check_data(
 @app.command()
 def export(
     checkpoint: Optional[str] = CHECKPOINT,
+    run: Optional[str] = RUN,
     format: Optional[str] = option("onnx | torchscript.", "--format", default=ExportConfig().format,
                                    metavar="FMT"),
     dynamic_batch: Optional[bool] = option("Any batch size.", "--dynamic-batch", default="batch 1"),
@@ -428,6 +434,9 @@ def export(
     out: Optional[str] = option("Output folder.", default="export/ beside the checkpoint", metavar="DIR"),
     tolerance: Optional[float] = option("Largest logit difference to PyTorch accepted.",
                                         default=ExportConfig().tolerance, metavar="X"),
+    overwrite: Optional[bool] = option("Replace the model file, class_indices.json and "
+                                       "preprocess.json if --out already holds them.", "--overwrite",
+                                       default=False),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Export a checkpoint to ONNX or TorchScript, verified against PyTorch."""

@@ -92,6 +92,9 @@ class TrainConfig:
             )
         if self.out and self.name:
             raise UserError("Give either --out DIR or --name NAME, not both.")
+        if self.name == "latest":
+            raise UserError("--name latest is taken: runs/latest names the latest finished run. "
+                            "Choose another name.")  # fmt: skip
         check_device_string(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("decode", self.decode, DECODERS)
@@ -102,6 +105,7 @@ class InferenceConfig:
     """Where the model comes from and how it runs; shared by predict and batch-predict."""
 
     checkpoint: str | None = None
+    run: str | None = None  # a run by name: runs/NAME/best.pt (None: the latest finished run)
     weights: str | None = None  # a plain state dict, with --arch and --class-indices
     arch: str | None = None
     class_indices: str | None = None
@@ -116,6 +120,7 @@ class InferenceConfig:
     def validate(self) -> None:
         if self.checkpoint and self.weights:
             raise UserError("Give either --checkpoint or --weights (with --arch), not both.")
+        check_one_model_source(run=self.run, checkpoint=self.checkpoint, weights=self.weights)
         if self.weights and not (self.arch and self.class_indices):
             raise UserError(
                 "--weights needs --arch and --class-indices too, e.g. "
@@ -156,8 +161,8 @@ class BatchPredictConfig(InferenceConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.onnx and (self.checkpoint or self.weights):
-            raise UserError("Give either --onnx or --checkpoint/--weights, not both.")
+        if self.onnx and (self.checkpoint or self.weights or self.run):
+            raise UserError("Give either --onnx or --checkpoint/--run/--weights, not both.")
         if self.onnx and self.decode == "gpu":
             raise UserError("--decode gpu does not apply to --onnx: onnxruntime reads host memory.")
         if self.resume_output and not self.output:
@@ -190,6 +195,7 @@ class EvaluateConfig(InferenceConfig):
 @dataclass
 class ReportConfig:
     run_dir: str | None = None  # None: the latest finished run
+    run: str | None = None  # a run by name: runs/NAME (instead of run_dir)
     data: str | None = None  # None: the data the run trained on
     batch_size: int = 16
     workers: int | None = None
@@ -198,6 +204,8 @@ class ReportConfig:
     gallery: int = 24  # most confident mistakes shown as thumbnails
 
     def validate(self) -> None:
+        if self.run_dir and self.run:
+            raise UserError("Give either RUN (a run folder) or --run NAME, not both.")
         _check_range("batch_size", self.batch_size, low=1)
         _check_range("gallery", self.gallery, low=0)
         if self.workers is not None:
@@ -278,13 +286,16 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 @dataclass
 class ExportConfig:
     checkpoint: str | None = None
+    run: str | None = None  # a run by name: runs/NAME/best.pt
     format: str = "onnx"
     dynamic_batch: bool = False
     opset: int = 18
     out: str | None = None
     tolerance: float = 1e-3  # the largest logit difference accepted against PyTorch
+    overwrite: bool = False  # replace model, class_indices.json and preprocess.json already in --out
 
     def validate(self) -> None:
+        check_one_model_source(run=self.run, checkpoint=self.checkpoint)
         _check_choice("format", self.format, EXPORT_FORMATS)
         _check_range("opset", self.opset, low=18)
         _check_range("tolerance", self.tolerance, low=0, inclusive=False)
@@ -294,6 +305,17 @@ def available_cores() -> int:
     """The cores this process may run on: what the worker defaults are derived from."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores or 1
+
+
+def check_one_model_source(**given: str | None) -> None:
+    """--run NAME names a run's best.pt: it cannot be given with another source of the model."""
+    if given.get("run") is None:
+        return
+    if given["run"] == "":
+        raise UserError("--run needs a run's name, e.g. --run exp3 (runs/exp3/best.pt).")
+    others = [f"--{key}" for key, value in given.items() if key != "run" and value]
+    if others:
+        raise UserError(f"Give either --run or {' / '.join(others)}, not both: each chooses the model.")
 
 
 def check_device_string(device: str) -> None:

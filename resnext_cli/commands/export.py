@@ -19,8 +19,14 @@ from resnext_cli.data.batches import InputSpec, get_batch, pixel_batch
 from resnext_cli.data.transforms import Preprocessing, write_preprocess_json
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import make_folder
-from resnext_cli.model.checkpoint import write_class_indices
-from resnext_cli.model.engines import load_inference_model, onnx_session, require_onnx, run_onnx
+from resnext_cli.model.checkpoint import run_folder_lock, write_class_indices
+from resnext_cli.model.engines import (
+    InferenceModel,
+    load_inference_model,
+    onnx_session,
+    require_onnx,
+    run_onnx,
+)
 
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -43,11 +49,32 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "onnx":
         require_onnx("onnx", "onnxruntime", "onnxscript")
     engine = load_inference_model(
-        InferenceConfig(checkpoint=cfg.checkpoint, device="cpu", precision="fp32", channels_last=False)
+        InferenceConfig(checkpoint=cfg.checkpoint, run=cfg.run, device="cpu", precision="fp32",
+                        channels_last=False)
     )
     out_dir = Path(cfg.out) if cfg.out else Path(engine.source).parent / "export"
-    make_folder(out_dir)
+    with run_folder_lock(out_dir):  # export/ of a run: never while train writes that run
+        return export_into(engine, cfg, out_dir)
+
+
+def refuse_existing_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Before any work: files already there are replaced only with --overwrite (exit 2)."""
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{existing[0].parent} already holds {', '.join(p.name for p in existing)} (an "
+            "earlier export, or files of yours). Pass --overwrite to replace them, or --out DIR to "
+            "export elsewhere; nothing was written."
+        )
+
+
+def export_into(engine: InferenceModel, cfg: ExportConfig, out_dir: Path) -> Path:
+    """The model file, checked against PyTorch before it is kept, then class_indices.json and
+    preprocess.json; existing ones are replaced only with --overwrite."""
     target = out_dir / MODEL_FILES[cfg.format]
+    refuse_existing_outputs([target, out_dir / "class_indices.json", out_dir / "preprocess.json"],
+                            cfg.overwrite)  # fmt: skip
+    make_folder(out_dir)
     prep = engine.preprocessing
     inputs = realistic_batch(8, prep.img_size, prep.mean, prep.std)
     with torch.inference_mode():

@@ -349,6 +349,8 @@ class TrainRecipe:
         if ctx.is_main:
             run_dir = Path(cfg.resume) if cfg.resume else ckpt.make_run_dir(cfg.out, cfg.name)
             self.held.enter_context(exclusive_lock(run_dir / ckpt.RUN_LOCK, f"The run folder {run_dir}"))
+            if not cfg.resume:
+                ckpt.claim_run_dir(run_dir)
             self.record_since, self.record_dir = ckpt.start_run_record(run_dir), run_dir
             ckpt.write_run_config(run_dir, self.resolved)
             ckpt.write_class_indices(run_dir / "class_indices.json", layout.classes)
@@ -447,7 +449,7 @@ class TrainRecipe:
         ui.info(f"Best val accuracy {history.best_acc:.2%} at epoch {history.best_epoch} -> "
                 f"{self.run_dir / 'best.pt'}")  # fmt: skip
         if self.ctx.is_main:
-            ckpt.mark_latest(self.run_dir)
+            mark_latest(self.run_dir)
             if self.cfg.report:
                 write_end_report(self.run_dir, self.explicit_workers, self.cfg)
         return TrainResult(self.run_dir, history.best_acc, history.best_epoch, len(history.rows))
@@ -520,6 +522,14 @@ def interrupted(run_dir: Path) -> UserError:
         else "No epoch had completed, so nothing was saved."
     )
     return UserError(f"Interrupted during epoch {done + 1}. {saved}", EXIT_INTERRUPTED)
+
+
+def mark_latest(run_dir: Path) -> None:
+    """runs/latest names the finished run; where it cannot, a warning says how to choose it."""
+    try:
+        ckpt.mark_latest(run_dir)
+    except UserError as exc:
+        ui.warn(f"Not marked as the latest run: {exc}")
 
 
 def write_end_report(run_dir: Path, explicit_workers: int | None, cfg: TrainConfig) -> None:

@@ -7,13 +7,16 @@ loaded only with `weights_only=True`, so opening a file never runs code from it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import pickle
+import re
 import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torchvision
@@ -27,7 +30,9 @@ from resnext_cli.files import (
     atomic_write,
     atomic_write_csv,
     atomic_write_text,
+    exclusive_lock,
     make_folder,
+    printable,
     read_csv,
 )
 
@@ -175,7 +180,8 @@ def save_epoch(
 def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
     """`--out DIR` as given, `runs/NAME`, or the next free `runs/exp`, `runs/exp2`, ...
 
-    A folder that already holds checkpoints is never reused: nothing a user has is overwritten.
+    A folder is only written into when it is new, empty, or a run of this tool that never
+    completed an epoch (`check_run_dir`): nothing a user has is overwritten.
     """
     if out or name:
         check_run_dir(out, name, root)
@@ -195,7 +201,8 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
     raise UserError(f"Too many runs in {root}; pass --name or --out.")
 
 
-LATEST = "latest"  # beside a run folder: the name of the newest run that finished
+LATEST = "latest"  # in the runs root: a pointer to the newest run that finished (LATEST_FORMAT)
+LATEST_FORMAT = "resnext-latest/1"
 RUN_RECORD = "run.json"  # marks a folder as a run of this tool: its status and wall time
 RUN_LOCK = "run.lock"  # held while a process writes the run (files.exclusive_lock)
 RUN_FORMAT = "resnext-run/1"
@@ -238,18 +245,28 @@ def read_run_record(run_dir: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and record.get("format") == RUN_FORMAT else None
 
 
+def run_folder_lock(folder: Path) -> ContextManager[Any]:
+    """For a command that writes into a run folder (report: report.html, eval/; evaluate: eval/;
+    export: export/): the lock of the run that `folder` is or is directly inside, so that it
+    never writes while `train` (or another such command) writes the same run; a second writer
+    gets exit 2. Elsewhere, no lock."""
+    folder = Path(folder)
+    run_dir = next((p for p in (folder, folder.parent) if p.is_dir() and is_run_folder(p)), None)
+    if run_dir is None:
+        return contextlib.nullcontext()
+    return exclusive_lock(run_dir / RUN_LOCK, f"The run folder {run_dir}")
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 def check_run_dir(out: str | None, name: str | None, root: str = "runs") -> None:
-    """Before any slow setup: the run folder can be made there and holds no earlier run."""
+    """Before any slow setup: the run folder can be made there, and is new, empty, or a run of
+    this tool that never completed an epoch (`refuse_taken_folder`)."""
     run_dir = Path(out) if out else Path(root) / name if name else Path(root)
-    if (out or name) and any((run_dir / f).exists() for f in ("best.pt", "last.pt")):
-        raise UserError(
-            f"{run_dir} already holds a finished or started run (best.pt/last.pt). Choose "
-            "another --out/--name, or move that folder away; nothing was overwritten."
-        )
+    if (out or name) and run_dir.is_dir():
+        refuse_taken_folder(run_dir)
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"Cannot create the run folder {run_dir}: {existing} is a file.")
@@ -260,19 +277,145 @@ def check_run_dir(out: str | None, name: str | None, root: str = "runs") -> None
         )
 
 
-def mark_latest(run_dir: Path) -> None:
-    """After a run finished: `runs/latest` names it, for commands that default to a run."""
-    atomic_write_text(run_dir.parent / LATEST, run_dir.name + "\n")
+# what a run of this tool leaves before its first epoch completes; such a folder may be reused
+ABANDONED_RUN_FILES = frozenset({RUN_RECORD, RUN_LOCK, "config.yaml", "class_indices.json", "split.json"})
+OS_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # file browsers leave them anywhere
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")  # files.atomic_write's
 
 
-def latest_run(root: str = "runs") -> Path:
-    """The run `root/latest` names, else (runs from before it existed) the newest
-    `root/*/best.pt`; a clear error naming the folder searched when there is none."""
+def refuse_taken_folder(run_dir: Path) -> None:
+    """A UserError (exit 2) naming what is there, unless `run_dir` is empty (file browsers'
+    litter aside) or holds only what a run of this tool leaves before its first epoch (run.json
+    of ours, config.yaml, class_indices.json, split.json, a stale run.lock): that run is started
+    again. A run with checkpoints is resumed with --resume, never started again over."""
+    if any((run_dir / f).exists() for f in ("best.pt", "last.pt")) and is_run_folder(run_dir):
+        raise UserError(
+            f"{run_dir} already holds a run of resnext (best.pt/last.pt). Continue it with "
+            f"`resnext train --resume {run_dir}`, or choose another --out/--name; nothing was "
+            "changed."
+        )
+    entries = [e for e in folder_entries(run_dir) if e != RUN_LOCK]  # a live lock refuses on its own
+    if read_run_record(run_dir) is not None:  # a run of ours: what it leaves before an epoch is ours
+        entries = [e for e in entries if not _abandoned_run_file(e)]
+    if not entries:
+        return
+    raise UserError(
+        f"{run_dir} is not empty and not a run of resnext: it holds files resnext did not write "
+        f"({listing(run_dir, entries)}). A run is written into a new or empty folder (or one whose "
+        "resnext run never completed an epoch); choose another --out/--name, or move those files "
+        "away. Nothing was changed."
+    )
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Under the run folder's lock, before a new run writes its first file: checked again (it
+    may have changed since `check_run_dir`), and the run.json and split.json of a run that never
+    completed an epoch there removed, so that nothing of it is taken for this run's."""
+    refuse_taken_folder(run_dir)
+    if read_run_record(run_dir) is not None:
+        for name in (RUN_RECORD, "split.json"):
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def _abandoned_run_file(name: str) -> bool:
+    temporary = _TEMPORARY.match(name)
+    return name in ABANDONED_RUN_FILES or bool(temporary and temporary["target"] in ABANDONED_RUN_FILES)
+
+
+def folder_entries(folder: Path) -> list[str]:
+    """The names in `folder`, sorted, without what file browsers leave in every folder."""
+    return sorted(name for name in os.listdir(folder) if name not in OS_LITTER)
+
+
+def listing(folder: Path, names: list[str], shown: int = 6) -> str:
+    """'a.txt, photos/, notes.md and 12 more': what is in a folder, for a message."""
+    marked = [printable(n) + ("/" if (folder / n).is_dir() else "") for n in names[:shown]]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(marked) + more
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A run of this tool: run.json of ours, or (a run from before run.json existed) a best.pt
+    or last.pt of ours."""
+    return read_run_record(folder) is not None or any(
+        is_checkpoint_file(Path(folder) / name) for name in ("best.pt", "last.pt")
+    )
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether `path` is a checkpoint of this tool, told from the first bytes of its pickle
+    (torch.save's zip holds the tensors apart): nothing is unpickled, no tensor is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle_name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if pickle_name is None:
+                return False
+            with archive.open(pickle_name) as handle:
+                head = handle.read(1 << 16)  # "format" is the dict's first key
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return False
+    return CHECKPOINT_FORMAT.encode() in head
+
+
+def mark_latest(run_dir: Path, root: str = "runs") -> None:
+    """After a run finished: `ROOT/latest` (in the tool's runs root, wherever the run folder is)
+    names it, for the commands that default to a run. Only a pointer this tool wrote is
+    replaced; anything else there is left as it is, with a UserError saying so (the caller
+    warns: a finished run never fails over its pointer)."""
     pointer = Path(root) / LATEST
-    if pointer.is_file():
-        named = Path(root) / pointer.read_text(encoding="utf-8").strip()
-        if (named / "best.pt").is_file():
-            return named
+    ours = pointer.is_file() and not pointer.is_symlink() and read_latest_pointer(pointer) is not None
+    if pointer.is_symlink() or (pointer.exists() and not ours):
+        inside = _inside(run_dir, Path(root))
+        choose = f"--run {inside}" if inside else f"--checkpoint {run_dir / 'best.pt'}"
+        raise UserError(
+            f"{pointer} is not a pointer written by resnext (a file or folder of yours?), so it "
+            f"was left as it is; choose this run with {choose}."
+        )
+    make_folder(Path(root))
+    record = {"format": LATEST_FORMAT, "run": _inside(run_dir, Path(root)) or str(run_dir.resolve()),
+              "finished": _now()}  # fmt: skip
+    atomic_write_text(pointer, json.dumps(record, indent=1) + "\n")
+
+
+def _inside(run_dir: Path, root: Path) -> str | None:
+    """`run_dir` relative to `root` ('exp3', 'group/a'), or None when it is elsewhere."""
+    try:
+        return str(run_dir.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return None
+
+
+def read_latest_pointer(pointer: Path) -> Path | None:
+    """The run `ROOT/latest` names, if this tool wrote it: the JSON of `mark_latest` (a path
+    relative to ROOT, or absolute), or earlier versions' one line naming a run folder in ROOT.
+    None for anything else (a user's file, a folder)."""
+    try:
+        with open(pointer, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 16)
+    except OSError:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and record.get("format") == LATEST_FORMAT:
+        named = record.get("run")
+        return pointer.parent / named if isinstance(named, str) and named else None
+    name = text.strip()
+    legacy = name and "\n" not in name and "/" not in name and is_run_folder(pointer.parent / name)
+    return pointer.parent / name if legacy else None
+
+
+def choose_run(name: str | None = None, root: str = "runs") -> tuple[Path, str]:
+    """The run a command without --checkpoint uses, and how it was chosen (the caller says it):
+    `--run NAME`, else the run `ROOT/latest` names, else (runs from before the pointer) the run
+    with the newest `ROOT/*/best.pt`; a clear error naming the folder searched when there is none."""
+    if name is not None:
+        return named_run(name, root), f"the run named {name} (--run)"
+    pointer = Path(root) / LATEST
+    named = read_latest_pointer(pointer) if pointer.is_file() else None
+    if named is not None and (named / "best.pt").is_file():
+        return named, "the latest finished run"
     candidates = sorted(Path(root).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise UserError(
@@ -280,7 +423,29 @@ def latest_run(root: str = "runs") -> Path:
             f"{root}/{LATEST} and {root}/*/best.pt). Train one with `resnext train DATA`, pass "
             "--checkpoint PATH, or run this from the folder that holds runs/."
         )
-    return candidates[-1].parent
+    return candidates[-1].parent, f"the run with the newest best.pt in {root}/ ({root}/{LATEST} names none)"
+
+
+def latest_run(root: str = "runs") -> Path:
+    """The run `choose_run` takes without --run."""
+    return choose_run(None, root)[0]
+
+
+def named_run(name: str, root: str = "runs") -> Path:
+    """`--run NAME`: the run folder ROOT/NAME (a path to a run folder is taken too), which must
+    hold a best.pt; the error lists the runs there are."""
+    for run_dir in (Path(root) / name, Path(name)):
+        if (run_dir / "best.pt").is_file():
+            return run_dir
+    run_dir = Path(root) / name
+    if run_dir.is_dir():
+        raise UserError(f"{run_dir} holds no best.pt: its run has not completed an epoch yet.")
+    known = sorted(p.parent.name for p in Path(root).glob("*/best.pt"))
+    raise UserError(
+        f"No run named {name!r} in {Path(root).absolute()} (looked for {run_dir}/best.pt). "
+        f"Runs there: {', '.join(known) if known else 'none'}. Give one of those names, or "
+        "--checkpoint PATH."
+    )
 
 
 def describe_run(run_dir: Path) -> str:

@@ -93,10 +93,7 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         source, arch, trained_on = cfg.weights, cfg.arch, None
         preprocessing = Preprocessing.classic(cfg.img_size or 224)
     else:
-        path = Path(cfg.checkpoint) if cfg.checkpoint else ckpt.latest_run() / "best.pt"
-        if announce and not cfg.checkpoint:
-            ui.note(f"Using {path}: the latest finished run, {ckpt.describe_run(path.parent)}. "
-                    "Pass --checkpoint to choose another.")  # fmt: skip
+        path = Path(cfg.checkpoint) if cfg.checkpoint else chosen_checkpoint(cfg.run, announce)
         checkpoint = ckpt.load_checkpoint(path)
         classes = list(checkpoint["classes"])
         if cfg.class_indices:
@@ -129,6 +126,16 @@ def _weights_only_model(
         raise UserError(f"{source} has no classifier (fc.*): it cannot predict classes.")
     networks.apply_state_dict(model, state, source, log=lambda _: None, assign=True)
     return model
+
+
+def chosen_checkpoint(run: str | None, announce: bool = True) -> Path:
+    """best.pt of `--run NAME`, or of the latest finished run; which run, and why, said on stderr."""
+    run_dir, how = ckpt.choose_run(run)
+    path = run_dir / "best.pt"
+    if announce:
+        ui.note(f"Using {path}: {how}, {ckpt.describe_run(run_dir)}. Pass --run NAME or "
+                "--checkpoint to choose another.")  # fmt: skip
+    return path
 
 
 def _check_class_count(

@@ -11,9 +11,11 @@ it saying what it holds; the least recently used entries go when the folder outg
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,8 @@ from resnext_cli.config import TrainConfig
 from resnext_cli.data.folders import DatasetLayout
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset, image_dataset, make_loader
 from resnext_cli.data.transforms import Preprocessing
-from resnext_cli.files import atomic_write_text
+from resnext_cli.errors import UserError
+from resnext_cli.files import atomic_write_text, make_folder
 from resnext_cli.model.checkpoint import save_torch
 from resnext_cli.model.distributed import DistContext, barrier
 from resnext_cli.model.networks import backbone_features
@@ -63,6 +66,13 @@ def cache_limit_bytes() -> int:
     return int(gigabytes * 1e9)
 
 
+CACHE_FORMAT = "resnext-feature-cache/1"  # in the root's marker and in every entry's sidecar
+CACHE_MARKER = "resnext-cache.json"  # in the cache root: resnext keeps its feature cache here
+_ENTRY = re.compile(r"^[0-9a-f]{32}\.pt$")  # <key>.pt, the key a digest (`cache_keys`)
+_TEMPORARY = re.compile(r"^\.[0-9a-f]{32}\.(pt|json)\.[A-Za-z0-9_]+\.tmp$")  # atomic_write's
+STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old is a killed writer's, not one at work
+
+
 @dataclass
 class CacheEntry:
     path: Path  # <key>.pt; what it holds in <key>.json beside it
@@ -71,18 +81,61 @@ class CacheEntry:
     about: dict[str, Any]
 
 
+@dataclass
+class CacheContents:
+    """What the cache folder holds: the entries resnext can prove it wrote (a marker in the root,
+    a sidecar naming the entry and its size), temporary files of its writes, and everything else,
+    which is never deleted."""
+
+    entries: list[CacheEntry]  # least recently used first
+    temporary: list[Path]
+    foreign: list[Path]
+
+
+def cache_contents() -> CacheContents:
+    root = cache_root()
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return CacheContents([], [], [])
+    except OSError as exc:
+        raise UserError(f"Cannot read the feature cache {root}: {exc.strerror or exc}.") from None
+    marked = is_cache_root(root)
+    entries = [e for e in (owned_entry(root / n) for n in names if marked) if e is not None]
+    known = {CACHE_MARKER} if marked else set()
+    known |= {name for e in entries for name in (e.path.name, e.path.with_suffix(".json").name)}
+    temporary = [root / n for n in names if marked and _TEMPORARY.match(n)]
+    foreign = [root / n for n in names if n not in known and root / n not in temporary]
+    return CacheContents(sorted(entries, key=lambda e: e.last_used), temporary, foreign)
+
+
 def cache_entries() -> list[CacheEntry]:
-    """The cache's entries, least recently used first."""
-    entries = []
-    for path in cache_root().glob("*.pt"):
-        try:
-            stat = path.stat()
-            sidecar = path.with_suffix(".json")
-            about = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-        except (OSError, ValueError):
-            continue  # being replaced by another process, or a damaged sidecar: skip it
-        entries.append(CacheEntry(path, stat.st_size, stat.st_mtime, about))
-    return sorted(entries, key=lambda e: e.last_used)
+    """The cache's entries that resnext wrote, least recently used first."""
+    return cache_contents().entries
+
+
+def is_cache_root(root: Path) -> bool:
+    """Whether `root` carries resnext's marker (written with its first entry)."""
+    try:
+        marker = json.loads((root / CACHE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == CACHE_FORMAT
+
+
+def owned_entry(path: Path) -> CacheEntry | None:
+    """The entry at `path` if resnext provably wrote it: named `<key>.pt`, and its sidecar
+    `<key>.json` says it is a resnext cache entry of that name and of that size."""
+    if not _ENTRY.match(path.name):
+        return None
+    try:
+        stat = path.stat()
+        about = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no sidecar (or one being written, or damaged): not provably ours
+    owned = (isinstance(about, dict) and about.get("cache") == CACHE_FORMAT
+             and about.get("entry") == path.name and about.get("bytes") == stat.st_size)  # fmt: skip
+    return CacheEntry(path, stat.st_size, stat.st_mtime, about) if owned else None
 
 
 def remove_entry(entry: CacheEntry) -> None:
@@ -90,8 +143,20 @@ def remove_entry(entry: CacheEntry) -> None:
     entry.path.with_suffix(".json").unlink(missing_ok=True)
 
 
+def stale_temporary(contents: CacheContents) -> list[Path]:
+    """Temporary files of cache writes whose process died (older than an hour)."""
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    stale = []
+    for path in contents.temporary:
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                stale.append(path)
+    return stale
+
+
 def keep_within_limit(keep: Path) -> list[CacheEntry]:
-    """Remove least recently used entries (never `keep`) until the cache fits its limit."""
+    """Remove least recently used entries (never `keep`, never a file resnext did not write)
+    until its entries fit the limit."""
     entries = cache_entries()
     total, limit, removed = sum(e.size for e in entries), cache_limit_bytes(), []
     for entry in entries:
@@ -102,6 +167,36 @@ def keep_within_limit(keep: Path) -> list[CacheEntry]:
             total -= entry.size
             removed.append(entry)
     return removed
+
+
+def store_entry(path: Path, part: dict[str, torch.Tensor], about: dict[str, Any]) -> None:
+    """`<key>.pt` and its sidecar, in a root that carries the marker; a file already at `path`
+    that resnext cannot prove it wrote is left alone (UserError)."""
+    make_folder(path.parent)
+    if path.exists() and owned_entry(path) is None:
+        raise UserError(f"{path} is there already and resnext cannot tell it wrote it; left it alone.")
+    _mark_cache_root(path.parent)
+    save_torch(part, path)
+    _write_sidecar(path, about)
+
+
+def _mark_cache_root(root: Path) -> None:
+    """The root's marker, written with its first entry; a file of that name that is not
+    resnext's is left alone (UserError: nothing is cached there)."""
+    if is_cache_root(root):
+        return
+    if (root / CACHE_MARKER).exists():
+        raise UserError(f"{root / CACHE_MARKER} is not resnext's marker; left it alone.")
+    marker = {"format": CACHE_FORMAT, "created": time.strftime("%Y-%m-%d %H:%M"),
+              "about": "resnext's feature cache. `resnext cache clear` and the size limit only ever "
+                       "delete a <key>.pt whose <key>.json sidecar names it; other files are left "
+                       "alone."}  # fmt: skip
+    atomic_write_text(root / CACHE_MARKER, json.dumps(marker, indent=1) + "\n")
+
+
+def _write_sidecar(path: Path, about: dict[str, Any]) -> None:
+    sidecar = {**about, "cache": CACHE_FORMAT, "entry": path.name, "bytes": path.stat().st_size}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
 
 
 def cache_keys(layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing,
@@ -167,22 +262,16 @@ def _load_or_compute_part(
     layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing, view: int, path: Path,
     compute: Callable[[int], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    if path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            os.utime(path)  # recently used: the last to go when the cache outgrows its limit
-            ui.info(f"Features: reusing the cache {path}")
-            return stored
-        except Exception as exc:  # a damaged cache is recomputed, not fatal
-            ui.warn(f"ignoring the unreadable feature cache {path}: {exc}")
+    about = {"data": os.path.abspath(cfg.data or ""), "view": view,
+             "images": len(layout.train) + (len(layout.val) if view == 0 else 0),
+             "train_images": len(layout.train), "val_images": len(layout.val) if view == 0 else 0,
+             **_feature_settings(cfg, preprocessing), "created": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    stored = _reuse(path, layout, view, about)
+    if stored is not None:
+        return stored
     part = compute(view)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_torch(part, path)
-        about = {"data": os.path.abspath(cfg.data or ""), "images": len(layout.train) + len(layout.val),
-                 "view": view, **_feature_settings(cfg, preprocessing),
-                 "created": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
-        atomic_write_text(path.with_suffix(".json"), json.dumps(about, indent=1) + "\n")
+        store_entry(path, part, about)
         ui.info(f"Features: cached in {path} ({path.stat().st_size / 1e6:.1f} MB; `resnext cache "
                 "list` shows the cache)")
         removed = keep_within_limit(keep=path)
@@ -193,6 +282,51 @@ def _load_or_compute_part(
     except Exception as exc:  # training goes on; only the reuse is lost
         ui.warn(f"could not store the feature cache in {path}: {exc}")
     return part
+
+
+def _reuse(
+    path: Path, layout: DatasetLayout, view: int, about: dict[str, Any]
+) -> dict[str, torch.Tensor] | None:
+    """The stored part, if there is one that fits these images. An entry of an earlier resnext
+    (no sidecar of this format) that fits is adopted: its digest name says it holds exactly these
+    features, so it gets a sidecar and, like the others, can be cleared."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if not _fits(stored, layout, view):
+            raise ValueError("it does not hold a feature vector per image")
+        os.utime(path)  # recently used: the last to go when the cache outgrows its limit
+        if owned_entry(path) is None:
+            _adopt(path, about)
+        ui.info(f"Features: reusing the cache {path}")
+        return stored
+    except Exception as exc:  # a damaged cache is recomputed, not fatal
+        ui.warn(f"ignoring the unreadable feature cache {path}: {exc}")
+        return None
+
+
+def _adopt(path: Path, about: dict[str, Any]) -> None:
+    """An entry of an earlier resnext (see `_reuse`) gets the marker and a sidecar, unless a
+    `<key>.json` is there that is not an earlier resnext's sidecar; the entry is used either way."""
+    sidecar = path.with_suffix(".json")
+    try:
+        earlier = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {"arch": None}
+        if isinstance(earlier, dict) and "arch" in earlier:
+            _mark_cache_root(path.parent)
+            _write_sidecar(path, about)
+    except (OSError, ValueError, UserError):
+        pass
+
+
+def _fits(stored: Any, layout: DatasetLayout, view: int) -> bool:
+    """A part as `compute_part` makes it, for these images: one row per train (and val) image."""
+    sizes = {"train": len(layout.train), "train_ok": len(layout.train)}
+    if view == 0:
+        sizes.update(val=len(layout.val), val_ok=len(layout.val))
+    return isinstance(stored, dict) and all(
+        isinstance(stored.get(k), torch.Tensor) and stored[k].shape[:1] == (n,) for k, n in sizes.items()
+    )
 
 
 def compute_part(

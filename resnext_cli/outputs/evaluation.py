@@ -19,6 +19,7 @@ from resnext_cli.data.folders import find_splits, ignored_entries, read_split_va
 from resnext_cli.data.loaders import make_loader
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
+from resnext_cli.model.checkpoint import run_folder_lock
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
 from resnext_cli.outputs.metrics import ClassificationReport, classification_report, confusion_matrix
 from resnext_cli.outputs.plots import confusion_matrix_png, write_png
@@ -211,15 +212,16 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
     for message in chosen.warnings:
         ui.warn(message)
     out = Path(cfg.out) if cfg.out else Path(engine.source).parent / "eval"
-    make_folder(out)
-    if talk:
-        ui.note(f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
-                f"{engine.describe()}")  # fmt: skip
-    started = time.perf_counter()
-    evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
-    seconds = time.perf_counter() - started
-    about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
-    write_evaluation(out, evaluation, about)
+    with run_folder_lock(out):  # eval/ of a run: never while train writes that run
+        make_folder(out)
+        if talk:
+            ui.note(f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
+                    f"{engine.describe()}")  # fmt: skip
+        started = time.perf_counter()
+        evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
+        seconds = time.perf_counter() - started
+        about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
+        write_evaluation(out, evaluation, about)
     return EvaluationRun(evaluation, out, seconds)
 
 

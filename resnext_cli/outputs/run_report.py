@@ -16,6 +16,7 @@ from resnext_cli.model.checkpoint import (
     read_class_indices,
     read_metrics,
     read_run_config,
+    run_folder_lock,
 )
 from resnext_cli.outputs.evaluation import evaluate_into_folder, read_evaluation
 from resnext_cli.outputs.html_parts import BASE_STYLE, escape, image_tag, thumbnail_tag
@@ -39,11 +40,14 @@ class RunFiles:
 
 
 def write_report(cfg: ReportConfig) -> Path:
-    """Evaluate best.pt if its eval/ folder is missing or stale, then write report.html."""
-    run = read_run(cfg)
-    page = render_html(run, cfg.gallery)
-    path = run.run_dir / "report.html"
-    atomic_write_text(path, page)
+    """Evaluate best.pt if its eval/ folder is missing or stale, then write report.html; under
+    the run folder's lock (which `train` already holds when it reports at its end)."""
+    assert cfg.run_dir is not None
+    with run_folder_lock(Path(cfg.run_dir)):
+        run = read_run(cfg)
+        page = render_html(run, cfg.gallery)
+        path = run.run_dir / "report.html"
+        atomic_write_text(path, page)
     ui.info(f"Report: {path}")
     return path
 
