@@ -7,6 +7,7 @@ defaults shown in --help come from the config dataclasses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -125,6 +126,7 @@ def run_command(action: Callable[[], Any]) -> Any:
     """Turn a UserError into one `Error:` paragraph and its exit code; no traceback unless
     RESNEXT_DEBUG=1."""
     debug = os.environ.get("RESNEXT_DEBUG") == "1"
+    escape_undecodable_names()
     try:
         return action()
     except UserError as exc:
@@ -145,6 +147,17 @@ def run_command(action: Callable[[], Any]) -> Any:
             "environment problem; re-run with RESNEXT_DEBUG=1 to see the traceback."
         )
         raise typer.Exit(EXIT_FAILED) from None
+
+
+def escape_undecodable_names() -> None:
+    """Printed text shows a file name's undecodable bytes as `\\udcXX`, as the files resnext
+    writes do (files.atomic_write_text), instead of failing on them: a non-UTF-8 class folder in
+    a table, a path in --json (where the escape reads back as the same name)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
 
 
 def _print_error(message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -129,7 +130,7 @@ def test_default_run_is_the_latest_finished_one_and_said(tmp_path: Path, trained
     result = invoke(["train", dataset, *TINY_TRAIN, "--weights", "none", "--epochs", "1", "--seed", "0"],
                     cwd=tmp_path)
     assert result.exit_code == 0, result.stderr
-    assert (runs / "latest").read_text().strip() == "exp"
+    assert json.loads((runs / "latest").read_text())["run"] == "exp"
     # an interrupted (never finished) run, newer than exp: not the default
     shutil.copytree(trained_run, runs / "exp2")
     (runs / "exp2" / "best.pt").touch()
