@@ -22,6 +22,7 @@ from resnext_cli.model.features import (
     cache_contents,
     cache_limit_bytes,
     cache_root,
+    looks_like_entry,
     remove_entry,
     stale_temporary,
 )
@@ -78,6 +79,8 @@ def _tell_foreign(contents: CacheContents) -> None:
         return
     names = [printable(p.name) + ("/" if p.is_dir() else "") for p in contents.foreign]
     shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-    ui.note(f"{len(names)} file(s) in {cache_root()} were not written by this version of resnext "
-            f"and are left alone: {shown}. Delete them yourself if they are not yours (an older "
-            "resnext's entries are taken over when a run reuses them).")
+    earlier = any(looks_like_entry(p) for p in contents.foreign)
+    ui.note(f"{len(names)} file(s) in {cache_root()} are not cache entries resnext can tell it "
+            f"wrote, so they are left alone: {shown}."
+            + (" Entries of an earlier resnext among them are taken over when a run reuses them."
+               if earlier else ""))  # fmt: skip

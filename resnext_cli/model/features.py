@@ -138,6 +138,11 @@ def owned_entry(path: Path) -> CacheEntry | None:
     return CacheEntry(path, stat.st_size, stat.st_mtime, about) if owned else None
 
 
+def looks_like_entry(path: Path) -> bool:
+    """Named like an entry (`<key>.pt`), whoever wrote it."""
+    return bool(_ENTRY.match(path.name))
+
+
 def remove_entry(entry: CacheEntry) -> None:
     entry.path.unlink(missing_ok=True)
     entry.path.with_suffix(".json").unlink(missing_ok=True)
