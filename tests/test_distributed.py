@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     runs = tmp_path / "runs"
     assert [p.name for p in runs.iterdir() if p.is_dir()] == ["exp"]  # rank 0 alone writes
-    assert (runs / "latest").read_text() == "exp\n"  # once
+    assert json.loads((runs / "latest").read_text())["run"] == "exp"  # once
     assert ddp.stdout.count("Best val accuracy") == 1  # and prints
     assert "2 processes, batch 4 per process (8 global)" in ddp.stdout
     single = invoke(["train", *common, "--batch-size", "8", "--out", tmp_path / "single"])
