@@ -120,13 +120,13 @@ def digests_tensor(digests: list[int]) -> torch.Tensor:
     return torch.tensor(digests, dtype=torch.int64)
 
 
-def train_digests(ckpt: dict[str, Any]) -> frozenset[int] | None:
+def train_digests(ckpt: dict[str, Any]) -> torch.Tensor | None:
     """The digests of the files the checkpoint trained on; None when it does not record them (or
     holds something else under the key: an evaluation then just cannot tell)."""
     value = ckpt.get(TRAIN_DIGESTS)
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.dim() != 1:
         return None
-    return frozenset(value.tolist())
+    return value
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

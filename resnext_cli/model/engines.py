@@ -49,7 +49,7 @@ class InferenceModel:
     trained_on: str | None = None  # the data folder the checkpoint's run trained on
     decode_on_device: bool = False
     tta: bool = False  # average over the image and its mirror image
-    train_digests: frozenset[int] | None = None  # its training files (checkpoint.TRAIN_DIGESTS)
+    train_digests: torch.Tensor | None = None  # its training files (checkpoint.TRAIN_DIGESTS)
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""

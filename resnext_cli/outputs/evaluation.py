@@ -75,13 +75,14 @@ class TrainingRecord:
 
     source: str = "the model"
     data: str | None = None
-    digests: frozenset[int] | None = None
+    digests: torch.Tensor | None = None
 
     def used(self, paths: list[str]) -> list[bool]:
         """Per path: did this model train on that file?"""
-        if not self.digests:
+        if self.digests is None or not paths:
             return [False] * len(paths)
-        return [digest in self.digests for digest in path_digests_each(paths)]
+        wanted = torch.tensor(path_digests_each(paths), dtype=torch.int64)
+        return torch.isin(wanted, self.digests).tolist()
 
     def split(self, folder: Path) -> bool:
         """Is `folder` the one this model's run split itself (it had no val folder)?"""
@@ -128,7 +129,7 @@ def _single_folder(
         return _every_image(scan, classes, f"all images in {scan.folder}")
     # the folder the model's run split itself, without a split record that applies to it
     record = f"its split record {split_file} {'is for another folder' if split else 'is missing'}"
-    if not trained.digests:
+    if trained.digests is None:
         raise UserError(
             f"{trained.source} was trained on part of {scan.folder} (the rest held out for "
             f"validation), but {record} and the checkpoint does not list its training files: "
