@@ -64,7 +64,9 @@ def scan_class_folders(folder: Path, root: str | Path | None = None) -> ClassFol
     cannot make resnext read /usr. Links to files are followed (only regular files are read)."""
     inside = os.path.realpath(root if root is not None else folder)
     classes: dict[str, list[str]] = {}
-    hidden, stray, outside = [], [], []  # type: ignore[var-annotated]
+    hidden: list[str] = []
+    stray: list[str] = []
+    outside: list[str] = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if is_hidden(entry.name):
             if entry.is_dir():
