@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from rich.console import Console
 from rich.table import Table
 
@@ -29,7 +29,13 @@ from resnext_cli.data.folders import (
     find_splits,
     layout_findings,
 )
-from resnext_cli.data.images import bombs_are_errors, describe_failure, unidentified
+from resnext_cli.data.images import (
+    decode_rgb,
+    describe_failure,
+    open_image,
+    read_image_bytes,
+    unidentified,
+)
 from resnext_cli.errors import EXIT_FAILED, EXIT_OK
 
 EXIF_ORIENTATION = 0x0112
@@ -95,20 +101,17 @@ def inspect_file(path: str) -> FileFacts:
     """Never raises: a file that cannot be read or decoded is described in `error`."""
     facts = FileFacts(path)
     try:
-        with open(path, "rb") as handle:
-            content = handle.read()
+        content = read_image_bytes(path)  # a regular file, read with a bound
     except OSError as exc:
         facts.error = describe_failure(exc)
         return facts
     facts.size_bytes, facts.sha256 = len(content), hashlib.sha256(content).hexdigest()
     try:
-        with bombs_are_errors(), Image.open(io.BytesIO(content)) as img:
+        with open_image(io.BytesIO(content)) as img:
             facts.format, facts.mode = img.format or "", img.mode
             facts.width, facts.height = img.size
             facts.exif_rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, 0, None)
-            if img.format == "JPEG":
-                img.draft(img.mode, (64, 64))  # a reduced decode still reads every byte
-            img.load()
+            decode_rgb(img, 64)  # as training decodes it; a reduced JPEG decode reads every byte
     except UnidentifiedImageError:  # worded as train words it (its message names our buffer)
         facts.error = describe_failure(unidentified(path))
     except Exception as exc:  # any decoder error means unreadable

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from resnext_cli.config import (
     to_plain_dict,
 )
 from resnext_cli.data.batches import InputSpec
-from resnext_cli.data.folders import DatasetLayout, discover_dataset, write_split
+from resnext_cli.data.folders import DatasetLayout, discover_dataset, path_digests, write_split
 from resnext_cli.data.loaders import EpochSampler, default_workers, image_dataset, make_loader
 from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.errors import EXIT_INTERRUPTED, UserError
@@ -98,7 +99,16 @@ def resolve_config(config: TrainConfig, ctx: DistContext) -> TrainConfig:
         freeze_bn = freeze and config.unfreeze_after is not None and config.weights != "none"
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
     return dataclasses.replace(config, freeze=freeze, freeze_bn=freeze_bn,
-                               seed=broadcast_object(ctx, seed))  # fmt: skip
+                               seed=broadcast_object(ctx, seed), **absolute_paths(config))  # fmt: skip
+
+
+def absolute_paths(config: TrainConfig) -> dict[str, str]:
+    """The data folder and a weights file as absolute, resolved paths: config.yaml, split.json
+    and the checkpoints then name the same files from any working folder."""
+    paths = {"data": config.data}
+    if config.weights not in ("imagenet", "none"):
+        paths["weights"] = config.weights
+    return {key: os.path.realpath(value) for key, value in paths.items() if value}
 
 
 def resume_config(resume: str, overrides: dict[str, Any]) -> TrainConfig:
@@ -315,6 +325,7 @@ class TrainRecipe:
         layout = discover_dataset(cfg.data, cfg.val_split, cfg.seed)
         for message in layout.warnings + odd_choices(cfg, self.explicit_freeze):
             ui.warn(message)
+        self.train_digests = ckpt.digests_tensor(path_digests(p for p, _ in layout.train))
         if self.resume is not None and self.resume["classes"] != layout.classes:
             raise UserError(
                 f"The classes in {cfg.data} changed since the run started "
@@ -345,7 +356,8 @@ class TrainRecipe:
 
     def setup_run_folder(self) -> Path:
         cfg, ctx, layout = self.cfg, self.ctx, self.layout
-        self.resolved = to_plain_dict(dataclasses.replace(cfg, resume=None))
+        out = os.path.realpath(cfg.out) if cfg.out else None  # recorded resolved, used as given
+        self.resolved = to_plain_dict(dataclasses.replace(cfg, resume=None, out=out))
         if ctx.is_main:
             run_dir = Path(cfg.resume) if cfg.resume else ckpt.make_run_dir(cfg.out, cfg.name)
             self.held.enter_context(exclusive_lock(run_dir / ckpt.RUN_LOCK, f"The run folder {run_dir}"))
@@ -421,7 +433,7 @@ class TrainRecipe:
         checkpoint = ckpt.build_checkpoint(
             self.model, arch=self.cfg.arch, classes=self.layout.classes,
             preprocessing=self.preprocessing, epoch=row["epoch"], val_acc=row["val_acc"],
-            config=self.resolved,
+            config=self.resolved, train_digests=self.train_digests,
         )  # fmt: skip
         opt, history = self.opt, self.history
         last = ckpt.with_training_state(

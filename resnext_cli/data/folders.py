@@ -4,12 +4,13 @@ alone (shared by `train` and `check-data`), and split.json, the record of a seed
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from PIL import Image
 
@@ -17,6 +18,7 @@ from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write_text
 
 VAL_FOLDER_NAMES = ("val", "valid", "validation")
+TRAIN_FOLDER_NAMES = ("train", "training")
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,11 +55,18 @@ class ClassFolders:
     classes: dict[str, list[str]]
     hidden: list[str]  # hidden folders (".thumbs", "__MACOSX"), not classes
     stray: list[str]  # files beside the class folders
+    outside: list[str] = field(default_factory=list)  # "link -> target": links not followed
 
 
-def scan_class_folders(folder: Path) -> ClassFolders:
+def scan_class_folders(folder: Path, root: str | Path | None = None) -> ClassFolders:
+    """The class folders of `folder` and their images. Links to folders are followed only
+    where they resolve inside `root` (the data folder given, default `folder`): a dataset
+    cannot make resnext read /usr. Links to files are followed (only regular files are read)."""
+    inside = os.path.realpath(root if root is not None else folder)
     classes: dict[str, list[str]] = {}
-    hidden, stray = [], []
+    hidden: list[str] = []
+    stray: list[str] = []
+    outside: list[str] = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if is_hidden(entry.name):
             if entry.is_dir():
@@ -66,15 +75,54 @@ def scan_class_folders(folder: Path) -> ClassFolders:
         if not entry.is_dir():
             stray.append(entry.name)
             continue
-        paths = []
-        for dirpath, dirnames, filenames in os.walk(entry.path):
-            # a folder named like an image is listed (and later reported unreadable), not entered
-            names = [f for f in filenames if is_image_name(f)]
-            names += [d for d in dirnames if is_image_name(d)]
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not is_image_name(d))
-            paths.extend(os.path.join(dirpath, f) for f in sorted(names) if not is_hidden(f))
-        classes[entry.name] = paths
-    return ClassFolders(Path(folder), classes, hidden, stray)
+        real = _followed(entry, inside, outside)
+        if real is not None:
+            classes[entry.name] = walk_images(entry.path, real, inside, outside)
+    return ClassFolders(Path(folder), classes, hidden, stray, outside)
+
+
+def _followed(entry: os.DirEntry, inside: str, outside: list[str]) -> str | None:
+    """The real path of a folder entry, or None (and noted in `outside`) for a link that
+    leads out of `inside`."""
+    if not entry.is_symlink():
+        return os.path.realpath(entry.path)
+    real = os.path.realpath(entry.path)
+    if _within(real, inside):
+        return real
+    outside.append(f"{entry.path} -> {real}")
+    return None
+
+
+def _within(real: str, top: str) -> bool:
+    """Both resolved: `real` is `top` or below it."""
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def walk_images(top: str, real_top: str, inside: str, outside: list[str]) -> list[str]:
+    """Image files under `top` in os.walk's top-down order, each folder's names sorted; hidden
+    entries skipped; a folder named like an image listed (and later reported unreadable), not
+    entered. Each real folder is entered once, so a link loop ends."""
+    paths: list[str] = []
+    seen = {real_top}
+    pending = [(top, real_top)]
+    while pending:
+        folder, real = pending.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # unreadable folder: skipped, as os.walk does
+            continue
+        entries = [e for e in entries if not is_hidden(e.name)]
+        paths.extend(e.path for e in entries if is_image_name(e.name))
+        subfolders = []
+        for e in entries:
+            if is_image_name(e.name) or not e.is_dir():
+                continue
+            sub = os.path.join(real, e.name) if not e.is_symlink() else _followed(e, inside, outside)
+            if sub is not None and sub not in seen:
+                seen.add(sub)
+                subfolders.append((e.path, sub))
+        pending.extend(reversed(subfolders))
+    return paths
 
 
 def find_val_folder(root: Path) -> Path | None:
@@ -91,10 +139,21 @@ def find_splits(root: str | Path) -> dict[str, ClassFolders]:
         raise UserError(f"--data must be a folder of class folders, but {root} is a file.")
     train_dir = root / "train" if (root / "train").is_dir() else root
     val_dir = find_val_folder(root) if train_dir != root else None
-    splits = {"train": scan_class_folders(train_dir)}
+    for split_dir in (train_dir, val_dir):
+        if split_dir is not None and split_dir != root and not _inside(split_dir, root):
+            raise UserError(
+                f"{split_dir} is a link to {os.path.realpath(split_dir)}, outside {root}: resnext "
+                "follows links to folders only within the data folder. Pass the folder it points "
+                "to, or copy it into the data folder."
+            )
+    splits = {"train": scan_class_folders(train_dir, root)}
     if val_dir is not None:
-        splits["val"] = scan_class_folders(val_dir)
+        splits["val"] = scan_class_folders(val_dir, root)
     return splits
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return _within(os.path.realpath(path), os.path.realpath(root))
 
 
 ERROR, WARNING, INFO = "error", "warning", "info"  # error: training would refuse or learn nothing
@@ -132,6 +191,7 @@ def layout_findings(splits: dict[str, ClassFolders], imbalance_ratio: float = 5.
                              f"folders (DIR/<class>/<images>), found {have}.", [], "Expected "
                              "layout: DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg, or "
                              "DATA/<class>/*.jpg split with --val-split."))  # fmt: skip
+    found += mixup_findings(splits)
     if val is not None:
         unknown = sorted(set(val.classes) - set(train.classes))
         if unknown:
@@ -151,8 +211,39 @@ def layout_findings(splits: dict[str, ClassFolders], imbalance_ratio: float = 5.
     return found + ([imbalance] if imbalance else [])
 
 
+def mixup_findings(splits: dict[str, ClassFolders]) -> list[Finding]:
+    """Train and val mixed up: a train (or val) folder given alone while its sibling exists, so
+    training would split it and ignore the other; or a val larger than train (swapped?)."""
+    train, val = splits["train"], splits.get("val")
+    parent, name = train.folder.parent, train.folder.name.lower()
+    found = []
+    sibling_val = find_val_folder(parent) if val is None and name in TRAIN_FOLDER_NAMES else None
+    if sibling_val is not None:
+        found.append(Finding(WARNING, "sibling_val_ignored", f"{train.folder} is the training folder "
+                             f"of {parent}, but its sibling {sibling_val} is ignored: training holds "
+                             f"out part of {train.folder} for validation instead.", [], f"To validate "
+                             f"on {sibling_val.name}/, pass {parent}."))  # fmt: skip
+    if val is None and name in VAL_FOLDER_NAMES and (parent / "train").is_dir():
+        found.append(Finding(WARNING, "val_folder_as_data", f"{train.folder} is the validation folder "
+                             f"of {parent} (beside {parent / 'train'}): training on it learns from "
+                             "the images meant to measure the model.", [], f"To train on train/ and "
+                             f"validate on {train.folder.name}/, pass {parent}."))  # fmt: skip
+    n_train, n_val = (sum(map(len, s.classes.values())) for s in (train, val or train))
+    if val is not None and n_val > n_train:
+        found.append(Finding(WARNING, "val_larger_than_train", f"{val.folder} holds more images "
+                             f"({n_val}) than {train.folder} ({n_train}), {n_val / max(n_train, 1):.1f}x: "
+                             "are the folders swapped? The model learns only from train.", [],
+                             "Usually train holds most of the images (e.g. 80-90%)."))  # fmt: skip
+    return found
+
+
 def ignored_entries(split: ClassFolders) -> list[Finding]:
     found = []
+    if split.outside:
+        found.append(Finding(WARNING, "links_outside_data", "Links to folders outside the data folder "
+                             "were not followed (resnext reads only what is inside it):",
+                             split.outside, "Copy those folders in, or pass the folder they point "
+                             "to."))  # fmt: skip
     if split.hidden:
         found.append(Finding(INFO, "hidden_folders", f"Ignored hidden folders in {split.folder}:",
                              split.hidden))  # fmt: skip
@@ -244,16 +335,70 @@ def list_images(folder: str | Path, recursive: bool) -> list[str]:
 
 
 def write_split(path: Path, split: dict[str, Any]) -> None:
-    """split.json: how `discover_dataset` split a single folder (seed, share, both file lists)."""
+    """split.json: how `discover_dataset` split a single folder (seed, share, both file lists);
+    `train` gives it the resolved data folder, so root and paths are absolute and resolved."""
     atomic_write_text(path, json.dumps(split, indent=1) + "\n")
 
 
-def read_split_val(split_file: Path | None, folder: Path) -> list[tuple[str, str]] | None:
-    """(path, class) of the val images a run held out of `folder`, if that run split it."""
+def read_split(split_file: Path | None) -> dict[str, Any] | None:
+    """split.json as `write_split` wrote it; None where there is none; an error for a file that
+    is not one (evaluating without it would widen the evaluation to the training images)."""
     if split_file is None or not split_file.is_file():
         return None
-    split = json.loads(split_file.read_text(encoding="utf-8"))
-    root = Path(split.get("root", ""))
-    if not root.exists() or root.resolve() != folder.resolve():
+    try:
+        split = json.loads(split_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        split = exc
+    if not (isinstance(split, dict) and isinstance(split.get("root"), str)
+            and isinstance(split.get("val"), list)):  # fmt: skip
+        raise UserError(
+            f"{split_file} is not a readable split record ({split}), so the images its run held "
+            "out cannot be told from those it trained on. Restore it from the run, or evaluate a "
+            "folder the run did not train on."
+        )
+    return split
+
+
+def split_val_in(split: dict[str, Any], folder: Path) -> list[tuple[str, str]] | None:
+    """(path under `folder`, class) of the val images of `split` when it split `folder`.
+
+    Its root is absolute and resolved in runs since issue 24; older runs recorded the folder as
+    given (relative to where train ran): it matches from this working folder too, or when it is
+    the tail of `folder`'s resolved path (`flowers` for /data/flowers), the case of an evaluation
+    from another working folder."""
+    root, real = split["root"], folder.resolve()
+    if os.path.isabs(root):
+        same = os.path.realpath(root) == str(real)
+    else:
+        tail = tuple(part for part in Path(os.path.normpath(root)).parts if part != "..")
+        same = os.path.realpath(root) == str(real) or (bool(tail) and real.parts[-len(tail):] == tail)
+    if not same:
         return None
-    return [(path, Path(path).relative_to(root).parts[0]) for path in split["val"]]
+    relative = [os.path.relpath(path, root) for path in split["val"]]
+    return [(str(folder / rel), Path(rel).parts[0]) for rel in relative]
+
+
+def resolved_paths(paths: Iterable[str]) -> list[str]:
+    """Absolute paths with every link resolved (os.path.realpath's result), each folder resolved
+    once: one lstat per file (is it a link?) on top of what scanning cost."""
+    folders: dict[str, str] = {}
+    resolved = []
+    for path in paths:
+        head, name = os.path.split(os.path.abspath(path))
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        full = os.path.join(folders[head], name)
+        resolved.append(os.path.realpath(full) if os.path.islink(full) else full)
+    return resolved
+
+
+def path_digests_each(paths: Iterable[str]) -> list[int]:
+    """A signed 64-bit digest (BLAKE2b) of each file's resolved path, in order."""
+    return [int.from_bytes(hashlib.blake2b(os.fsencode(p), digest_size=8).digest(), "little", signed=True)
+            for p in resolved_paths(paths)]  # fmt: skip
+
+
+def path_digests(paths: Iterable[str]) -> list[int]:
+    """The digests of the files' resolved paths, sorted and unique: how a checkpoint records
+    which files it trained on, 8 bytes a file, the names themselves not kept."""
+    return sorted(set(path_digests_each(paths)))

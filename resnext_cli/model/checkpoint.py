@@ -44,6 +44,9 @@ CHECKPOINT_KEYS = (
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "best_val_acc", "best_epoch", "metrics",
                "torch_rng_state")  # fmt: skip
+# which files trained the model: int64 digests of their resolved paths (folders.path_digests),
+# sorted; absent in checkpoints from before it existed and in those of other tools
+TRAIN_DIGESTS = "train_path_digests"
 
 
 # ---------------------------------------------------------------- torch files
@@ -88,8 +91,9 @@ def build_checkpoint(
     epoch: int,
     val_acc: float,
     config: dict[str, Any],
+    train_digests: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    return {
+    checkpoint = {
         "format": CHECKPOINT_FORMAT,
         # contiguous CPU copies: the file is the same whatever layout the model trained in
         "model": {
@@ -111,6 +115,23 @@ def build_checkpoint(
             "torchvision": str(torchvision.__version__),
         },
     }
+    if train_digests is not None:
+        checkpoint[TRAIN_DIGESTS] = train_digests
+    return checkpoint
+
+
+def digests_tensor(digests: list[int]) -> torch.Tensor:
+    """`TRAIN_DIGESTS`'s value: 8 bytes a training file."""
+    return torch.tensor(digests, dtype=torch.int64)
+
+
+def train_digests(ckpt: dict[str, Any]) -> torch.Tensor | None:
+    """The digests of the files the checkpoint trained on; None when it does not record them (or
+    holds something else under the key: an evaluation then just cannot tell)."""
+    value = ckpt.get(TRAIN_DIGESTS)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.dim() != 1:
+        return None
+    return value
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class InferenceModel:
     trained_on: str | None = None  # the data folder the checkpoint's run trained on
     decode_on_device: bool = False
     tta: bool = False  # average over the image and its mirror image
+    train_digests: torch.Tensor | None = None  # its training files (checkpoint.TRAIN_DIGESTS)
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
@@ -90,7 +91,7 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         state = networks.read_state_dict(cfg.weights)
         _check_class_count(state, classes, cfg.weights, cfg.class_indices)
         model = _weights_only_model(cfg.arch, len(classes), state, cfg.weights)
-        source, arch, trained_on = cfg.weights, cfg.arch, None
+        source, arch, trained_on, digests = cfg.weights, cfg.arch, None, None
         preprocessing = Preprocessing.classic(cfg.img_size or 224)
     else:
         path = Path(cfg.checkpoint) if cfg.checkpoint else chosen_checkpoint(cfg.run, announce)
@@ -106,13 +107,14 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         model = _weights_only_model(arch, len(classes), checkpoint["model"], source)
         preprocessing = ckpt.checkpoint_preprocessing(checkpoint, cfg.img_size)
         trained_on = checkpoint["config"].get("data") if isinstance(checkpoint["config"], dict) else None
+        digests = ckpt.train_digests(checkpoint)
     model.eval()
     prepare_model(model, device, cfg.channels_last)
     if cfg.compile:
         model = torch.compile(model)
     return InferenceModel(model, arch, classes, preprocessing, source, device, precision,
                           cfg.channels_last, trained_on, decode_on_device(cfg.decode, device),
-                          cfg.tta)  # fmt: skip
+                          cfg.tta, train_digests=digests)  # fmt: skip
 
 
 def _weights_only_model(

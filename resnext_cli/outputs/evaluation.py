@@ -5,6 +5,7 @@ their predictions (`score`), the metrics (`summarise`) and the eval/ folder of f
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,15 @@ import torch
 from resnext_cli import ui
 from resnext_cli.config import EvaluateConfig
 from resnext_cli.data.batches import get_batch
-from resnext_cli.data.folders import find_splits, ignored_entries, read_split_val
+from resnext_cli.data.folders import (
+    ClassFolders,
+    find_splits,
+    find_val_folder,
+    ignored_entries,
+    path_digests_each,
+    read_split,
+    split_val_in,
+)
 from resnext_cli.data.loaders import make_loader
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
@@ -60,26 +69,91 @@ class Evaluation:
         return metrics
 
 
-def evaluation_samples(data: str, classes: list[str], run_dir: Path | None) -> EvaluationSet:
+@dataclass
+class TrainingRecord:
+    """What a checkpoint says about its training data: the folder (config `data`) and the
+    digests of the files it trained on (checkpoint.TRAIN_DIGESTS); None where not recorded."""
+
+    source: str = "the model"
+    data: str | None = None
+    digests: torch.Tensor | None = None
+
+    def used(self, paths: list[str]) -> list[bool]:
+        """Per path: did this model train on that file?"""
+        if self.digests is None or not paths:
+            return [False] * len(paths)
+        wanted = torch.tensor(path_digests_each(paths), dtype=torch.int64)
+        return torch.isin(wanted, self.digests).tolist()
+
+    def split(self, folder: Path) -> bool:
+        """Is `folder` the one this model's run split itself (it had no val folder)?"""
+        if not self.data or not Path(self.data).is_dir():
+            return False
+        root = Path(self.data)
+        train = root / "train" if (root / "train").is_dir() else root
+        self_split = train == root or find_val_folder(root) is None
+        return self_split and train.resolve() == folder.resolve()
+
+
+def evaluation_samples(
+    data: str, classes: list[str], run_dir: Path | None, trained: TrainingRecord | None = None
+) -> EvaluationSet:
     """DIR/<class>/* as it is; a dataset root's val folder; or, for a folder a run split itself,
-    that run's recorded val split (never the images it trained on)."""
+    that run's recorded val split (never the images it trained on). Warns when the checkpoint
+    records that it trained on some of the images chosen."""
+    trained = trained or TrainingRecord()
     splits = find_splits(data)  # the folders `train` would read
     if "val" in splits:
-        scan, description = splits["val"], f"the val split {splits['val'].folder}"
+        chosen = _every_image(splits["val"], classes, f"the val split {splits['val'].folder}")
     else:
-        scan = splits["train"]
-        split_file = run_dir / "split.json" if run_dir else None
-        recorded = read_split_val(split_file, scan.folder)
-        if recorded is not None:
-            return _labelled(recorded, classes, scan.folder, f"the val split in {split_file}", [])
-        description = f"all images in {scan.folder}"
-    folder = scan.folder
+        chosen = _single_folder(splits["train"], classes, run_dir, trained)
+    used = sum(trained.used([path for path, _ in chosen.samples]))
+    if used:
+        chosen.warnings.append(
+            f"{used} of these {len(chosen.samples)} images were used to train this model "
+            f"({trained.source} records the files it trained on): accuracy on them overstates how "
+            "it does on new images. Evaluate images it never saw (its val split, a test folder)."
+        )
+    return chosen
+
+
+def _single_folder(
+    scan: ClassFolders, classes: list[str], run_dir: Path | None, trained: TrainingRecord
+) -> EvaluationSet:
+    """A folder of class folders: its recorded val split if a run split it, else every image."""
+    split_file = run_dir / "split.json" if run_dir else None
+    split = read_split(split_file)
+    recorded = split_val_in(split, scan.folder) if split else None
+    if recorded is not None:
+        return _labelled(recorded, classes, scan.folder, f"the val split in {split_file}", [])
+    if not trained.split(scan.folder):
+        return _every_image(scan, classes, f"all images in {scan.folder}")
+    # the folder the model's run split itself, without a split record that applies to it
+    record = f"its split record {split_file} {'is for another folder' if split else 'is missing'}"
+    if trained.digests is None:
+        raise UserError(
+            f"{trained.source} was trained on part of {scan.folder} (the rest held out for "
+            f"validation), but {record} and the checkpoint does not list its training files: "
+            f"evaluating all of {scan.folder} would score the model on its own training images. "
+            "Restore split.json beside the checkpoint, or evaluate a folder it did not train on."
+        )
+    every = _every_image(scan, classes, "")
+    held_out = [s for s, used in zip(every.samples, trained.used([p for p, _ in every.samples])) if not used]
+    if not held_out:
+        raise UserError(f"{trained.source} was trained on every image in {scan.folder}; there is "
+                        "nothing it has not seen to evaluate.")  # fmt: skip
+    description = (f"the {len(held_out)} images of {scan.folder} that {trained.source} did not "
+                   f"train on: {record}, the checkpoint lists its training files")  # fmt: skip
+    return EvaluationSet(held_out, description, every.warnings)
+
+
+def _every_image(scan: ClassFolders, classes: list[str], description: str) -> EvaluationSet:
     pairs = [(path, name) for name, paths in scan.classes.items() for path in paths]
     warnings = [finding.text() for finding in ignored_entries(scan)]
     empty = [name for name, paths in scan.classes.items() if not paths]
     if empty:
-        warnings.append(f"Class folders with no images in {folder}: {', '.join(empty)}.")
-    return _labelled(pairs, classes, folder, description, warnings)
+        warnings.append(f"Class folders with no images in {scan.folder}: {', '.join(empty)}.")
+    return _labelled(pairs, classes, scan.folder, description, warnings)
 
 
 def _labelled(
@@ -198,17 +272,13 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
     evaluation folder."""
     talk = not (cfg.json or quiet)
     engine = load_inference_model(cfg, announce=talk)
-    data = cfg.data or engine.trained_on
-    if data is None:
-        raise UserError(
-            f"No data given, and {engine.source} does not record the data it was trained on. "
-            "Pass the labelled images: resnext evaluate DATA (DATA/<class>/* or a dataset root)."
-        )
+    data = cfg.data or trained_on_data(engine)
     if talk and not cfg.data:
         ui.note(f"Data: {data}, which {engine.source} was trained on (pass DATA to choose other "
                 "images).")  # fmt: skip
     run_dir = Path(engine.source).parent if not cfg.weights else None
-    chosen = evaluation_samples(data, engine.classes, run_dir)
+    trained = TrainingRecord(engine.source, engine.trained_on, engine.train_digests)
+    chosen = evaluation_samples(data, engine.classes, run_dir, trained)
     for message in chosen.warnings:
         ui.warn(message)
     out = Path(cfg.out) if cfg.out else Path(engine.source).parent / "eval"
@@ -223,6 +293,23 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
         about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
         write_evaluation(out, evaluation, about)
     return EvaluationRun(evaluation, out, seconds)
+
+
+def trained_on_data(engine: InferenceModel | OnnxModel) -> str:
+    """The data folder the checkpoint records, for an evaluation without DATA."""
+    data = getattr(engine, "trained_on", None)
+    if data is None:
+        raise UserError(
+            f"No data given, and {engine.source} does not record the data it was trained on. "
+            "Pass the labelled images: resnext evaluate DATA (DATA/<class>/* or a dataset root)."
+        )
+    if not os.path.isabs(data) and not Path(data).exists():
+        raise UserError(
+            f"{engine.source} records its data as {data!r}, relative to the folder it was trained "
+            "from (runs before absolute paths were recorded), which is not this one. Pass the "
+            "data: resnext evaluate DATA, or run this from that folder."
+        )
+    return data
 
 
 @dataclass

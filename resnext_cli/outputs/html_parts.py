@@ -7,7 +7,7 @@ import base64
 import html
 import io
 
-from PIL import ImageOps
+from PIL import Image
 
 from resnext_cli.data.images import load_rgb
 
@@ -43,13 +43,17 @@ def image_tag(data: bytes, kind: str, alt: str, css_class: str = "figure") -> st
 
 
 def thumbnail(path: str, px: int = THUMBNAIL_PX) -> bytes | None:
-    """A JPEG of the file, at most px x px; None when it cannot be read (moved, broken)."""
+    """A JPEG of the file, at most px x px and at least 1 px a side whatever its aspect ratio
+    (a 10000x3 image gives 160x1); None when it cannot be read or made (moved, broken): a
+    thumbnail never costs the page."""
     try:
-        picture = ImageOps.contain(load_rgb(path, px), (px, px))
+        picture = load_rgb(path, px)
+        scale = min(px / picture.width, px / picture.height)
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        buffer = io.BytesIO()
+        picture.resize(size, Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=85)
     except Exception:  # noqa: BLE001 - a moved or broken file only loses its thumbnail
         return None
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
 
 
