@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from resnext_cli.config import TrainConfig
 from resnext_cli.data.folders import DatasetLayout
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset, image_dataset, make_loader
 from resnext_cli.data.transforms import Preprocessing
+from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write_text
 from resnext_cli.model.checkpoint import save_torch
 from resnext_cli.model.distributed import DistContext, barrier
@@ -55,11 +57,19 @@ def cache_root() -> Path:
 
 
 def cache_limit_bytes() -> int:
-    """The most the cache folder may hold: $RESNEXT_CACHE_MAX_GB, default 10 (GB)."""
+    """The most the cache folder may hold: $RESNEXT_CACHE_MAX_GB, default 10 (GB). A value that
+    is not a size (`nan`, `inf`, `-1`, `ten`) is an error that names the variable, rather than a
+    limit silently ignored or a crash when it is applied."""
+    given = os.environ.get("RESNEXT_CACHE_MAX_GB", "10")
     try:
-        gigabytes = float(os.environ.get("RESNEXT_CACHE_MAX_GB", "10"))
+        gigabytes = float(given)
     except ValueError:
-        gigabytes = 10.0
+        gigabytes = math.nan
+    if not (math.isfinite(gigabytes) and 0 <= gigabytes < 1e9):
+        raise UserError(
+            f"RESNEXT_CACHE_MAX_GB={given!r} is not a size in GB: set it to a number such as 10 "
+            "(0 keeps only the entry in use), or unset it for the default of 10 GB."
+        )
     return int(gigabytes * 1e9)
 
 
@@ -154,6 +164,7 @@ def load_or_compute(
 ) -> FeatureCache:  # fmt: skip
     """Each part read from the cache if it is there, else computed by `compute(view)` and
     stored (atomically): view 0 with the val features, then the augmented views 1..K-1."""
+    cache_limit_bytes()  # a bad $RESNEXT_CACHE_MAX_GB is said before the work, not after it
     views = cfg.feature_views if cfg.augment else 1  # without augmentation every view is view 0
     keys = cache_keys(layout, cfg, preprocessing, views)
     parts = [_load_or_compute_part(layout, cfg, preprocessing, view, cache_root() / f"{key}.pt", compute)
@@ -298,6 +309,8 @@ def train_head_epoch(
             loss = step.criterion(logits.float(), targets)
         step.update(loss, optimizer, scheduler, scaler, average=list(model.fc.parameters()))
         tally.add(loss, logits, targets)
+        if tally.stop_now(step):
+            break
     return tally.result(step)
 
 
