@@ -14,7 +14,7 @@ from resnext_cli.outputs.run_report import write_report
 def report(cfg: ReportConfig) -> Path:
     """`resnext report [RUN]`: the given run, or the latest finished one (said on stderr)."""
     if cfg.run_dir is None:
-        run_dir = latest_run()
+        run_dir = latest_run(choose="give the run folder (`resnext report runs/exp`)")
         ui.note(f"Reporting on {describe_run(run_dir)}: the latest finished run (pass RUN to "
                 "choose another).")  # fmt: skip
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
