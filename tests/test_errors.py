@@ -116,6 +116,7 @@ def tampered(trained_run: Path, tmp_path: Path, **changes) -> Path:
         ({"mean": [math.nan, 0.5, 0.5]}, "mean [nan, 0.5, 0.5] is not 3 finite numbers"),
         ({"classes": "alpha"}, "`classes` is not a list of class names"),
     ],
+    ids=["more_classes_than_outputs", "img_size_0", "img_size_huge", "std_0", "mean_nan", "classes_not_a_list"],
 )
 def test_a_tampered_checkpoint_is_refused_at_load(tmp_path, trained_run, dataset, changes, message):
     path = tampered(trained_run, tmp_path, **changes)
