@@ -8,12 +8,16 @@ defaults shown in --help come from the config dataclasses.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
+import select
+import signal
 import sys
 import threading
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, TypeVar
 
 import typer
+import typer.core
 from rich.table import Table
 
 from resnext_cli import __version__, ui
@@ -33,7 +37,7 @@ from resnext_cli.config import (
     TrainConfig,
     build_config,
 )
-from resnext_cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
+from resnext_cli.errors import EXIT_CLOSED_PIPE, EXIT_FAILED, Terminated, UserError, interruption
 from resnext_cli.model.archs import ARCHS, check_arch
 
 app = typer.Typer(
@@ -124,22 +128,28 @@ def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) 
 
 def run_command(action: Callable[[], Any]) -> Any:
     """Turn a UserError into one `Error:` paragraph and its exit code; no traceback unless
-    RESNEXT_DEBUG=1."""
+    RESNEXT_DEBUG=1. SIGTERM stops a command as Ctrl-C does (exit 143 instead of 130); a closed
+    stdout (`| head`) ends it quietly with 141, as it ends other Unix tools."""
     debug = os.environ.get("RESNEXT_DEBUG") == "1"
     escape_undecodable_names()
     try:
-        return action()
+        with sigterm_as_interrupt():
+            return action()
     except UserError as exc:
         if debug:
             raise
         _print_error(str(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         if debug:
             raise
-        _print_error("Interrupted.")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        what, code = interruption(exc)
+        _print_error(f"{what}.")
+        raise typer.Exit(code) from None
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_closed():
+            discard_stdout()
+            raise typer.Exit(EXIT_CLOSED_PIPE) from None
         if debug:
             raise
         _print_error(
@@ -158,11 +168,59 @@ def escape_undecodable_names() -> None:
         if reconfigure is not None:
             with contextlib.suppress(ValueError, OSError):
                 reconfigure(errors="backslashreplace")
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM (kill, schedulers, containers) raises `Terminated` in the
+    main thread, a KeyboardInterrupt, so that it is cleaned up exactly as Ctrl-C is. Once: a
+    second SIGTERM during that cleanup ends the process at once, as the default would."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`| head` exited): poll reports an error on
+    it. Any other broken pipe is a real failure and is reported as one."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is not a file
+        return False
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still buffered
+    for the closed pipe fails no more (Python's documented recipe for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _print_error(message: str) -> None:
-    sys.stderr.write(f"Error: {message}\n")
-    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # stderr closed too: there is nobody left to tell
+        sys.stderr.write(f"Error: {message}\n")
+        sys.stderr.flush()
+
+
+def _metavars_only() -> None:
+    """--help names each value by its metavar (DATA, IMAGE..., N), never by typer's Python type
+    (`<list[str]>`, `<str>`, `<bool>` for --help): an argument's metavar is already its name."""
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: self.metavar or None  # type: ignore[method-assign]
+
+
+_metavars_only()
 
 
 def _version(value: bool) -> None:
@@ -588,8 +646,27 @@ def _exit(code: int) -> None:
     """Exit with `code`. If data-loader helper threads are still alive (after Ctrl-C or an error
     mid-epoch), skip interpreter teardown, where they would print tracebacks after our one
     paragraph; every file was already written atomically and closed."""
+    try:
+        sys.stdout.flush()  # what is still buffered for a pipe goes now, or the pipe is closed
+    except BrokenPipeError:
+        discard_stdout()
+        code = EXIT_CLOSED_PIPE
+    stop_children()
     if threading.active_count() > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def stop_children() -> None:
+    """Decoding workers still alive at exit (persistent ones, or after an interruption) are
+    stopped and reaped now, instead of noticing seconds later that this process is gone."""
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call their end a crash
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -23,6 +24,11 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded; auto: on the GPU when on CUDA
+# The crop size S. Above 1024 a typo (--img-size 2240) or a tampered checkpoint is likelier than
+# a wish: at 1024 px resnext50_32x4d's layer outputs already take 3.5 GB per image in fp32 (21x
+# those of 224 px), 56 GB for a batch of 16 being fine-tuned; at 2048, 14 GB per image.
+IMG_SIZE_MIN, IMG_SIZE_MAX = 16, 1024
+INT_LIMIT = 2**63  # every integer setting fits a signed 64-bit integer (seeds, sizes, counts)
 
 
 @dataclass
@@ -71,7 +77,7 @@ class TrainConfig:
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_range("epochs", self.epochs, low=1)
         _check_range("batch_size", self.batch_size, low=1)
-        _check_range("img_size", self.img_size, low=16)
+        check_img_size(self.img_size)
         _check_range("lr", self.lr, low=0, inclusive=False)
         _check_range("weight_decay", self.weight_decay, low=0)
         _check_range("backbone_lr_mult", self.backbone_lr_mult, low=0)
@@ -85,6 +91,8 @@ class TrainConfig:
             _check_range("patience", self.patience, low=1)
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)
+        if self.seed is not None:
+            _check_range("seed", self.seed, low=0)
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise UserError(
                 f"--warmup-epochs ({self.warmup_epochs}) must be smaller than --epochs "
@@ -127,7 +135,7 @@ class InferenceConfig:
                 "`--weights resNet34.pth --arch resnet34 --class-indices class_indices.json`."
             )
         if self.img_size is not None:
-            _check_range("img_size", self.img_size, low=16)
+            check_img_size(self.img_size)
         check_device_string(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("decode", self.decode, DECODERS)
@@ -262,9 +270,10 @@ class AuditConfig:
         _check_range("gallery", self.gallery, low=0)
         _check_range("val_split", self.val_split, low=0, high=1, inclusive=False)
         if self.img_size is not None:
-            _check_range("img_size", self.img_size, low=16)
+            check_img_size(self.img_size)
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)
+        _check_range("seed", self.seed, low=0)
         check_device_string(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("decode", self.decode, DECODERS)
@@ -316,6 +325,13 @@ def check_one_model_source(**given: str | None) -> None:
     others = [f"--{key}" for key, value in given.items() if key != "run" and value]
     if others:
         raise UserError(f"Give either --run or {' / '.join(others)}, not both: each chooses the model.")
+def check_img_size(size: int, what: str = "--img-size") -> None:
+    """The crop size, between IMG_SIZE_MIN and IMG_SIZE_MAX (see there why)."""
+    if not IMG_SIZE_MIN <= size <= IMG_SIZE_MAX:
+        raise UserError(
+            f"Invalid {what} {size}: it must be between {IMG_SIZE_MIN} and {IMG_SIZE_MAX} pixels "
+            f"(the crop the network sees; 224 is what ImageNet weights were trained at)."
+        )
 
 
 def check_device_string(device: str) -> None:
@@ -347,6 +363,11 @@ def read_yaml_config(path: str) -> dict[str, Any]:
         raise UserError(f"Config file {path} does not exist (or is not a file).")
     try:
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"Config file {path} is not a text file (not UTF-8): give a YAML file of "
+                        "option: value lines, like a run's config.yaml.") from None  # fmt: skip
+    except OSError as exc:
+        raise UserError(f"Config file {path} could not be read: {exc.strerror or exc}.") from None
     except yaml.YAMLError as exc:
         raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
     if loaded is None:
@@ -372,6 +393,20 @@ def check_fields(cls: type, values: dict[str, Any], source: str) -> None:
                 f"Config key {key!r} in {source} has value {value!r}, which is not "
                 f"{_type_name(hints[key])}."
             )
+        problem = _number_problem(value)
+        if problem:
+            where = f"--{key.replace('_', '-')}" if source == "the command line" else f"{key!r} in {source}"
+            raise UserError(f"Invalid {where}: {value!r} {problem}.")
+
+
+def _number_problem(value: Any) -> str:
+    """Numbers every setting must be: finite (nan and inf pass every range check, since they
+    compare false or beyond it, then poison training), and ints within 64 bits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite number (nan and inf are refused)"
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+        return "is too large: integers must lie within +-2**63"
+    return ""
 
 
 def _matches_type(value: Any, hint: Any) -> bool:

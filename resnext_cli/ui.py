@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import sys
 from typing import Any, Iterator
@@ -33,7 +34,15 @@ def silence() -> None:
 
 @functools.lru_cache(maxsize=None)
 def console(stderr: bool = False) -> Any:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    made = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    made.on_broken_pipe = _closed_pipe  # rich would exit(1) on its own, past every cleanup
+    return made
+
+
+def _closed_pipe() -> None:
+    """A closed stdout (`| head` ended) raised as what print() raises, so that one handler deals
+    with both: a run stops resumable, and the command ends quietly (`cli.run_command`)."""
+    raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
 
 
 def info(message: str) -> None:

@@ -80,7 +80,7 @@ def test_wrong_keys_are_named(tmp_path: Path):
 def test_wrong_arch_is_reported(tmp_path: Path):
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(UserError, match="do not fit"):
+    with pytest.raises(UserError, match="are for resnet18 .* the architecture in use is resnet34"):
         networks.load_weights(networks.build_model("resnet34", 3), "resnet34", str(path), print)
 
 

@@ -19,7 +19,7 @@ from resnext_cli.data.batches import get_batch
 from resnext_cli.data.folders import list_images
 from resnext_cli.data.images import load_rgb
 from resnext_cli.data.loaders import collate_skipping_failures, make_loader
-from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError
+from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError, interruption
 from resnext_cli.files import make_folder
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
 from resnext_cli.outputs.plots import plot_format, predictions_figure, save_figure
@@ -112,6 +112,12 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
                 writer.add(rows)
             bar.update(len(rows))
         finished = True
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: what was written so far stays resumable
+        if writer is None:
+            raise
+        what, code = interruption(exc)
+        raise UserError(f"{what}. The rows written so far are in {writer.partial}; the same command "
+                        "with --resume-output continues it.", code) from None  # fmt: skip
     finally:
         bar.close()
         if writer:

@@ -15,7 +15,9 @@ def report(cfg: ReportConfig) -> Path:
     """`resnext report [RUN]`: the given run, `--run NAME`, or the latest finished one (said on
     stderr)."""
     if cfg.run_dir is None:
-        run_dir, how = choose_run(cfg.run)
+        run_dir, how = choose_run(
+            cfg.run, choose="give the run folder (`resnext report runs/exp`) or --run NAME"
+        )
         ui.note(f"Reporting on {describe_run(run_dir)}: {how} (pass RUN or --run NAME to choose "
                 "another).")  # fmt: skip
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir))

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,7 +32,7 @@ from resnext_cli.data.batches import InputSpec
 from resnext_cli.data.folders import DatasetLayout, discover_dataset, path_digests, write_split
 from resnext_cli.data.loaders import EpochSampler, default_workers, image_dataset, make_loader
 from resnext_cli.data.transforms import Preprocessing
-from resnext_cli.errors import EXIT_INTERRUPTED, UserError
+from resnext_cli.errors import EXIT_CLOSED_PIPE, EXIT_FAILED, UserError, interruption
 from resnext_cli.files import exclusive_lock
 from resnext_cli.model import checkpoint as ckpt
 from resnext_cli.model import features, networks
@@ -49,8 +50,9 @@ from resnext_cli.model.distributed import (
     process_device,
     shutdown,
 )
-from resnext_cli.model.optimization import backbone_frozen_at, setup_optimization
+from resnext_cli.model.optimization import backbone_frozen_at, restore_schedule, setup_optimization
 from resnext_cli.model.steps import (
+    Diverged,
     Step,
     Validation,
     compiled_features,
@@ -247,11 +249,11 @@ class TrainRecipe:
             try:
                 self.setup()
                 self.train_epochs()
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, BrokenPipeError) as exc:  # Ctrl-C, SIGTERM, `| head` ended
                 self.end_record("interrupted")
                 if self.run_dir is None:  # nothing of this run is on disk yet
                     raise
-                raise interrupted(self.run_dir) from None
+                raise interrupted(self.run_dir, exc) from None
             except BaseException:
                 self.end_record("failed")
                 raise
@@ -260,7 +262,10 @@ class TrainRecipe:
 
     def train_epochs(self) -> None:
         for epoch in range(self.start_epoch, self.cfg.epochs + 1):
-            row, validation = self.run_epoch(epoch)
+            try:
+                row, validation = self.run_epoch(epoch)
+            except Diverged as exc:
+                raise diverged(exc, epoch, self.run_dir, self.opt.optimizer.param_groups[-1]["lr"]) from None
             improved = self.history.add(row)
             if self.ctx.is_main:
                 self.save(row, improved)
@@ -285,6 +290,8 @@ class TrainRecipe:
     def setup(self) -> None:
         if self.ctx.is_main and self.resume is None:  # before anything slow: fail fast
             ckpt.check_run_dir(self.cfg.out, self.cfg.name)
+        if self.cfg.cache_features:  # a bad $RESNEXT_CACHE_MAX_GB is said before anything is made
+            features.cache_limit_bytes()
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         self.device = self.setup_device()
@@ -386,9 +393,7 @@ class TrainRecipe:
         state = self.resume
         if state is not None:
             self.opt.optimizer.load_state_dict(state["optimizer"])
-            # the position in the schedule, not its shape: --epochs may have extended the run
-            groups = len(self.opt.optimizer.param_groups)
-            self.opt.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * groups))
+            restore_schedule(self.opt.scheduler, state["scheduler"])  # --epochs may extend the run
             self.opt.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng_state"])
         return RunHistory.resumed(state)
@@ -464,6 +469,7 @@ class TrainRecipe:
             mark_latest(self.run_dir)
             if self.cfg.report:
                 write_end_report(self.run_dir, self.explicit_workers, self.cfg)
+            ui.info(next_steps(self.run_dir))
         return TrainResult(self.run_dir, history.best_acc, history.best_epoch, len(history.rows))
 
 
@@ -520,20 +526,43 @@ def unfreeze_backbone(
     return trainer
 
 
-def interrupted(run_dir: Path) -> UserError:
-    """Told from what is on disk, the epoch last.pt holds, so that it is right whatever moment
-    Ctrl-C came at (even between writing last.pt and the next line)."""
+def saved_epoch(run_dir: Path | None) -> int:
+    """The epoch last.pt holds (0: none yet), read from disk, so that what is said is right
+    whatever moment the run stopped at (even between writing last.pt and the next line)."""
     try:
-        done = int(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+        return int(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"])  # type: ignore[operator]
     except Exception:  # noqa: BLE001 - nothing saved yet (or unreadable): no epoch to resume
-        done = 0
+        return 0
+
+
+def interrupted(run_dir: Path, cause: BaseException) -> UserError:
+    """Ctrl-C (exit 130), SIGTERM (143) or a closed stdout (141): where the run can go on from."""
+    what, code = interruption(cause)
+    if isinstance(cause, BrokenPipeError):
+        what, code = "Stopped: stdout was closed (its reader, e.g. `| head`, ended)", EXIT_CLOSED_PIPE
+    done = saved_epoch(run_dir)
     saved = (
         f"{run_dir / 'last.pt'} holds epoch {done}; continue with "
         f"`resnext train --resume {run_dir}`."
         if done
         else "No epoch had completed, so nothing was saved."
     )
-    return UserError(f"Interrupted during epoch {done + 1}. {saved}", EXIT_INTERRUPTED)
+    return UserError(f"{what} during epoch {done + 1}. {saved}", code)
+
+
+def diverged(exc: Diverged, epoch: int, run_dir: Path | None, lr: float) -> UserError:
+    """A non-finite loss stops the run (exit 1); best.pt and last.pt keep the last good epoch,
+    since the epoch that diverged is never saved."""
+    done = saved_epoch(run_dir)
+    kept = (f"{run_dir / 'best.pt'} and last.pt keep the last good epochs (last.pt: epoch {done})"
+            if done else "nothing was saved, as no epoch had completed")  # fmt: skip
+    return UserError(
+        f"The {exc.what} became {exc.value} {exc.where(f'epoch {epoch}')} (learning rate {lr:.3g}): "
+        f"training diverged, the weights are no longer finite numbers. Stopped; {kept}. Start a "
+        "new run with a lower --lr (or with --warmup-epochs); resuming would diverge again the same "
+        "way.",
+        EXIT_FAILED,
+    )
 
 
 def mark_latest(run_dir: Path) -> None:
@@ -551,6 +580,22 @@ def write_end_report(run_dir: Path, explicit_workers: int | None, cfg: TrainConf
         run_report.write_report(request)
     except UserError as exc:
         ui.warn(f"report.html was not written: {exc} Try `resnext report {run_dir}` later.")
+
+
+def next_steps(run_dir: Path) -> str:
+    """What to do with the model just trained, as commands to copy; `--checkpoint` only where
+    they would not find this run on their own (it is not the latest run from here)."""
+    try:
+        found = ckpt.latest_run().resolve() == run_dir.resolve()
+    except UserError:
+        found = False
+    model = "" if found else f" --checkpoint {shlex.quote(str(run_dir / 'best.pt'))}"
+    return (
+        "Next:\n"
+        f"  resnext predict IMAGE{model}    label an image\n"
+        f"  resnext batch-predict DIR{model} --output preds.csv    label a folder of images\n"
+        f"  resnext evaluate DIR{model}    accuracy on labelled images it never saw"
+    )
 
 
 def print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
+import sys
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
@@ -236,4 +239,29 @@ def make_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         collate_fn=collate_skipping_failures,
+        worker_init_fn=_quiet_when_stopped if workers > 0 else None,
     )
+
+
+def _quiet_when_stopped(worker_id: int) -> None:
+    """A decoding worker stays quiet when the main process stops (Ctrl-C, SIGTERM), which then
+    says in one paragraph how to resume and stops the workers itself.
+
+    SIGTERM to the whole process group (`kill -- -PGID`, a scheduler's job step) reaches the
+    workers too: each ends at once with status 0, which the loader does not call a crash (it
+    would otherwise run the main process's handler, a traceback from every worker, or die by
+    the signal, reported as a crashed worker). And a worker hands each batch's shared memory to
+    the main process over a local connection (multiprocessing's resource sharer): a main
+    process stopped in the middle of taking one resets it, and multiprocessing would print that
+    thread's ConnectionResetError traceback under the main process's message."""
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    sys.excepthook = _unless_the_main_process_left
+
+
+def _exit_quietly(signum: int, frame: Any) -> None:
+    os._exit(0)
+
+
+def _unless_the_main_process_left(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, value, tb)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import pickle
 import re
@@ -23,7 +24,7 @@ import torchvision
 import yaml
 
 from resnext_cli import __version__
-from resnext_cli.config import read_yaml_config
+from resnext_cli.config import IMG_SIZE_MAX, IMG_SIZE_MIN, read_yaml_config
 from resnext_cli.data.transforms import Preprocessing, resize_size
 from resnext_cli.errors import UserError
 from resnext_cli.files import (
@@ -144,7 +145,51 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"The checkpoint {path} is incomplete: keys {', '.join(missing)} missing.")
+    problems = checkpoint_problems(ckpt)
+    if problems:
+        raise UserError(
+            f"The checkpoint {path} is damaged or was edited: {'; '.join(problems)}. Use a best.pt "
+            "or last.pt as `resnext train` wrote it."
+        )
     return ckpt
+
+
+def checkpoint_problems(ckpt: dict[str, Any]) -> list[str]:
+    """What every command relies on, checked once at load, so that a tampered file is a clear
+    error instead of a crash later or NaN probabilities (a zero std divides by zero)."""
+    problems = []
+    classes, model = ckpt["classes"], ckpt["model"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        problems.append("`classes` is not a list of class names")
+    if not (isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())):
+        problems.append("`model` is not a state dict of tensors")
+    elif isinstance(classes, list) and getattr(model.get("fc.weight"), "ndim", 0) == 2:
+        outputs = model["fc.weight"].shape[0]
+        if outputs != len(classes):
+            problems.append(f"its classifier has {outputs} outputs but `classes` names {len(classes)}")
+    size, resize = ckpt["img_size"], ckpt.get("resize_size") or ckpt["img_size"]
+    if not (_is_int(size) and IMG_SIZE_MIN <= size <= IMG_SIZE_MAX):
+        problems.append(f"img_size {size!r} is not between {IMG_SIZE_MIN} and {IMG_SIZE_MAX}")
+    elif not (_is_int(resize) and size <= resize <= 2 * IMG_SIZE_MAX):
+        problems.append(f"resize_size {resize!r} is not between img_size and {2 * IMG_SIZE_MAX}")
+    for key in ("mean", "std"):
+        values = ckpt[key]
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(_is_number(v) and math.isfinite(v) for v in values)):  # fmt: skip
+            problems.append(f"{key} {values!r} is not 3 finite numbers")
+        elif key == "std" and min(values) <= 0:
+            problems.append(f"std {values!r} is not positive (images would be divided by zero)")
+    if not (_is_int(ckpt["epoch"]) and ckpt["epoch"] >= 0 and _is_number(ckpt["val_acc"])):
+        problems.append(f"epoch {ckpt['epoch']!r} or val_acc {ckpt['val_acc']!r} is not a number")
+    return problems
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def checkpoint_preprocessing(ckpt: dict[str, Any], img_size: int | None = None) -> Preprocessing:
@@ -427,10 +472,13 @@ def read_latest_pointer(pointer: Path) -> Path | None:
     return pointer.parent / name if legacy else None
 
 
-def choose_run(name: str | None = None, root: str = "runs") -> tuple[Path, str]:
+def choose_run(
+    name: str | None = None, root: str = "runs", choose: str = "pass --checkpoint PATH"
+) -> tuple[Path, str]:
     """The run a command without --checkpoint uses, and how it was chosen (the caller says it):
     `--run NAME`, else the run `ROOT/latest` names, else (runs from before the pointer) the run
-    with the newest `ROOT/*/best.pt`; a clear error naming the folder searched when there is none."""
+    with the newest `ROOT/*/best.pt`; a clear error naming the folder searched when there is none,
+    and how the command at hand takes a run instead (`choose`)."""
     if name is not None:
         return named_run(name, root), f"the run named {name} (--run)"
     pointer = Path(root) / LATEST
@@ -441,8 +489,8 @@ def choose_run(name: str | None = None, root: str = "runs") -> tuple[Path, str]:
     if not candidates:
         raise UserError(
             f"No checkpoint given and no trained run found in {Path(root).absolute()} (looked for "
-            f"{root}/{LATEST} and {root}/*/best.pt). Train one with `resnext train DATA`, pass "
-            "--checkpoint PATH, or run this from the folder that holds runs/."
+            f"{root}/{LATEST} and {root}/*/best.pt). Train one with `resnext train DATA`, {choose}, "
+            "or run this from the folder that holds runs/."
         )
     return candidates[-1].parent, f"the run with the newest best.pt in {root}/ ({root}/{LATEST} names none)"
 

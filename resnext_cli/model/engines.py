@@ -19,7 +19,7 @@ from resnext_cli.config import InferenceConfig
 from resnext_cli.data.batches import InputSpec
 from resnext_cli.data.loaders import ImageListDataset, image_dataset, inference_workers
 from resnext_cli.data.transforms import Preprocessing, read_preprocess_json
-from resnext_cli.errors import UserError
+from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.model import checkpoint as ckpt
 from resnext_cli.model import networks
 from resnext_cli.model.device import (
@@ -77,7 +77,21 @@ class InferenceModel:
             probs = torch.softmax(self.model(inputs).float(), dim=1)
             if self.tta:
                 probs = (probs + torch.softmax(self.model(inputs.flip(-1)).float(), dim=1)) / 2
-        return probs.cpu()
+        return finite_probabilities(probs.cpu(), self.source)
+
+
+def finite_probabilities(probs: torch.Tensor, source: str) -> torch.Tensor:
+    """Probabilities that are numbers. A model whose outputs are nan/inf (the weights of a run
+    that diverged, a damaged file) is an error (exit 1), never `"prob": NaN` in a result, which
+    is not even valid JSON. One pass over a batch x classes tensor already on the CPU."""
+    if not bool(torch.isfinite(probs).all()):
+        raise UserError(
+            f"The model {source} gives probabilities that are not numbers (nan or inf): its weights "
+            "are not finite (saved by a training run that diverged?) or the file is damaged. Use "
+            "another checkpoint, or train again with a lower --lr.",
+            EXIT_FAILED,
+        )
+    return probs
 
 
 def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> InferenceModel:
@@ -127,6 +141,12 @@ def _weights_only_model(
     if "fc.weight" not in state:
         raise UserError(f"{source} has no classifier (fc.*): it cannot predict classes.")
     networks.apply_state_dict(model, state, source, log=lambda _: None, assign=True)
+    if model.fc.weight.is_meta:  # the file's classifier did not fit, and was not loaded
+        raise UserError(
+            f"{source}'s classifier has shape {tuple(state['fc.weight'].shape)}, but {arch} with "
+            f"{num_classes} classes needs {tuple(model.fc.weight.shape)}: it cannot predict these "
+            "classes."
+        )
     return model
 
 
@@ -192,7 +212,7 @@ class OnnxModel:
         if self.tta:
             mirrored = run_onnx(self.session, inputs.flip(-1).contiguous().numpy())
             probs = (probs + torch.softmax(mirrored.float(), dim=1)) / 2
-        return probs
+        return finite_probabilities(probs, self.source)
 
 
 def load_onnx_model(path: str, class_indices: str | None, tta: bool = False) -> OnnxModel:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -58,11 +59,19 @@ def cache_root() -> Path:
 
 
 def cache_limit_bytes() -> int:
-    """The most the cache folder may hold: $RESNEXT_CACHE_MAX_GB, default 10 (GB)."""
+    """The most the cache folder may hold: $RESNEXT_CACHE_MAX_GB, default 10 (GB). A value that
+    is not a size (`nan`, `inf`, `-1`, `ten`) is an error that names the variable, rather than a
+    limit silently ignored or a crash when it is applied."""
+    given = os.environ.get("RESNEXT_CACHE_MAX_GB", "10")
     try:
-        gigabytes = float(os.environ.get("RESNEXT_CACHE_MAX_GB", "10"))
+        gigabytes = float(given)
     except ValueError:
-        gigabytes = 10.0
+        gigabytes = math.nan
+    if not (math.isfinite(gigabytes) and 0 <= gigabytes < 1e9):
+        raise UserError(
+            f"RESNEXT_CACHE_MAX_GB={given!r} is not a size in GB: set it to a number such as 10 "
+            "(0 keeps only the entry in use), or unset it for the default of 10 GB."
+        )
     return int(gigabytes * 1e9)
 
 
@@ -254,6 +263,7 @@ def load_or_compute(
 ) -> FeatureCache:  # fmt: skip
     """Each part read from the cache if it is there, else computed by `compute(view)` and
     stored (atomically): view 0 with the val features, then the augmented views 1..K-1."""
+    cache_limit_bytes()  # a bad $RESNEXT_CACHE_MAX_GB is said before the work, not after it
     views = cfg.feature_views if cfg.augment else 1  # without augmentation every view is view 0
     keys = cache_keys(layout, cfg, preprocessing, views)
     parts = [_load_or_compute_part(layout, cfg, preprocessing, view, cache_root() / f"{key}.pt", compute)
@@ -437,6 +447,8 @@ def train_head_epoch(
             loss = step.criterion(logits.float(), targets)
         step.update(loss, optimizer, scheduler, scaler, average=list(model.fc.parameters()))
         tally.add(loss, logits, targets)
+        if tally.stop_now(step):
+            break
     return tally.result(step)
 
 

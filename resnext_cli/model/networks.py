@@ -6,6 +6,7 @@ files load strictly. Only the classifier (`fc`) is ever replaced.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -115,14 +116,11 @@ def apply_state_dict(
     state = {_strip_prefix(k): v.float() if v.is_floating_point() else v for k, v in state.items()}
     own = model.state_dict()
     head_keys = [k for k in ("fc.weight", "fc.bias") if k in state and k in own]
-    if any(state[k].shape != own[k].shape for k in head_keys):
+    replaced = any(state[k].shape != own[k].shape for k in head_keys)
+    if replaced:
         old = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
         for k in head_keys:
             del state[k]
-        log(
-            f"Replaced the classifier of {source}: {old} outputs -> {model.fc.out_features} "
-            "classes (new head, random init)."
-        )
     missing = sorted(set(own) - set(state) - set(head_keys))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
@@ -134,12 +132,61 @@ def apply_state_dict(
     if wrong_shape:
         problems.append(f"keys of the wrong shape {_names(wrong_shape)}")
     if problems:
-        raise UserError(
-            f"The weights in {source} do not fit this architecture: {'; '.join(problems)}. "
-            "Check --arch matches the file (`resnext archs` lists the architectures)."
+        raise UserError(misfit_message(source, guess_arch(own)[0], guess_arch(state), problems))
+    if replaced:
+        log(
+            f"Replaced the classifier of {source}: {old} outputs -> {model.fc.out_features} "
+            "classes (new head, random init)."
         )
     model.load_state_dict(state, strict=False, assign=assign)
     log(f"Weights: loaded {len(state)} tensors from {source}.")
+
+
+def misfit_message(source: str, in_use: str | None, file_arch: tuple[str | None, int, int],
+                   problems: list[str]) -> str:  # fmt: skip
+    """One paragraph: the architecture in use, the one the file looks like, what to pass."""
+    guess, alike, total = file_arch
+    if guess is not None and alike == total:
+        return (
+            f"The weights in {source} are for {guess} (all {total} of their backbone tensors match "
+            f"its layer names and shapes), but the architecture in use is {in_use}. Pass --arch "
+            f"{guess}, or weights made for {in_use}."
+        )
+    closest = f"; the closest is {guess}, with {alike} of {total} tensors alike" if guess else ""
+    return (
+        f"The weights in {source} do not fit {in_use}, the architecture in use ({'; '.join(problems)}), "
+        f"and look like none of the {len(ARCHS)} architectures resnext knows{closest}. Check that "
+        "the file is a ResNet/ResNeXt state dict in torchvision's layout (`resnext archs` lists "
+        "the architectures)."
+    )
+
+
+def guess_arch(state: dict[str, torch.Tensor]) -> tuple[str | None, int, int]:
+    """The architecture a state dict looks made for, from its names and shapes (the classifier
+    and BatchNorm's counters aside, which any head or torchvision version may change): the one
+    with the most tensors alike, how many are, and how many it has. resnet50, resnext50_32x4d
+    and wide_resnet50_2 share their names; only the shapes tell them apart."""
+    shapes = {k: tuple(v.shape) for k, v in state.items() if _backbone_key(k)}
+    best: tuple[str | None, int, int] = (None, 0, len(shapes))
+    for arch in ARCHS:
+        own = _backbone_shapes(arch)
+        alike = sum(own.get(k) == shape for k, shape in shapes.items())
+        if alike == len(shapes) == len(own):
+            return arch, alike, alike
+        if alike > best[1]:
+            best = (arch, alike, max(len(own), len(shapes)))
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # no memory, no init: names and shapes only
+        state = build_model(arch, 1000).state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if _backbone_key(k)}
+
+
+def _backbone_key(key: str) -> bool:
+    return not key.startswith("fc.") and not key.endswith("num_batches_tracked")
 
 
 def set_backbone_trainable(model: ResNet, trainable: bool) -> None:

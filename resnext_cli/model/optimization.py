@@ -1,5 +1,6 @@
 """The optimiser and its schedule for a training run: parameter groups for the head and the
-backbone, and a per-step learning-rate multiplier that resumes exactly."""
+backbone, and a per-step learning-rate multiplier that resumes exactly (and, when a resume
+extends the run, is re-planned over the new length from the step where the run stopped)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,15 @@ def setup_optimization(
                           cfg.warmup_epochs * steps_per_epoch, steps_per_epoch)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Optimization(optimizer, scheduler, make_grad_scaler(device, cfg.precision))
+
+
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any]) -> None:
+    """A resumed run's position in the schedule (its step count), not the schedule's shape: this
+    run's plan (`--epochs` may have extended it) gives every group its learning rate from that
+    step on. The optimizer's saved rates are the old plan's (0 at the end of a finished cosine
+    run), so they are recomputed here; for a run resumed with its own length they come out equal
+    to the saved ones, bit for bit (the same product LambdaLR computes)."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.load_state_dict(dict(state, lr_lambdas=[None] * len(groups)))
+    for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(scheduler.last_epoch)

@@ -4,6 +4,7 @@ head with the same `Step` and tallies."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -119,20 +120,49 @@ def train_one_epoch(
         head = list(model.fc.parameters()) if frozen else None
         step.update(loss, optimizer, scheduler, scaler, average=head)
         tally.add(loss, logits, labels)
+        if tally.stop_now(step):
+            break
         bar.set_postfix(tally.progress(time.perf_counter() - started))
     return tally.result(step)
 
 
+class Diverged(UserError):
+    """A loss that is no longer a finite number: the weights are lost to nan/inf from there on.
+    `train` adds what is kept on disk and what to do."""
+
+    def __init__(self, what: str, value: float, step: int | None) -> None:
+        self.what, self.value, self.step = what, value, step
+        super().__init__(f"The {what} became {value} {self.where('the epoch')}", EXIT_FAILED)
+
+    def where(self, epoch: str) -> str:
+        return f"at step {self.step} of {epoch}" if self.step else f"in {epoch}"
+
+
 class TrainTally:
-    """Loss and accuracy sums over an epoch, reduced over torchrun's processes at the end."""
+    """Loss and accuracy sums over an epoch, reduced over torchrun's processes at the end.
+
+    Each step's loss is read with `.item()` anyway (the one device sync of a step), so checking
+    that it is finite costs nothing: the first non-finite one is kept and stops the epoch."""
 
     def __init__(self) -> None:
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self.steps = 0
+        self.diverged: tuple[float, int] | None = None  # the first non-finite loss and its step
 
     def add(self, mean_loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum += mean_loss.item() * labels.numel()
+        loss = mean_loss.item()
+        self.steps += 1
+        if self.diverged is None and not math.isfinite(loss):
+            self.diverged = (loss, self.steps)
+        self.loss_sum += loss * labels.numel()
         self.correct += int((logits.argmax(1) == labels).sum().item())
         self.seen += labels.numel()
+
+    def stop_now(self, step: Step) -> bool:
+        """A single process stops at the first non-finite loss. Under torchrun every process must
+        take the same steps (gradients are averaged in collectives), so they all finish the epoch
+        and stop together at `result`, whose reduced loss is then non-finite on every one."""
+        return self.diverged is not None and not step.dist.enabled
 
     def progress(self, elapsed: float) -> dict[str, str]:
         return {"loss": f"{self.loss_sum / self.seen:.4f}", "acc": f"{self.correct / self.seen:.2%}",
@@ -142,6 +172,9 @@ class TrainTally:
         loss_sum, correct, seen = all_reduce_sums(
             step.dist, [self.loss_sum, self.correct, self.seen], step.device
         )
+        if not math.isfinite(loss_sum):
+            value, at = self.diverged or (loss_sum, None)
+            raise Diverged("training loss", value, at)
         if seen == 0:
             raise UserError(
                 "No training image could be read in this epoch (see the warnings above).",
@@ -191,6 +224,8 @@ class ValidationTally:
         loss_sum, *counts = all_reduce_sums(
             step.dist, [self.loss_sum, *self.counts.tolist()], step.device
         )
+        if not math.isfinite(loss_sum):
+            raise Diverged("validation loss", loss_sum, None)
         n = self.n_classes
         confusion = [[int(counts[i * n + j]) for j in range(n)] for i in range(n)]
         seen = sum(map(sum, confusion))

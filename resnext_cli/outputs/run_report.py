@@ -16,6 +16,7 @@ from resnext_cli.model.checkpoint import (
     read_class_indices,
     read_metrics,
     read_run_config,
+    read_run_record,
     run_folder_lock,
 )
 from resnext_cli.outputs.evaluation import evaluate_into_folder, read_evaluation
@@ -37,6 +38,7 @@ class RunFiles:
     confusion_png: bytes | None = None
     mistakes: list[dict[str, str]] = field(default_factory=list)
     not_evaluated: str = ""  # why there is no evaluation
+    record: dict[str, Any] | None = None  # run.json: status, wall time of every session
 
 
 def write_report(cfg: ReportConfig) -> Path:
@@ -73,7 +75,7 @@ def read_run(cfg: ReportConfig) -> RunFiles:
         curves_png = training_curves_png(metrics)
         write_png(curves, curves_png)
     run = RunFiles(run_dir, config, metrics, read_class_indices(run_dir / "class_indices.json"),
-                   curves_png)  # fmt: skip
+                   curves_png, record=read_run_record(run_dir))  # fmt: skip
     _read_evaluation(run, cfg)
     return run
 
@@ -149,14 +151,40 @@ def _summary(run: RunFiles) -> str:
         ("at epoch", f"{best['epoch']} of {run.metrics[-1]['epoch']}"),
         ("architecture", str(run.config.get("arch", "?"))),
         ("classes", str(len(run.classes))),
-        ("training time", f"{sum(float(r['seconds']) for r in run.metrics):.0f} s"),
+        ("training time", _training_time(run)[0]),
     ]
     if run.evaluation:
         cards.insert(1, ("evaluated accuracy", f"{run.evaluation['accuracy']:.2%}"))
         if "top5" in run.evaluation:
             cards.insert(2, ("top-5", f"{run.evaluation['top5']:.2%}"))
     body = "".join(f'<div class="card">{escape(k)}<b>{escape(v)}</b></div>' for k, v in cards)
-    return f'<div class="cards">{body}</div>'
+    return f'<div class="cards">{body}</div><p class="muted">{escape(_training_time(run)[1])}</p>'
+
+
+def _training_time(run: RunFiles) -> tuple[str, str]:
+    """The run's time as a user waited for it: run.json's wall clock over every session (setup
+    and feature caching included, which the epochs' own seconds leave out); for a run from
+    before run.json, the epochs' seconds, saying so. Returns the card's value and a note."""
+    epochs = sum(float(r["seconds"]) for r in run.metrics)
+    wall = (run.record or {}).get("wall_seconds")
+    if not isinstance(wall, (int, float)) or wall <= 0:
+        return _duration(epochs), (
+            f"Training time: {_duration(epochs)}, the epochs alone (this run has no run.json, "
+            "which times setup and feature caching too).")  # fmt: skip
+    sessions = int((run.record or {}).get("sessions") or 1)
+    over = f" over {sessions} sessions" if sessions > 1 else ""
+    return _duration(wall), (
+        f"Training time: {_duration(wall)} of wall clock{over} (run.json: setup and feature "
+        f"caching included); the epochs themselves took {_duration(epochs)}.")  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 def _evaluation_note(run: RunFiles) -> str:
