@@ -76,3 +76,12 @@ def setup_optimization(
                           cfg.warmup_epochs * steps_per_epoch, steps_per_epoch)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Optimization(optimizer, scheduler, make_grad_scaler(device, cfg.precision))
+
+
+def rates_per_group(optimizer: torch.optim.Optimizer, head_rate: float) -> dict[str, float]:
+    """Each parameter group's learning rate at the moment the head's was `head_rate`: one schedule
+    multiplies every group's initial rate (`LrSchedule`), so the ratios stay as built."""
+    groups = optimizer.param_groups
+    head = next(g for g in groups if g.get("name") == "head")
+    return {str(g.get("name", i)): head_rate * g["initial_lr"] / head["initial_lr"]
+            for i, g in enumerate(groups)}  # fmt: skip
