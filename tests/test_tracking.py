@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,41 @@ def test_every_numeric_column_of_a_row_is_logged_whatever_columns_it_has():
     metrics = tracking.epoch_metrics(row, lambda head: {"backbone": head / 10, "head": head})
     assert metrics == {"train/loss": 0.5, "train/acc": 0.8, "val/loss": 0.6, "val/acc": 0.75, "seconds": 2.0,
                        "val/balanced_acc": 0.7, "val/macro_f1": 0.69, "lr/backbone": 1e-4, "lr/head": 1e-3}
+
+
+def test_trackers_work_off_the_training_thread_and_the_end_waits_for_them(monkeypatch, capsys):
+    """A slow tracker costs the epoch nothing; it gets the epochs it lacks, in order, then the end."""
+
+    class Slow:
+        name = "Slow"
+
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def open(self, config):
+            self.calls.append(("open", config))
+            return 1  # it already holds epoch 1
+
+        def log(self, epoch, metrics):
+            time.sleep(0.3)
+            self.calls.append((epoch, metrics["val/acc"], metrics["lr/head"]))
+
+        def close(self, status):
+            self.calls.append(status)
+
+    def row(epoch: int) -> dict:
+        return {"epoch": epoch, "train_loss": 1.0, "val_acc": epoch / 10, "lr": 0.5 / epoch}
+
+    monkeypatch.setattr(tracking, "WAIT_NOTE_SECONDS", 0.1)
+    slow = Slow()
+    tracked = tracking.Tracking([slow], lambda head: {"head": head})
+    tracked.open({"arch": "resnet18"}, [row(1), row(2)])
+    started = time.perf_counter()
+    tracked.log_epoch(row(3))
+    assert time.perf_counter() - started < 0.1
+    tracked.end("interrupted")
+    assert slow.calls == [("open", {"arch": "resnet18"}), (2, 0.2, 0.25), (3, 0.3, 0.5 / 3), "interrupted"]
+    assert "Waiting for Slow to take the last of the run" in capsys.readouterr().out
 
 
 def test_only_rank_0_tracks_under_torchrun(tmp_path: Path):

@@ -35,7 +35,7 @@ from resnext_cli.model.checkpoint import RUN_LOCK
 TRACKING_FILE = "tracking.json"  # in the run folder: the MLflow run that a resume continues
 TENSORBOARD_FOLDER = "tb"
 MLFLOW_EXPERIMENT = "resnext"  # unless MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID says otherwise
-MLFLOW_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}  # any other end (Ctrl-C, SIGTERM): KILLED
 INSTALL = {  # tracker -> (the module it needs, what to install)
     "tensorboard": ("tensorboard", "pip install 'resnext-cli[tensorboard]'  (tensorboard)"),
     "mlflow": ("mlflow", "pip install 'resnext-cli[mlflow]'  (mlflow-skinny)"),
@@ -117,15 +117,14 @@ class Tracking:
         for tracker in self.trackers:
             self.tasks.put((tracker, partial(tracker.close, status)))
         self.tasks.put(None)
-        self.thread.join(timeout=WAIT_NOTE_SECONDS)
-        names = " and ".join(t.name for t in self.trackers if t.name not in self.failed)
-        if self.thread.is_alive():
-            ui.info(f"Waiting for {names} to take the last of the run (Ctrl-C skips this)...")
-            try:
+        names = " and ".join(t.name for t in self.trackers)
+        try:
+            self.thread.join(timeout=WAIT_NOTE_SECONDS)
+            if self.thread.is_alive():
+                ui.info(f"Waiting for {names} to take the last of the run (Ctrl-C skips this)...")
                 self.thread.join()
-            except KeyboardInterrupt:
-                ui.warn(f"Stopped waiting for {names}: what it had not taken yet is only in the run "
-                        "folder.")  # fmt: skip
+        except KeyboardInterrupt:
+            ui.warn(f"Stopped waiting for {names}: what was not sent yet is only in the run folder.")
         self.thread = None
         self._report()
 
@@ -272,8 +271,13 @@ class MlflowLog:
         self.run_id = ""
 
     def describe(self) -> str:
-        local = self.uri.startswith("file://")
-        return f"MLflow in {urllib.parse.unquote(self.uri[len('file://'):]) if local else self.uri}"
+        """Where the run goes (a password in the URI not shown); a resume keeps its run's store."""
+        parsed = urllib.parse.urlparse(self.uri)
+        shown = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else self.uri
+        if "@" in parsed.netloc:
+            shown = shown.replace(parsed.netloc, "***@" + parsed.netloc.rpartition("@")[2], 1)
+        moved = self.recorded and os.environ.get("MLFLOW_TRACKING_URI") and tracking_uri() != self.uri
+        return f"MLflow in {shown}" + (" (where this run began, as tracking.json says)" if moved else "")
 
     def open(self, config: dict[str, Any]) -> int:
         from mlflow.entities import Param  # an optional extra
@@ -342,7 +346,7 @@ class MlflowLog:
         if status == "finished":
             for path, folder in artifact_files(self.run_dir, self.checkpoints):
                 self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
-        self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
+        self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "KILLED"))
 
 
 def tracking_uri() -> str:
@@ -350,6 +354,8 @@ def tracking_uri() -> str:
     made absolute, so that a resume started from another folder finds the same store."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
     parsed = urllib.parse.urlparse(uri)
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names of hosted stores, not paths
+        return uri
     if parsed.scheme in ("", "file") and not parsed.netloc:
         return Path(urllib.parse.unquote(parsed.path) if parsed.scheme else uri).resolve().as_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to the cwd
