@@ -44,8 +44,8 @@ def runs(cfg: RunsConfig) -> None:
     ui.info(f"{len(found)} run(s) in {root}, sorted by {cfg.sort}.")
     if any(run.status == "killed" for run in found):
         ui.info("killed: the process died without ending its run (SIGKILL, a crash, the machine "
-                "went down); `resnext train --resume RUN` continues it from its last completed "
-                "epoch.")  # fmt: skip
+                "went down), and the time of that session is not known (+?); `resnext train --resume "
+                "RUN` continues it from its last completed epoch, if it had one.")  # fmt: skip
     if any(run.wall_from == "epochs" and run.wall_seconds is not None for run in found):
         ui.info("~: a run from before run.json, its time summed from its epochs (setup not counted).")
 

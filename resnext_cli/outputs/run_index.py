@@ -267,14 +267,18 @@ def metric_text(column: str, value: float | None) -> str:
         return "-"
     if column.endswith(("_acc", "_f1")):
         return f"{value:.2%}"
-    return f"{value:.2e}" if column == "lr" else f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+    if column == "lr":
+        return f"{value:.2e}"
+    return f"{value:.1f}" if column == "seconds" or abs(value) >= 1000 else f"{value:.4f}"
 
 
 def wall_text(run: RunSummary) -> str:
-    """The wall time; `~` marks one summed from the epochs (a run from before run.json)."""
+    """The wall time; `~` marks one summed from the epochs (a run from before run.json), `+?` a
+    killed run's (the time of the session that was killed is not known)."""
     if run.wall_seconds is None:
         return "-"
-    return ("~" if run.wall_from == "epochs" else "") + duration(run.wall_seconds)
+    estimated = "~" if run.wall_from == "epochs" else ""
+    return estimated + duration(run.wall_seconds) + ("+?" if run.status == "killed" else "")
 
 
 def date_text(created: str | None) -> str:
