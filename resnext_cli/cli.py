@@ -14,7 +14,7 @@ import select
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar
 
 import typer
 import typer.core
@@ -25,6 +25,7 @@ from resnext_cli.config import (
     DECODERS,
     OPTIMIZERS,
     PRECISIONS,
+    RUN_SORTS,
     SCHEDULERS,
     AuditConfig,
     BatchPredictConfig,
@@ -34,6 +35,7 @@ from resnext_cli.config import (
     ExportConfig,
     PredictConfig,
     ReportConfig,
+    RunsConfig,
     TrainConfig,
     build_config,
 )
@@ -64,7 +66,7 @@ def option(help: str, *decls: str, default: Any = None, metavar: str | None = No
 
 
 FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
-         "--resume-output", "--dynamic-batch", "--tta", "--overwrite"}  # fmt: skip
+         "--resume-output", "--dynamic-batch", "--tta", "--overwrite", "--track-checkpoints"}  # fmt: skip
 
 
 def data_argument(help: str) -> Any:
@@ -269,6 +271,9 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "sync_bn": "Under torchrun: batch norm statistics over all processes.",
     "resume": ("Continue an interrupted run: its folder or last.pt (--epochs may extend it).", None),
     "report": "Evaluate best.pt on the val split and write report.html at the end.",
+    "track": ("Log to experiment trackers, comma-separated: tensorboard (RUN/tb/), mlflow "
+              "(./mlruns, or $MLFLOW_TRACKING_URI). Each needs its extra.", "none"),
+    "track_checkpoints": "With --track mlflow: best.pt among the run's artifacts too.",
 }  # fmt: skip
 
 
@@ -316,6 +321,8 @@ def train(
     sync_bn: Optional[bool] = train_option("sync_bn", None, "--sync-bn"),
     resume: Optional[str] = train_option("resume", "RUN"),
     report: Optional[bool] = train_option("report", None, "--report/--no-report"),
+    track: Optional[str] = train_option("track", "NAMES"),
+    track_checkpoints: Optional[bool] = train_option("track_checkpoints", None, "--track-checkpoints"),
     config: Optional[str] = CONFIG,
 ) -> None:
     """Train a classifier on a folder of class folders: pretrained backbone, new head."""
@@ -455,6 +462,8 @@ def report(
     decode: Optional[str] = DECODE,
     gallery: Optional[int] = option("Mistakes shown as thumbnails.", default=ReportConfig().gallery,
                                     metavar="N"),
+    compare: Optional[str] = option("Another run folder (or a run's name beside RUN): its curves "
+                                    "overlaid, its config and metrics beside this run's.", metavar="OTHER"),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Write RUN/report.html (default: the latest finished run): config, curves, confusion
@@ -465,6 +474,28 @@ def report(
         from resnext_cli.commands.report import report as run_report
 
         run_report(configure(ReportConfig, config, overrides))
+
+    run_command(action)
+
+
+@app.command()
+def runs(
+    root: Optional[str] = typer.Argument(None, help="The folder holding run folders. \\[default: runs]",
+                                         metavar="ROOT", show_default=False),
+    sort: Optional[str] = option(f"{' | '.join(RUN_SORTS)}: date oldest first; acc, balanced "
+                                 "(accuracy) best first; time longest first.", default=RunsConfig().sort,
+                                 metavar="KEY"),
+    json: Optional[bool] = JSON,
+    compare: Optional[Tuple[str, str]] = option("Two runs (names in ROOT or folders): their config "
+                                                "differences and metrics side by side.", metavar="A B"),
+) -> None:  # fmt: skip
+    """List the runs in ROOT: status, arch, data, epochs, best accuracy, wall time, date."""
+    overrides = {k: (list(v) if k == "compare" and v else v) for k, v in locals().items()}
+
+    def action() -> None:
+        from resnext_cli.commands.runs import runs as run_runs
+
+        run_runs(configure(RunsConfig, None, overrides))
 
     run_command(action)
 

@@ -29,6 +29,8 @@ DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded; auto: on the GPU w
 # those of 224 px), 56 GB for a batch of 16 being fine-tuned; at 2048, 14 GB per image.
 IMG_SIZE_MIN, IMG_SIZE_MAX = 16, 1024
 INT_LIMIT = 2**63  # every integer setting fits a signed 64-bit integer (seeds, sizes, counts)
+TRACKERS = ("tensorboard", "mlflow")  # train --track: experiment trackers, each an optional extra
+RUN_SORTS = ("date", "name", "status", "arch", "acc", "balanced", "time")  # resnext runs --sort
 
 
 @dataclass
@@ -66,6 +68,8 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: batch norm statistics over all processes
     resume: str | None = None  # a run folder (or its last.pt) to continue
     report: bool = True  # report.html at the end (evaluates best.pt on the val split)
+    track: str | list[str] | None = None  # "tensorboard,mlflow" (or a YAML list); None: no tracker
+    track_checkpoints: bool = False  # --track mlflow: best.pt among the run's artifacts too
 
     def validate(self) -> None:
         if not self.data:
@@ -106,6 +110,18 @@ class TrainConfig:
         check_device_string(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("decode", self.decode, DECODERS)
+        tracker_names(self.track)
+
+
+def tracker_names(track: str | list[str] | None) -> tuple[str, ...]:
+    """`--track tensorboard,mlflow` (or a YAML list) as checked names, in the order given."""
+    given = track.split(",") if isinstance(track, str) else list(track or [])
+    names = tuple(dict.fromkeys(name.strip().lower() for name in given if name.strip()))
+    if names == ("none",):
+        return ()
+    for name in names:
+        _check_choice("track", name, TRACKERS, "comma-separated, e.g. --track tensorboard,mlflow")
+    return names
 
 
 @dataclass
@@ -210,6 +226,7 @@ class ReportConfig:
     device: str = "auto"
     decode: str = "auto"
     gallery: int = 24  # most confident mistakes shown as thumbnails
+    compare: str | None = None  # another run whose curves and config the report sets beside these
 
     def validate(self) -> None:
         if self.run_dir and self.run:
@@ -287,6 +304,19 @@ class CacheConfig:
     def validate(self) -> None:
         if self.older_than is not None:
             _check_range("older_than", self.older_than, low=0)
+
+
+@dataclass
+class RunsConfig:
+    root: str = "runs"  # the folder holding run folders
+    sort: str = "date"
+    json: bool = False
+    compare: list[str] | None = None  # two runs: their config differences and metrics side by side
+
+    def validate(self) -> None:
+        _check_choice("sort", self.sort, RUN_SORTS)
+        if self.compare is not None and len(self.compare) != 2:
+            raise UserError(f"--compare takes two runs (A B), got {len(self.compare)}.")
 
 
 EXPORT_FORMATS = ("onnx", "torchscript")

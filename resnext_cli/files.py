@@ -9,6 +9,7 @@ import datetime
 import io
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -166,3 +167,26 @@ def lock_holder(lock_path: Path) -> str:
     pid = lines[0].strip() if lines else "?"
     host = lines[1].strip() if len(lines) > 1 else "?"
     return f"pid {pid} on host {host} since {since}"
+
+
+def lock_state(lock_path: Path) -> str:
+    """`none` (no lock file), `held`, or `stale`: the pid it names is gone on this host (the
+    process was killed with SIGKILL, crashed, or the machine went down), so the next writer takes
+    the lock over. A lock taken on another host cannot be checked from here and reads as held."""
+    try:
+        pid, host = lock_path.read_text(encoding="utf-8", errors="replace").splitlines()[:2]
+        pid_number = int(pid)
+    except FileNotFoundError:
+        return "none"
+    except (OSError, ValueError):  # unreadable, or still being written: assume its holder lives
+        return "held"
+    here = socket.gethostname()  # filelock writes the host name, plus a pid-namespace mark in containers
+    if host != here and not host.startswith(f"{here}?pidns-"):
+        return "held"
+    try:
+        os.kill(pid_number, 0)
+    except ProcessLookupError:
+        return "stale"
+    except OSError:  # PermissionError: alive, another user's
+        pass
+    return "held"

@@ -50,7 +50,12 @@ from resnext_cli.model.distributed import (
     process_device,
     shutdown,
 )
-from resnext_cli.model.optimization import backbone_frozen_at, restore_schedule, setup_optimization
+from resnext_cli.model.optimization import (
+    backbone_frozen_at,
+    rates_per_group,
+    restore_schedule,
+    setup_optimization,
+)
 from resnext_cli.model.steps import (
     Diverged,
     Step,
@@ -61,10 +66,10 @@ from resnext_cli.model.steps import (
     train_one_epoch,
     wrap_for_training,
 )
-from resnext_cli.outputs import run_report
+from resnext_cli.outputs import run_report, tracking
 from resnext_cli.outputs.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 
-RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report"}
+RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report", "track", "track_checkpoints"}
 
 
 @dataclass
@@ -225,6 +230,7 @@ class TrainRecipe:
         self.run_dir: Path | None = None
         self.record_since: float | None = None  # rank 0, once run.json says `running`
         self.record_dir: Path | None = None  # ... in this folder (set before self.run_dir is)
+        self.tracking = tracking.Tracking.off()  # --track, from setup on
 
     def already_finished(self) -> TrainResult | None:
         """A resume of a run that already reached its last epoch (or stopped early)."""
@@ -270,6 +276,7 @@ class TrainRecipe:
             if self.ctx.is_main:
                 self.save(row, improved)
                 self.draw(validation, improved, epoch)
+                self.tracking.log_epoch(row)
             print_epoch_row(row, improved, first=epoch == self.start_epoch)
             if self.history.stalled(self.cfg.patience):
                 ui.info(f"Early stopping: no val improvement for {self.cfg.patience} epochs.")
@@ -284,6 +291,8 @@ class TrainRecipe:
         except UserError as exc:
             ui.warn(f"run.json was not updated: {exc}")
         self.record_since = None
+        if status != "finished":  # a finished run's trackers close after its report (finish)
+            self.tracking.end(status)
 
     # ------------------------------------------------------------ setup phases
 
@@ -292,6 +301,7 @@ class TrainRecipe:
             ckpt.check_run_dir(self.cfg.out, self.cfg.name)
         if self.cfg.cache_features:  # a bad $RESNEXT_CACHE_MAX_GB is said before anything is made
             features.cache_limit_bytes()
+        tracking.check_installed(self.cfg.track)
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         self.device = self.setup_device()
@@ -303,6 +313,7 @@ class TrainRecipe:
         self.loaders = setup_loaders(self.layout, self.cfg, self.ctx, self.step.spec)
         self.opt = setup_optimization(self.model, self.cfg, max(1, len(self.loaders.train)), self.device)
         self.history = self.restore()
+        self.tracking = self.setup_tracking()
         self.failures: dict[str, str] = {}
         self.trainer = None if self.frozen else wrap_for_training(self.model, self.ctx, self.device,
                                                                   self.cfg.compile)  # fmt: skip
@@ -398,6 +409,13 @@ class TrainRecipe:
             torch.set_rng_state(state["torch_rng_state"])
         return RunHistory.resumed(state)
 
+    def setup_tracking(self) -> tracking.Tracking:
+        """--track: rank 0 logs every epoch to the trackers (those of a resumed run first)."""
+        if not self.ctx.is_main:
+            return tracking.Tracking.off()
+        rates = partial(rates_per_group, self.opt.optimizer)
+        return tracking.start_tracking(self.cfg, self.run_dir, self.resolved, self.history.rows, rates)
+
     def setup_cache(self) -> features.FeatureCache:
         report = partial(report_failures, seen=self.failures)
         return features.prepare_cache(self.model, self.layout, self.cfg, self.step, self.ctx,
@@ -469,6 +487,8 @@ class TrainRecipe:
             mark_latest(self.run_dir)
             if self.cfg.report:
                 write_end_report(self.run_dir, self.explicit_workers, self.cfg)
+        self.tracking.end("finished")
+        if self.ctx.is_main:
             ui.info(next_steps(self.run_dir))
         return TrainResult(self.run_dir, history.best_acc, history.best_epoch, len(history.rows))
 

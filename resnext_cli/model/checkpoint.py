@@ -344,7 +344,9 @@ def check_run_dir(out: str | None, name: str | None, root: str = "runs") -> None
 
 
 # what a run of this tool leaves before its first epoch completes; such a folder may be reused
-ABANDONED_RUN_FILES = frozenset({RUN_RECORD, RUN_LOCK, "config.yaml", "class_indices.json", "split.json"})
+ABANDONED_RUN_FILES = frozenset(
+    {RUN_RECORD, RUN_LOCK, "config.yaml", "class_indices.json", "split.json", "tb", "tracking.json"}
+)
 OS_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # file browsers leave them anywhere
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")  # files.atomic_write's
 

@@ -89,3 +89,12 @@ def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[s
     scheduler.load_state_dict(dict(state, lr_lambdas=[None] * len(groups)))
     for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * multiplier(scheduler.last_epoch)
+
+
+def rates_per_group(optimizer: torch.optim.Optimizer, head_rate: float) -> dict[str, float]:
+    """Each parameter group's learning rate at the moment the head's was `head_rate`: one schedule
+    multiplies every group's initial rate (`LrSchedule`), so the ratios stay as built."""
+    groups = optimizer.param_groups
+    head = next(g for g in groups if g.get("name") == "head")
+    return {str(g.get("name", i)): head_rate * g["initial_lr"] / head["initial_lr"]
+            for i, g in enumerate(groups)}  # fmt: skip

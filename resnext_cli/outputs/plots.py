@@ -43,6 +43,30 @@ def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
     return _png(figure)
 
 
+def compared_curves_png(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> bytes:
+    """Several runs' loss, accuracy and learning rate per epoch on shared axes (metrics.csv's
+    rows): one colour per run, val solid, train dashed; for `report --compare`."""
+    figure = _figure(13.5, 4.2)
+    loss, accuracy, rate = figure.subplots(1, 3)
+    longest = max((len(rows) for _, rows in runs), default=0)
+    marker = "o" if longest <= 30 else None
+    for index, (name, rows) in enumerate(runs):
+        colour, epochs = f"C{index}", [int(r["epoch"]) for r in rows]
+        for axes, metric, scale in ((loss, "loss", 1.0), (accuracy, "acc", 100.0)):
+            for split, style in (("val", "-"), ("train", "--")):
+                axes.plot(epochs, [scale * float(r[f"{split}_{metric}"]) for r in rows], color=colour,
+                          linestyle=style, marker=marker, markersize=4, label=f"{name} {split}")  # fmt: skip
+        rate.plot(epochs, [float(r["lr"]) for r in rows], color=colour, marker=marker, markersize=4,
+                  label=name)  # fmt: skip
+    for axes, title in ((loss, "loss"), (accuracy, "accuracy (%)"), (rate, "learning rate (head)")):
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.legend(fontsize=8)
+    return _png(figure)
+
+
 def confusion_matrix_png(matrix: list[list[int]], classes: Sequence[str], title: str = "") -> bytes:
     """Raw counts beside row-normalised fractions. Cells carry numbers up to 30 classes; the
     figure and its fonts scale so that ~100 class names stay readable."""

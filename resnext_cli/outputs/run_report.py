@@ -21,7 +21,24 @@ from resnext_cli.model.checkpoint import (
 )
 from resnext_cli.outputs.evaluation import evaluate_into_folder, read_evaluation
 from resnext_cli.outputs.html_parts import BASE_STYLE, escape, image_tag, thumbnail_tag
-from resnext_cli.outputs.plots import training_curves_png, write_png
+from resnext_cli.outputs.plots import compared_curves_png, training_curves_png, write_png
+from resnext_cli.outputs.run_index import (
+    RunSummary,
+    config_differences,
+    config_text,
+    read_summary,
+    resolve_run,
+    side_by_side,
+)
+
+
+@dataclass
+class Comparison:
+    """`report --compare OTHER`: both runs as `resnext runs` reads them, their curves overlaid."""
+
+    this: RunSummary
+    other: RunSummary
+    curves_png: bytes
 
 
 @dataclass
@@ -39,6 +56,7 @@ class RunFiles:
     mistakes: list[dict[str, str]] = field(default_factory=list)
     not_evaluated: str = ""  # why there is no evaluation
     record: dict[str, Any] | None = None  # run.json: status, wall time of every session
+    comparison: Comparison | None = None  # --compare OTHER
 
 
 def write_report(cfg: ReportConfig) -> Path:
@@ -68,6 +86,7 @@ def read_run(cfg: ReportConfig) -> RunFiles:
     metrics = read_metrics(run_dir / "metrics.csv")
     if not metrics:
         raise UserError(f"{run_dir}/metrics.csv has no completed epoch yet; nothing to report.")
+    comparison = read_comparison(run_dir, cfg.compare) if cfg.compare else None
     curves = run_dir / "results.png"
     if curves.is_file():
         curves_png = curves.read_bytes()
@@ -75,9 +94,20 @@ def read_run(cfg: ReportConfig) -> RunFiles:
         curves_png = training_curves_png(metrics)
         write_png(curves, curves_png)
     run = RunFiles(run_dir, config, metrics, read_class_indices(run_dir / "class_indices.json"),
-                   curves_png, record=read_run_record(run_dir))  # fmt: skip
+                   curves_png, record=read_run_record(run_dir), comparison=comparison)  # fmt: skip
     _read_evaluation(run, cfg)
     return run
+
+
+def read_comparison(run_dir: Path, other: str) -> Comparison:
+    """The other run (a folder, or a name beside RUN) read back, and both runs' curves drawn on
+    the same axes; before any evaluation, so that a wrong name fails at once."""
+    other_dir = resolve_run(other, run_dir.parent)
+    this, that = read_summary(run_dir), read_summary(other_dir)
+    if not that.rows:
+        raise UserError(f"{other_dir} has no completed epoch yet; there are no curves to compare with.")
+    names = (this.name, that.name) if this.name != that.name else (str(run_dir), str(other_dir))
+    return Comparison(this, that, compared_curves_png([(names[0], this.rows), (names[1], that.rows)]))
 
 
 def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
@@ -132,6 +162,7 @@ def render_html(run: RunFiles, gallery: int) -> str:
         _summary(run),
         '<h2 id="curves">Training curves</h2>',
         image_tag(run.curves_png, "png", "training curves: loss, accuracy and learning rate per epoch"),
+        _comparison(run),
         '<h2 id="confusion">Confusion matrix</h2>',
         _evaluation_note(run),
     ]
@@ -185,6 +216,28 @@ def _duration(seconds: float) -> str:
     if whole < 3600:
         return f"{whole // 60} min {whole % 60:02d} s"
     return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def _comparison(run: RunFiles) -> str:
+    """--compare OTHER: the curves overlaid, the metrics side by side, the config differences."""
+    c = run.comparison
+    if c is None:
+        return ""
+    head = f"<tr><th></th><th>{escape(c.this.name)}</th><th>{escape(c.other.name)}</th></tr>"
+    metrics = "".join(f"<tr><td>{escape(label)}</td><td>{escape(x)}</td><td>{escape(y)}</td></tr>"
+                      for label, (x, y) in side_by_side(c.this, c.other))  # fmt: skip
+    differences = config_differences(c.this.config, c.other.config)
+    config = "".join(f"<tr><td>{escape(key)}</td><td>{escape(config_text(x))}</td>"
+                     f"<td>{escape(config_text(y))}</td></tr>" for key, x, y in differences)  # fmt: skip
+    return "\n".join([
+        f'<h2 id="compare">Compared with {escape(c.other.name)}</h2>',
+        f'<p class="muted">{escape(c.other.path)}. Solid lines: val; dashed: train.</p>',
+        image_tag(c.curves_png, "png", f"training curves of {c.this.name} and {c.other.name}"),
+        f'<table class="compare">{head}{metrics}</table>',
+        f"<h3>Config differences ({len(differences)})</h3>",
+        f'<table class="config">{head}{config}</table>' if differences
+        else '<p class="muted">Same config.</p>',
+    ])  # fmt: skip
 
 
 def _evaluation_note(run: RunFiles) -> str:
