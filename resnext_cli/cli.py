@@ -17,10 +17,16 @@ from rich.table import Table
 
 from resnext_cli import __version__, ui
 from resnext_cli.config import (
+    BALANCE_AUTO,
+    BALANCE_AUTO_RATIO,
+    BALANCES,
     DECODERS,
     OPTIMIZERS,
     PRECISIONS,
+    PRIORS,
     SCHEDULERS,
+    SELECT_AUTO_RATIO,
+    SELECT_BY,
     AuditConfig,
     BatchPredictConfig,
     CacheConfig,
@@ -108,6 +114,11 @@ JSON = option("Print JSON instead of tables.", "--json", default=False)
 TTA = option("Test-time augmentation: average the predictions for each image and its mirror "
              "image (2x the model's work).", "--tta", default=False)
 CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
+PRIOR = option(f"{' | '.join(PRIORS)}: the class prior predictions assume. uniform: every class "
+               "equally likely (logit adjustment by the training class counts for a model trained "
+               "without --balance); train: as frequent as in training (README: Class imbalance).",
+               default="the checkpoint's: uniform if trained with a --balance strategy, else train",
+               metavar="P")  # fmt: skip
 
 
 def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
@@ -190,10 +201,17 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "scheduler": " | ".join(SCHEDULERS) + ", per step.",
     "warmup_epochs": "Linear lr warmup.",
     "label_smoothing": "Cross-entropy label smoothing.",
+    "balance": (" | ".join(BALANCES) + ": rare classes. weights: loss weighted by 1/class size; "
+                "sampler: classes drawn equally often; logit-adjust: predictions corrected by the "
+                f"log class priors (no training cost). auto: {BALANCE_AUTO} when the largest class "
+                f"has {BALANCE_AUTO_RATIO:g}x the images of the smallest or more, else none.", "auto"),
     "seed": ("Seed; on the CPU the same seed repeats a run exactly.", "random, saved in config.yaml"),
     "out": ("Run folder.", "runs/exp, runs/exp2, ..."),
     "name": ("Run folder runs/NAME.", None),
     "patience": ("Stop after N epochs without val improvement.", "off"),
+    "select_by": (" | ".join(SELECT_BY) + ": the val metric that picks best.pt (and --patience's "
+                  f"improvement). auto: balanced_acc when the val classes are {SELECT_AUTO_RATIO:g}x "
+                  "apart or more, else acc.", "auto"),
     "sync_bn": "Under torchrun: batch norm statistics over all processes.",
     "resume": ("Continue an interrupted run: its folder or last.pt (--epochs may extend it).", None),
     "report": "Evaluate best.pt on the val split and write report.html at the end.",
@@ -231,6 +249,7 @@ def train(
     scheduler: Optional[str] = train_option("scheduler", "NAME"),
     warmup_epochs: Optional[int] = train_option("warmup_epochs", "N"),
     label_smoothing: Optional[float] = train_option("label_smoothing", "F"),
+    balance: Optional[str] = train_option("balance", "HOW"),
     seed: Optional[int] = train_option("seed", "N"),
     device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
@@ -241,6 +260,7 @@ def train(
     out: Optional[str] = train_option("out", "DIR"),
     name: Optional[str] = train_option("name", "NAME"),
     patience: Optional[int] = train_option("patience", "N"),
+    select_by: Optional[str] = train_option("select_by", "METRIC"),
     sync_bn: Optional[bool] = train_option("sync_bn", None, "--sync-bn"),
     resume: Optional[str] = train_option("resume", "RUN"),
     report: Optional[bool] = train_option("report", None, "--report/--no-report"),
@@ -281,6 +301,7 @@ def predict(
     plot: Optional[str] = option("Save the image(s) titled with the prediction; the extension picks "
                                  "the format (.png, .jpg, .pdf, .svg ...).", metavar="FILE"),
     tta: Optional[bool] = TTA,
+    prior: Optional[str] = PRIOR,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify one or more images."""
@@ -319,6 +340,7 @@ def batch_predict(
     onnx: Optional[str] = option("Run an exported model.onnx on onnxruntime instead of a checkpoint.",
                                  metavar="FILE"),
     tta: Optional[bool] = TTA,
+    prior: Optional[str] = PRIOR,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify every image in a folder, streaming results as batches finish."""
@@ -354,6 +376,7 @@ def evaluate(
     decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
     tta: Optional[bool] = TTA,
+    prior: Optional[str] = PRIOR,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder."""
