@@ -114,11 +114,9 @@ JSON = option("Print JSON instead of tables.", "--json", default=False)
 TTA = option("Test-time augmentation: average the predictions for each image and its mirror "
              "image (2x the model's work).", "--tta", default=False)
 CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
-PRIOR = option(f"{' | '.join(PRIORS)}: the class prior predictions assume. uniform: every class "
-               "equally likely (logit adjustment by the training class counts for a model trained "
-               "without --balance); train: as frequent as in training (README: Class imbalance).",
-               default="the checkpoint's: uniform if trained with a --balance strategy, else train",
-               metavar="P")  # fmt: skip
+PRIOR = option(f"{' | '.join(PRIORS)}: the class prior predictions assume; uniform: every class equally "
+               "likely (README: Class imbalance).", default="the checkpoint's: uniform if trained "
+               "with a --balance strategy, else train", metavar="P")  # fmt: skip
 
 
 def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
@@ -201,17 +199,14 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "scheduler": " | ".join(SCHEDULERS) + ", per step.",
     "warmup_epochs": "Linear lr warmup.",
     "label_smoothing": "Cross-entropy label smoothing.",
-    "balance": (" | ".join(BALANCES) + ": rare classes. weights: loss weighted by 1/class size; "
-                "sampler: classes drawn equally often; logit-adjust: predictions corrected by the "
-                f"log class priors (no training cost). auto: {BALANCE_AUTO} when the largest class "
-                f"has {BALANCE_AUTO_RATIO:g}x the images of the smallest or more, else none.", "auto"),
+    "balance": (" | ".join(BALANCES) + f": rare classes (README: Class imbalance). auto: {BALANCE_AUTO} "
+                f"from a largest / smallest class ratio of {BALANCE_AUTO_RATIO:g}, else none.", "auto"),
     "seed": ("Seed; on the CPU the same seed repeats a run exactly.", "random, saved in config.yaml"),
     "out": ("Run folder.", "runs/exp, runs/exp2, ..."),
     "name": ("Run folder runs/NAME.", None),
     "patience": ("Stop after N epochs without val improvement.", "off"),
-    "select_by": (" | ".join(SELECT_BY) + ": the val metric that picks best.pt (and --patience's "
-                  f"improvement). auto: balanced_acc when the val classes are {SELECT_AUTO_RATIO:g}x "
-                  "apart or more, else acc.", "auto"),
+    "select_by": (" | ".join(SELECT_BY) + ": the val metric that picks best.pt. auto: balanced_acc when "
+                  f"the val classes are {SELECT_AUTO_RATIO:g}x apart or more, else acc.", "auto"),
     "sync_bn": "Under torchrun: batch norm statistics over all processes.",
     "resume": ("Continue an interrupted run: its folder or last.pt (--epochs may extend it).", None),
     "report": "Evaluate best.pt on the val split and write report.html at the end.",

@@ -375,3 +375,58 @@ def test_balanced_sampling_under_torchrun_matches_one_process(tmp_path, monkeypa
     for d, s in zip(rows(tmp_path / "ddp"), rows(tmp_path / "single"), strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc"):
             assert float(d[key]) == pytest.approx(float(s[key]), abs=1e-5), key
+
+
+def test_check_data_says_what_train_will_do(tmp_path):
+    mild = make_tail(tmp_path / "mild", {"alpha": 12, "beta": 12, "gamma": 3}, {"alpha": 6, "beta": 6, "gamma": 2})
+    result = invoke(["check-data", mild, "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.stderr
+    found = {f["check"]: f for f in json.loads(result.stdout)["findings"]}
+    assert "class_imbalance" not in found  # 4x: under check-data's warning (5x), above auto's 3x
+    assert found["mild_class_imbalance"]["severity"] == "info"
+    assert f"--balance auto ({balance.BALANCE_AUTO}" in found["mild_class_imbalance"]["hint"]
+    assert "balanced accuracy" in found["val_imbalance"]["hint"] and "(3.0x)" in found["val_imbalance"]["message"]
+    strong = make_tail(tmp_path / "strong", {"alpha": 16, "beta": 2}, {"alpha": 2, "beta": 2})
+    found = {f["check"]: f for f in json.loads(invoke(["check-data", strong, "--json"]).stdout)["findings"]}
+    assert found["class_imbalance"]["severity"] == "warning" and "counters it" in found["class_imbalance"]["hint"]
+    assert "val_imbalance" not in found and "mild_class_imbalance" not in found
+    even = make_tail(tmp_path / "even", {"alpha": 4, "beta": 4}, {"alpha": 2, "beta": 2})
+    found = {f["check"] for f in json.loads(invoke(["check-data", even, "--json"]).stdout)["findings"]}
+    assert not found & {"class_imbalance", "mild_class_imbalance", "val_imbalance"}
+
+
+def test_onnx_export_carries_the_prior(tmp_path, tail_run, tail_data):
+    """preprocess.json records class_counts and --balance; onnxruntime predictions adjust the
+    logits as the checkpoint's do, under either prior."""
+    run, _ = tail_run
+    exported = invoke(["export", "--checkpoint", run / "best.pt", "--dynamic-batch", "--out", tmp_path / "x"])
+    assert exported.exit_code == 0, exported.stderr
+    prep = json.loads((tmp_path / "x" / "preprocess.json").read_text())
+    assert (prep["class_counts"], prep["balance"], prep["prior"]) == ([16, 6, 2], balance.BALANCE_AUTO, "uniform")
+    assert prep["logit_offsets"] == pytest.approx([-math.log(c / 24) for c in (16, 6, 2)], abs=1e-5)
+    for prior in ("uniform", "train"):
+        outputs = {}
+        for name, source in {"torch": ["--checkpoint", run / "best.pt"],
+                             "onnx": ["--onnx", tmp_path / "x" / "model.onnx"]}.items():  # fmt: skip
+            out = tmp_path / f"{name}_{prior}.csv"
+            result = invoke(["batch-predict", tail_data / "val" / "gamma", *source, "--prior", prior, "--workers",
+                             "0", "--device", "cpu", "--precision", "fp32", "--output", out, "--quiet"])  # fmt: skip
+            assert result.exit_code == 0, result.stderr
+            outputs[name] = list(csv.DictReader(out.open()))
+        assert [r["class"] for r in outputs["onnx"]] == [r["class"] for r in outputs["torch"]]
+        for a, b in zip(outputs["onnx"], outputs["torch"]):
+            assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-3)
+
+
+def test_training_curves_draw_balanced_accuracy_and_old_rows():
+    from resnext_cli.outputs.plots import training_curves_png
+
+    def row(epoch: int, acc: float, bal: object) -> dict:
+        return {"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "train_acc": 0.5, "val_acc": acc,
+                "lr": 1e-3, "val_balanced_acc": bal}  # fmt: skip
+
+    imbalanced = [row(1, 0.9, 0.5), row(2, 0.8, 0.7)]
+    plain = [row(1, 0.9, 0.9), row(2, 0.8, 0.8)]
+    assert training_curves_png(imbalanced, "val_balanced_acc") != training_curves_png(plain, "val_balanced_acc")
+    resumed_old = [row(1, 0.9, ""), row(2, 0.8, 0.7)]  # a row from before the column: best by accuracy
+    assert training_curves_png(resumed_old, "val_balanced_acc").startswith(b"\x89PNG")

@@ -470,7 +470,8 @@ class TrainRecipe:
         ckpt.save_epoch(self.run_dir, checkpoint if improved else None, last, history.rows)
 
     def draw(self, validation: Validation, improved: bool, epoch: int) -> None:
-        self.plots.submit(self.run_dir / "results.png", partial(training_curves_png, list(self.history.rows)))
+        curves = partial(training_curves_png, list(self.history.rows), self.history.column)
+        self.plots.submit(self.run_dir / "results.png", curves)
         if improved:
             title = f"val split, epoch {epoch}: accuracy {validation.accuracy:.2%}"
             render = partial(confusion_matrix_png, validation.confusion, self.layout.classes, title)
