@@ -27,7 +27,7 @@ BALANCES = ("auto", "none", "weights", "sampler", "logit-adjust")  # rare classe
 SELECT_BY = ("auto", "acc", "balanced_acc", "macro_f1")  # the val metric that picks best.pt
 PRIORS = ("uniform", "train")  # the class prior predictions assume
 # what `auto` means (measured: docs/benchmarks.md, class imbalance; data/balance.py applies it)
-BALANCE_AUTO = "logit-adjust"  # --balance auto on training classes at least this far apart:
+BALANCE_AUTO = "sampler"  # --balance auto on training classes at least this far apart:
 BALANCE_AUTO_RATIO = 3.0  # largest / smallest class
 SELECT_AUTO_RATIO = 1.5  # --select-by auto: balanced accuracy on val classes this far apart
 

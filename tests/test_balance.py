@@ -19,6 +19,7 @@ from resnext_cli.commands.train import RunHistory
 from resnext_cli.data import balance
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset
 from resnext_cli.data.transforms import Preprocessing
+from resnext_cli.model.checkpoint import describe_run
 from resnext_cli.outputs.metrics import classification_report
 from tests.conftest import CLASS_COLOURS, TINY_TRAIN, draw_image, invoke
 
@@ -239,6 +240,8 @@ def test_imbalanced_val_picks_the_best_epoch_by_balanced_accuracy(tmp_path):
     best = max(table, key=lambda r: float(r["val_balanced_acc"]))  # the first of a tie
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == int(best["epoch"])
     assert f"Best val balanced accuracy {float(best['val_balanced_acc']):.2%}" in stdout
+    described = describe_run(tmp_path / "run")  # what predict says of the run it picks by default
+    assert f"val accuracy {float(best['val_acc']):.2%} at epoch {best['epoch']}" in described
 
 
 def test_run_history_selects_by_its_column_and_resumes_it():
@@ -297,7 +300,7 @@ def test_prior_uniform_divides_the_train_prior_out(tmp_path, tail_run, tail_data
     default = invoke(["predict", image, "--checkpoint", run / "best.pt", "--json", "--device", "cpu"])
     assert json.loads(default.stdout)[0]["topk"] == json.loads(
         invoke(["predict", image, "--checkpoint", run / "best.pt", "--json", "--device", "cpu",
-                "--prior", "uniform"]).stdout)[0]["topk"]  # fmt: skip; logit-adjust predicts uniform
+                "--prior", "uniform"]).stdout)[0]["topk"]  # fmt: skip; a balanced run predicts uniform
 
 
 def test_prior_needs_class_counts(tmp_path, tail_run, tail_data):
@@ -384,7 +387,7 @@ def test_check_data_says_what_train_will_do(tmp_path):
     found = {f["check"]: f for f in json.loads(result.stdout)["findings"]}
     assert "class_imbalance" not in found  # 4x: under check-data's warning (5x), above auto's 3x
     assert found["mild_class_imbalance"]["severity"] == "info"
-    assert f"--balance auto ({balance.BALANCE_AUTO}" in found["mild_class_imbalance"]["hint"]
+    assert f"--balance auto: {balance.BALANCE_AUTO}" in found["mild_class_imbalance"]["hint"]
     assert "balanced accuracy" in found["val_imbalance"]["hint"] and "(3.0x)" in found["val_imbalance"]["message"]
     strong = make_tail(tmp_path / "strong", {"alpha": 16, "beta": 2}, {"alpha": 2, "beta": 2})
     found = {f["check"]: f for f in json.loads(invoke(["check-data", strong, "--json"]).stdout)["findings"]}
@@ -403,7 +406,8 @@ def test_onnx_export_carries_the_prior(tmp_path, tail_run, tail_data):
     assert exported.exit_code == 0, exported.stderr
     prep = json.loads((tmp_path / "x" / "preprocess.json").read_text())
     assert (prep["class_counts"], prep["balance"], prep["prior"]) == ([16, 6, 2], balance.BALANCE_AUTO, "uniform")
-    assert prep["logit_offsets"] == pytest.approx([-math.log(c / 24) for c in (16, 6, 2)], abs=1e-5)
+    offsets = balance.prior_offsets([16, 6, 2], balance.BALANCE_AUTO, "uniform")  # None for a balanced fit
+    assert prep["logit_offsets"] == (None if offsets is None else pytest.approx(offsets.tolist(), abs=1e-5))
     for prior in ("uniform", "train"):
         outputs = {}
         for name, source in {"torch": ["--checkpoint", run / "best.pt"],

@@ -540,7 +540,7 @@ def announce_balance(cfg: TrainConfig, layout: DatasetLayout, counts: list[int],
     if balance.imbalance_ratio(counts) >= balance.SELECT_AUTO_RATIO or cfg.balance != "none":
         ui.info(balance.describe_decision(counts, layout.classes, requested, cfg.balance))
     if cfg.select_by != "acc":
-        val_counts = balance.class_counts(layout.val, len(layout.classes))
+        val_counts = [c for c in balance.class_counts(layout.val, len(layout.classes)) if c]
         spread = f" (val classes {min(val_counts)} to {max(val_counts)} images)"
         ui.info(f"Best epoch by val {balance.SELECTION_NAMES[cfg.select_by]}"
                 f"{spread if cfg.select_by == 'balanced_acc' else ''}.")  # fmt: skip

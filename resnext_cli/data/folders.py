@@ -180,8 +180,7 @@ def class_imbalance(counts: dict[str, int], ratio: float) -> Finding | None:
 def balance_hint(ratio: float) -> str:
     """What training does about a largest / smallest class ratio, in the words of a hint."""
     if ratio >= BALANCE_AUTO_RATIO:
-        done = (f"`resnext train` counters it: --balance auto ({BALANCE_AUTO}, from "
-                f"{BALANCE_AUTO_RATIO:g}x) makes predictions weigh every class alike")  # fmt: skip
+        done = f"`resnext train` counters it (--balance auto: {BALANCE_AUTO}, from {BALANCE_AUTO_RATIO:g}x)"
     else:
         done = f"`resnext train` leaves it as it is (--balance auto acts from {BALANCE_AUTO_RATIO:g}x)"
     return f"{done}; evaluate and report.html show balanced accuracy and recall per class."
