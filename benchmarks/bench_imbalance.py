@@ -16,8 +16,9 @@ best.pt on the test set with the prediction's default prior, and reports balance
 macro-F1 and the tail recall: the mean recall of the two classes with the fewest training
 images.
 
-Strategies: the four of `--balance` (none is today's training), plus two candidates that are
-not flags, measured by setting `data/balance.py`'s knobs for the run:
+Strategies: the five of `--balance` (none is today's training, auto the default: on balanced
+data it must equal none), plus two candidates that are not flags, measured by setting
+`data/balance.py`'s knobs for the run:
   weights (effective number): Cui et al.'s (1 - beta^n) / (1 - beta) with beta 0.99 instead of
       inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class.
 
@@ -56,6 +57,7 @@ SHARED = HERE.parent.parent / "shared"
 DATASETS = {"flowers5": SHARED / "data" / "flowers5", "sample": HERE.parent / "data" / "sample"}
 STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "none": ("none", {}),
+    "auto": ("auto", {}),
     "weights": ("weights", {}),
     "weights (effective number)": ("weights", {"EFFECTIVE_NUMBER_BETA": 0.99}),
     "sampler": ("sampler", {}),

@@ -215,6 +215,17 @@ def test_each_strategy_changes_training_or_validation(tmp_path, tail_data, how):
         assert [r["train_loss"] for r in chosen] != [r["train_loss"] for r in none]
 
 
+def test_the_image_path_honours_balance_too(tmp_path, tail_data):
+    """--no-cache-features: every step sends the images through the backbone; the weighted
+    loss and the balanced sampler must reach that path as they reach the cached one."""
+    loss = {}
+    for how in ("none", "weights", "sampler"):
+        train(tail_data, tmp_path / how, "--epochs", "1", "--no-cache-features", "--balance", how)
+        assert yaml.safe_load((tmp_path / how / "config.yaml").read_text())["cache_features"] is False
+        loss[how] = rows(tmp_path / how)[0]["train_loss"]
+    assert loss["weights"] != loss["none"] and loss["sampler"] != loss["none"]
+
+
 def test_resume_is_exact_with_the_sampler_across_the_unfreezing(tmp_path, tail_data):
     """Epoch 1 on cached features, then the image path (--unfreeze-after 1); a run stopped
     after epoch 2 and resumed equals a straight run: the sampler is keyed by seed and epoch (a
