@@ -22,11 +22,17 @@ from rich.table import Table
 
 from resnext_cli import __version__, ui
 from resnext_cli.config import (
+    BALANCE_AUTO,
+    BALANCE_AUTO_RATIO,
+    BALANCES,
     DECODERS,
     OPTIMIZERS,
     PRECISIONS,
     RUN_SORTS,
+    PRIORS,
     SCHEDULERS,
+    SELECT_AUTO_RATIO,
+    SELECT_BY,
     AuditConfig,
     BatchPredictConfig,
     CacheConfig,
@@ -116,6 +122,9 @@ JSON = option("Print JSON instead of tables.", "--json", default=False)
 TTA = option("Test-time augmentation: average the predictions for each image and its mirror "
              "image (2x the model's work).", "--tta", default=False)
 CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
+PRIOR = option(f"{' | '.join(PRIORS)}: the class prior predictions assume; uniform: every class equally "
+               "likely (README: Class imbalance).", default="the checkpoint's: uniform if trained "
+               "with a --balance strategy, else train", metavar="P")  # fmt: skip
 
 
 def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
@@ -264,10 +273,14 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "scheduler": " | ".join(SCHEDULERS) + ", per step.",
     "warmup_epochs": "Linear lr warmup.",
     "label_smoothing": "Cross-entropy label smoothing.",
+    "balance": (" | ".join(BALANCES) + f": rare classes (README: Class imbalance). auto: {BALANCE_AUTO} "
+                f"from a largest / smallest class ratio of {BALANCE_AUTO_RATIO:g}, else none.", "auto"),
     "seed": ("Seed; on the CPU the same seed repeats a run exactly.", "random, saved in config.yaml"),
     "out": ("Run folder, new or empty (a folder of other files is refused).", "runs/exp, runs/exp2, ..."),
     "name": ("Run folder runs/NAME; predict, evaluate, export... choose it with --run NAME.", None),
     "patience": ("Stop after N epochs without val improvement.", "off"),
+    "select_by": (" | ".join(SELECT_BY) + ": the val metric that picks best.pt. auto: balanced_acc when "
+                  f"the val classes are {SELECT_AUTO_RATIO:g}x apart or more, else acc.", "auto"),
     "sync_bn": "Under torchrun: batch norm statistics over all processes.",
     "resume": ("Continue an interrupted run: its folder or last.pt (--epochs may extend it).", None),
     "report": "Evaluate best.pt on the val split and write report.html at the end.",
@@ -308,6 +321,7 @@ def train(
     scheduler: Optional[str] = train_option("scheduler", "NAME"),
     warmup_epochs: Optional[int] = train_option("warmup_epochs", "N"),
     label_smoothing: Optional[float] = train_option("label_smoothing", "F"),
+    balance: Optional[str] = train_option("balance", "HOW"),
     seed: Optional[int] = train_option("seed", "N"),
     device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
@@ -318,6 +332,7 @@ def train(
     out: Optional[str] = train_option("out", "DIR"),
     name: Optional[str] = train_option("name", "NAME"),
     patience: Optional[int] = train_option("patience", "N"),
+    select_by: Optional[str] = train_option("select_by", "METRIC"),
     sync_bn: Optional[bool] = train_option("sync_bn", None, "--sync-bn"),
     resume: Optional[str] = train_option("resume", "RUN"),
     report: Optional[bool] = train_option("report", None, "--report/--no-report"),
@@ -361,6 +376,7 @@ def predict(
     plot: Optional[str] = option("Save the image(s) titled with the prediction; the extension picks "
                                  "the format (.png, .jpg, .pdf, .svg ...).", metavar="FILE"),
     tta: Optional[bool] = TTA,
+    prior: Optional[str] = PRIOR,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify one or more images."""
@@ -400,6 +416,7 @@ def batch_predict(
     onnx: Optional[str] = option("Run an exported model.onnx on onnxruntime instead of a checkpoint.",
                                  metavar="FILE"),
     tta: Optional[bool] = TTA,
+    prior: Optional[str] = PRIOR,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify every image in a folder, streaming results as batches finish."""
@@ -436,6 +453,7 @@ def evaluate(
     decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
     tta: Optional[bool] = TTA,
+    prior: Optional[str] = PRIOR,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder."""

@@ -31,6 +31,13 @@ IMG_SIZE_MIN, IMG_SIZE_MAX = 16, 1024
 INT_LIMIT = 2**63  # every integer setting fits a signed 64-bit integer (seeds, sizes, counts)
 TRACKERS = ("tensorboard", "mlflow")  # train --track: experiment trackers, each an optional extra
 RUN_SORTS = ("date", "name", "status", "arch", "acc", "balanced", "time")  # resnext runs --sort
+BALANCES = ("auto", "none", "weights", "sampler", "logit-adjust")  # rare classes (data/balance.py)
+SELECT_BY = ("auto", "acc", "balanced_acc", "macro_f1")  # the val metric that picks best.pt
+PRIORS = ("uniform", "train")  # the class prior predictions assume
+# what `auto` means (measured: docs/benchmarks.md, class imbalance; data/balance.py applies it)
+BALANCE_AUTO = "sampler"  # --balance auto on training classes at least this far apart:
+BALANCE_AUTO_RATIO = 3.0  # largest / smallest class
+SELECT_AUTO_RATIO = 1.5  # --select-by auto: balanced accuracy on val classes this far apart
 
 
 @dataclass
@@ -55,6 +62,7 @@ class TrainConfig:
     scheduler: str = "cosine"
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    balance: str = "auto"  # auto: logit adjustment on imbalanced training data, else none
     seed: int | None = None  # None: drawn at start and recorded in config.yaml
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32 (fp16 on old GPUs)
@@ -65,6 +73,7 @@ class TrainConfig:
     out: str | None = None
     name: str | None = None
     patience: int | None = None
+    select_by: str = "auto"  # auto: balanced accuracy when val is imbalanced, else accuracy
     sync_bn: bool = False  # under torchrun: batch norm statistics over all processes
     resume: str | None = None  # a run folder (or its last.pt) to continue
     report: bool = True  # report.html at the end (evaluates best.pt on the val split)
@@ -79,6 +88,8 @@ class TrainConfig:
             )
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("balance", self.balance, BALANCES)
+        _check_choice("select_by", self.select_by, SELECT_BY)
         _check_range("epochs", self.epochs, low=1)
         _check_range("batch_size", self.batch_size, low=1)
         check_img_size(self.img_size)
@@ -140,8 +151,11 @@ class InferenceConfig:
     decode: str = "auto"
     compile: bool = False  # torch.compile the model: pays off only for large batches of images
     tta: bool = False  # average the predictions for the image and its mirror image
+    prior: str | None = None  # uniform | train; None: the checkpoint's (uniform if trained balanced)
 
     def validate(self) -> None:
+        if self.prior is not None:
+            _check_choice("prior", self.prior, PRIORS)
         if self.checkpoint and self.weights:
             raise UserError("Give either --checkpoint or --weights (with --arch), not both.")
         check_one_model_source(run=self.run, checkpoint=self.checkpoint, weights=self.weights)

@@ -19,13 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from resnext_cli import ui
-from resnext_cli.config import CheckDataConfig, available_cores
+from resnext_cli.config import BALANCE_AUTO_RATIO, SELECT_AUTO_RATIO, CheckDataConfig, available_cores
 from resnext_cli.data.folders import (
     ERROR,
     INFO,
     WARNING,
     ClassFolders,
     Finding,
+    balance_hint,
     find_splits,
     layout_findings,
 )
@@ -61,7 +62,7 @@ def check_data(cfg: CheckDataConfig) -> int:
     assert cfg.data is not None
     started = time.perf_counter()
     splits = find_splits(Path(cfg.data))
-    findings = layout_findings(splits, cfg.imbalance_ratio)
+    findings = layout_findings(splits, cfg.imbalance_ratio) + balance_findings(splits, cfg.imbalance_ratio)
     paths = [p for split in splits.values() for paths in split.classes.values() for p in paths]
     facts = read_files(paths, cfg.workers)
     findings += file_findings(splits, facts, cfg.min_size)
@@ -72,6 +73,27 @@ def check_data(cfg: CheckDataConfig) -> int:
         print(json.dumps(_json_result(cfg.data, splits, facts, findings, ok, seconds), indent=2,
                          ensure_ascii=False))  # fmt: skip
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def balance_findings(splits: dict[str, ClassFolders], imbalance_ratio: float) -> list[Finding]:
+    """What training will do about imbalance below check-data's warning: a train split uneven
+    enough for --balance auto to act, and a val split uneven enough for --select-by auto."""
+    found = []
+    for name, split in splits.items():
+        counts = {c: len(paths) for c, paths in split.classes.items() if paths}
+        if len(counts) < 2:
+            continue
+        large, small = max(counts, key=counts.__getitem__), min(counts, key=counts.__getitem__)
+        ratio = counts[large] / counts[small]
+        what = f"{large!r} {counts[large]} images, {small!r} {counts[small]} ({ratio:.1f}x)"
+        if name == "train" and BALANCE_AUTO_RATIO <= ratio < imbalance_ratio:
+            found.append(Finding(INFO, "mild_class_imbalance", f"Uneven training classes: {what}.",
+                                 [small], balance_hint(ratio)))  # fmt: skip
+        if name == "val" and ratio >= SELECT_AUTO_RATIO:
+            found.append(Finding(INFO, "val_imbalance", f"Uneven val classes: {what}.", [small],
+                                 "`resnext train` picks the best epoch by balanced accuracy "
+                                 "(--select-by auto): accuracy would favour the large classes."))  # fmt: skip
+    return found
 
 
 def read_files(paths: list[str], workers: int | None) -> dict[str, FileFacts]:

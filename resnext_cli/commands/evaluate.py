@@ -27,7 +27,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
 def _json_result(evaluation: Evaluation, out: Path) -> dict[str, Any]:
     return {
         **evaluation.metrics(),
-        "per_class": [vars(c) for c in evaluation.report.per_class],
+        "per_class": [{**vars(c), "train_images": count} for c, count in evaluation.by_training_count()],
         "unreadable_files": [{"path": p, "error": e} for p, e in evaluation.unreadable],
         "out": str(out),
     }
@@ -36,16 +36,20 @@ def _json_result(evaluation: Evaluation, out: Path) -> dict[str, Any]:
 def _print_evaluation(evaluation: Evaluation, seconds: float, out: Path) -> None:
     metrics = evaluation.metrics()
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
-    table = Table("class", "precision", "recall", "f1", "support", box=None)
-    for c in evaluation.report.per_class:
-        table.add_row(c.name, f"{c.precision:.2%}", f"{c.recall:.2%}", f"{c.f1:.2%}", str(c.support))
+    counted = evaluation.class_counts is not None  # then rows go from the most trained class down
+    extra = ["train images"] if counted else []
+    table = Table("class", "precision", "recall", "f1", "support", *extra, box=None)
+    for c, count in evaluation.by_training_count():
+        table.add_row(c.name, f"{c.precision:.2%}", f"{c.recall:.2%}", f"{c.f1:.2%}", str(c.support),
+                      *([str(count)] if counted else []))  # fmt: skip
     table.add_section()
     for c in (evaluation.report.macro, evaluation.report.weighted):
         table.add_row(c.name, f"{c.precision:.2%}", f"{c.recall:.2%}", f"{c.f1:.2%}", str(c.support))
     ui.show(table)
     unreadable = f", {len(evaluation.unreadable)} unreadable" if evaluation.unreadable else ""
     ui.info(
-        f"Accuracy {metrics['accuracy']:.2%}{top5} on {metrics['n']} images{unreadable} "
-        f"({seconds:.1f} s). Wrote {out}/: metrics.json, per_class.csv, confusion_matrix.csv, "
+        f"Accuracy {metrics['accuracy']:.2%}{top5}, balanced accuracy {metrics['balanced_accuracy']:.2%}, "
+        f"macro-F1 {metrics['macro_f1']:.2%} on {metrics['n']} images{unreadable} ({seconds:.1f} s)."
+        f" Wrote {out}/: metrics.json, per_class.csv, confusion_matrix.csv, "
         "confusion_matrix.png, misclassified.csv"
     )

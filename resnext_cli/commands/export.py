@@ -112,9 +112,22 @@ def export_into(engine: InferenceModel, cfg: ExportConfig, out_dir: Path) -> Pat
         "opset": cfg.opset if cfg.format == "onnx" else None,
         "output": "logits, one per class of class_indices.json (apply softmax for probabilities)",
         "checkpoint": engine.source,
+        **prior_record(engine),
     })  # fmt: skip
     ui.info(f"Exported {target}, class_indices.json and preprocess.json to {out_dir}")
     return target
+
+
+def prior_record(engine: InferenceModel) -> dict[str, Any]:
+    """preprocess.json's class prior: the training images per class and --balance, from which
+    onnxruntime prediction (and `--prior`) adjusts the logits as predict does; and the offsets
+    to add to the exported logits before softmax for the model's default prior (null: none)."""
+    prior = engine.prior
+    if prior is None or prior.class_counts is None:
+        return {}
+    offsets = None if prior.offsets is None else [round(float(v), 6) for v in prior.offsets]
+    return {"class_counts": prior.class_counts, "balance": prior.balance, "prior": prior.name,
+            "logit_offsets": offsets}  # fmt: skip
 
 
 def _export_onnx(model: Any, inputs: torch.Tensor, path: Path, cfg: ExportConfig) -> None:

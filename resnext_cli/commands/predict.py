@@ -90,7 +90,9 @@ def batch_predict(cfg: BatchPredictConfig) -> int:
     """Predict every image in DIR; returns the exit code (1 when none could be predicted)."""
     paths = _images_in_folder(cfg)
     engine: InferenceModel | OnnxModel = (
-        load_onnx_model(cfg.onnx, cfg.class_indices, cfg.tta) if cfg.onnx else load_inference_model(cfg)
+        load_onnx_model(cfg.onnx, cfg.class_indices, cfg.tta, cfg.prior)
+        if cfg.onnx
+        else load_inference_model(cfg)
     )
     writer = ResultWriter(cfg.output, cfg.topk, cfg.resume_output) if cfg.output else None
     earlier = writer.done if writer else {}

@@ -28,6 +28,7 @@ from resnext_cli.config import (
     read_yaml_config,
     to_plain_dict,
 )
+from resnext_cli.data import balance
 from resnext_cli.data.batches import InputSpec
 from resnext_cli.data.folders import DatasetLayout, discover_dataset, path_digests, write_split
 from resnext_cli.data.loaders import EpochSampler, default_workers, image_dataset, make_loader
@@ -67,6 +68,7 @@ from resnext_cli.model.steps import (
     wrap_for_training,
 )
 from resnext_cli.outputs import run_report, tracking
+from resnext_cli.outputs.metrics import classification_report
 from resnext_cli.outputs.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 
 RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report", "track", "track_checkpoints"}
@@ -131,6 +133,8 @@ def resume_config(resume: str, overrides: dict[str, Any]) -> TrainConfig:
             "Start a new run to change the others."
         )
     values = read_yaml_config(str(run_dir / "config.yaml"))
+    values.setdefault("balance", "none")  # runs from before --balance trained without it
+    values.setdefault("select_by", "acc")  # and kept the epoch of the best accuracy
     values.update(given, resume=str(run_dir))
     check_fields(TrainConfig, values, source=str(run_dir / "config.yaml"))
     config = TrainConfig(**values)
@@ -162,10 +166,16 @@ class Loaders:
 
 
 def setup_loaders(layout: DatasetLayout, cfg: TrainConfig, ctx: DistContext, spec: InputSpec) -> Loaders:
-    """Seeded, epoch-keyed sampling and augmentation; validation sharded without padding."""
+    """Seeded, epoch-keyed sampling and augmentation (classes drawn equally often with --balance
+    sampler); validation sharded without padding."""
     assert cfg.seed is not None and cfg.workers is not None
     prep, on_device, pin = spec.preprocessing, spec.decode_on_device, pin_memory_for(spec.device)
-    sampler = EpochSampler(len(layout.train), cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+    train_labels = [label for _, label in layout.train]
+    sampler: EpochSampler | balance.ClassBalancedSampler = (
+        balance.ClassBalancedSampler(train_labels, cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+        if cfg.balance == "sampler"
+        else EpochSampler(len(layout.train), cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+    )
     train = make_loader(
         image_dataset(layout.train, prep, train=cfg.augment, augment_seed=cfg.seed,
                       on_device=on_device),
@@ -179,7 +189,7 @@ def setup_loaders(layout: DatasetLayout, cfg: TrainConfig, ctx: DistContext, spe
         image_dataset(layout.val, prep, on_device=on_device),
         batch_size=cfg.batch_size, workers=cfg.workers, sampler=val_sampler, pin_memory=pin,
     )  # fmt: skip
-    return Loaders(train, val, torch.tensor([label for _, label in layout.train]),
+    return Loaders(train, val, torch.tensor(train_labels),
                    torch.tensor([label for _, label in layout.val]))  # fmt: skip
 
 
@@ -188,25 +198,38 @@ def setup_loaders(layout: DatasetLayout, cfg: TrainConfig, ctx: DistContext, spe
 
 @dataclass
 class RunHistory:
-    """The epochs completed so far (metrics.csv's rows) and the best of them."""
+    """The epochs completed so far (metrics.csv's rows) and the best of them by `column`, the
+    --select-by metric's column (the first epoch of a tie)."""
 
+    column: str = "val_acc"
     rows: list[dict[str, Any]] = field(default_factory=list)
-    best_acc: float = -1.0
+    best_value: float = -1.0
     best_epoch: int = 0
 
     @classmethod
-    def resumed(cls, state: dict[str, Any] | None) -> RunHistory:
+    def resumed(cls, state: dict[str, Any] | None, column: str) -> RunHistory:
         """As last.pt recorded it, or empty for a new run."""
-        if state is None:
-            return cls()
-        return cls([dict(row) for row in state["metrics"]], state["best_val_acc"], state["best_epoch"])
+        history = cls(column)
+        if state is not None:
+            history.rows = [dict(row) for row in state["metrics"]]
+            history.best_epoch = state["best_epoch"]
+            history.best_value = history.best_row()[column]
+        return history
+
+    def best_row(self) -> dict[str, Any]:
+        return next(row for row in self.rows if row["epoch"] == self.best_epoch)
+
+    @property
+    def best_acc(self) -> float:
+        """The val accuracy of the best epoch (-1 before the first)."""
+        return self.best_row()["val_acc"] if self.best_epoch else -1.0
 
     def add(self, row: dict[str, Any]) -> bool:
         """Keep the epoch's row; True when it is the best so far."""
         self.rows.append(row)
-        improved = row["val_acc"] > self.best_acc
+        improved = row[self.column] > self.best_value
         if improved:
-            self.best_acc, self.best_epoch = row["val_acc"], row["epoch"]
+            self.best_value, self.best_epoch = row[self.column], row["epoch"]
         return improved
 
     def stalled(self, patience: int | None) -> bool:
@@ -344,6 +367,13 @@ class TrainRecipe:
         for message in layout.warnings + odd_choices(cfg, self.explicit_freeze):
             ui.warn(message)
         self.train_digests = ckpt.digests_tensor(path_digests(p for p, _ in layout.train))
+        self.class_counts = balance.class_counts(layout.train, len(layout.classes))
+        self.requested_balance = cfg.balance
+        val_counts = balance.class_counts(layout.val, len(layout.classes))
+        self.cfg = dataclasses.replace(  # the choices of `auto`, as config.yaml records them
+            cfg, balance=balance.resolve_balance(cfg.balance, self.class_counts),
+            select_by=balance.resolve_select_by(cfg.select_by, val_counts),
+        )  # fmt: skip
         if self.resume is not None and self.resume["classes"] != layout.classes:
             raise UserError(
                 f"The classes in {cfg.data} changed since the run started "
@@ -388,13 +418,23 @@ class TrainRecipe:
                 write_split(run_dir / "split.json", layout.split)
         run_dir = Path(broadcast_object(ctx, str(run_dir) if ctx.is_main else None))
         announce(run_dir, cfg, self.device, layout, ctx, self.resume, self.model, self.frozen)
+        announce_balance(cfg, layout, self.class_counts, self.requested_balance)
         return run_dir
 
     def setup_step(self) -> Step:
+        """The loss (weighted with --balance weights) and how validation scores: as predict
+        will, with the run's default prior adjustment (--balance logit-adjust)."""
         cfg = self.cfg
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        plain = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        criterion = plain
+        if cfg.balance == "weights":
+            weights = balance.loss_weights(self.class_counts).to(self.device)
+            criterion = balance.WeightedCrossEntropy(weights, cfg.label_smoothing)
+        offsets = balance.prior_offsets(self.class_counts, cfg.balance, balance.default_prior(cfg.balance))
         spec = InputSpec(self.device, cfg.channels_last, self.preprocessing, cfg.decode == "gpu")
-        step = Step(spec, cfg.precision, criterion, self.ctx, freeze_bn=bool(cfg.freeze_bn))
+        step = Step(spec, cfg.precision, criterion, self.ctx, freeze_bn=bool(cfg.freeze_bn),
+                    val_criterion=plain,
+                    logit_offsets=None if offsets is None else offsets.to(self.device))  # fmt: skip
         if cfg.compile:
             step.features = compiled_features(self.model)
         return step
@@ -407,7 +447,7 @@ class TrainRecipe:
             restore_schedule(self.opt.scheduler, state["scheduler"])  # --epochs may extend the run
             self.opt.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng_state"])
-        return RunHistory.resumed(state)
+        return RunHistory.resumed(state, balance.SELECTION_COLUMNS[self.cfg.select_by])
 
     def setup_tracking(self) -> tracking.Tracking:
         """--track: rank 0 logs every epoch to the trackers (those of a resumed run first)."""
@@ -445,10 +485,12 @@ class TrainRecipe:
                 opt.scaler, self.step, self.failures, f"epoch {epoch}/{cfg.epochs}",
             )  # fmt: skip
             validation = run_validation(self.model, self.loaders.val, self.step, self.failures)
+        scores = classification_report(validation.confusion, self.layout.classes)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": validation.loss, "val_acc": validation.accuracy,
                "lr": epoch_lr,  # the head's rate as the epoch began
-               "seconds": time.perf_counter() - started}  # fmt: skip
+               "seconds": time.perf_counter() - started,
+               "val_balanced_acc": scores.balanced_accuracy, "val_macro_f1": scores.macro.f1}  # fmt: skip
         return row, validation
 
     def save(self, row: dict[str, Any], improved: bool) -> None:
@@ -456,7 +498,7 @@ class TrainRecipe:
         checkpoint = ckpt.build_checkpoint(
             self.model, arch=self.cfg.arch, classes=self.layout.classes,
             preprocessing=self.preprocessing, epoch=row["epoch"], val_acc=row["val_acc"],
-            config=self.resolved, train_digests=self.train_digests,
+            config=self.resolved, train_digests=self.train_digests, class_counts=self.class_counts,
         )  # fmt: skip
         opt, history = self.opt, self.history
         last = ckpt.with_training_state(
@@ -466,7 +508,8 @@ class TrainRecipe:
         ckpt.save_epoch(self.run_dir, checkpoint if improved else None, last, history.rows)
 
     def draw(self, validation: Validation, improved: bool, epoch: int) -> None:
-        self.plots.submit(self.run_dir / "results.png", partial(training_curves_png, list(self.history.rows)))
+        curves = partial(training_curves_png, list(self.history.rows), self.history.column)
+        self.plots.submit(self.run_dir / "results.png", curves)
         if improved:
             title = f"val split, epoch {epoch}: accuracy {validation.accuracy:.2%}"
             render = partial(confusion_matrix_png, validation.confusion, self.layout.classes, title)
@@ -481,8 +524,7 @@ class TrainRecipe:
         if self.failures:
             ui.warn(f"{len(self.failures)} unreadable file(s) were skipped (listed above).")
         history = self.history
-        ui.info(f"Best val accuracy {history.best_acc:.2%} at epoch {history.best_epoch} -> "
-                f"{self.run_dir / 'best.pt'}")  # fmt: skip
+        ui.info(f"{best_epoch_text(history, self.cfg.select_by)} -> {self.run_dir / 'best.pt'}")
         if self.ctx.is_main:
             mark_latest(self.run_dir)
             if self.cfg.report:
@@ -531,6 +573,26 @@ def announce(
         f"of {networks.count_parameters(model):,} "
         f"({'backbone frozen' if frozen else 'all layers'})"
     )
+
+
+def announce_balance(cfg: TrainConfig, layout: DatasetLayout, counts: list[int], requested: str) -> None:
+    """What imbalance there is and what is done about it: in training (--balance) and in the
+    choice of the best epoch (--select-by); silent on balanced data left as it is."""
+    if balance.imbalance_ratio(counts) >= balance.SELECT_AUTO_RATIO or cfg.balance != "none":
+        ui.info(balance.describe_decision(counts, layout.classes, requested, cfg.balance))
+    if cfg.select_by != "acc":
+        val_counts = [c for c in balance.class_counts(layout.val, len(layout.classes)) if c]
+        spread = f" (val classes {min(val_counts)} to {max(val_counts)} images)"
+        ui.info(f"Best epoch by val {balance.SELECTION_NAMES[cfg.select_by]}"
+                f"{spread if cfg.select_by == 'balanced_acc' else ''}.")  # fmt: skip
+
+
+def best_epoch_text(history: RunHistory, select_by: str) -> str:
+    """The end-of-run line: the best epoch, by the metric that chose it."""
+    if select_by == "acc":
+        return f"Best val accuracy {history.best_acc:.2%} at epoch {history.best_epoch}"
+    return (f"Best val {balance.SELECTION_NAMES[select_by]} {history.best_value:.2%} (accuracy "
+            f"{history.best_acc:.2%}) at epoch {history.best_epoch}")  # fmt: skip
 
 
 def unfreeze_backbone(
@@ -621,7 +683,7 @@ def next_steps(run_dir: Path) -> str:
 def print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
     table = Table(show_header=first, box=None, pad_edge=False)
     widths = {"epoch": 5, "train_loss": 10, "train_acc": 9, "val_loss": 8, "val_acc": 8,
-              "lr": 9, "seconds": 7}  # fmt: skip
+              "val_bal_acc": 11, "val_f1": 7, "lr": 9, "seconds": 7}  # fmt: skip
     for name, width in widths.items():
         table.add_column(name, justify="right", min_width=width, max_width=width)
     table.add_column("", min_width=4)
@@ -631,6 +693,8 @@ def print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:
         f"{row['train_acc']:.2%}",
         f"{row['val_loss']:.4f}",
         f"{row['val_acc']:.2%}",
+        f"{row['val_balanced_acc']:.2%}",
+        f"{row['val_macro_f1']:.2%}",
         f"{row['lr']:.2e}",
         f"{row['seconds']:.1f}",
         "best" if improved else "",

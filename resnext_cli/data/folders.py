@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from resnext_cli.config import BALANCE_AUTO, BALANCE_AUTO_RATIO
 from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write_text
 
@@ -259,12 +260,21 @@ def class_imbalance(counts: dict[str, int], ratio: float) -> Finding | None:
     largest, smallest = max(counts, key=counts.__getitem__), min(counts, key=counts.__getitem__)
     if counts[largest] < ratio * counts[smallest]:
         return None
+    found = counts[largest] / counts[smallest]
     return Finding(
         WARNING, "class_imbalance",
         f"Class imbalance: {largest!r} has {counts[largest]} training images, {smallest!r} only "
-        f"{counts[smallest]} ({counts[largest] / counts[smallest]:.1f}x).", [smallest],
-        "Accuracy will favour the large classes; `resnext evaluate` shows per-class recall.",
+        f"{counts[smallest]} ({found:.1f}x).", [smallest], balance_hint(found),
     )  # fmt: skip
+
+
+def balance_hint(ratio: float) -> str:
+    """What training does about a largest / smallest class ratio, in the words of a hint."""
+    if ratio >= BALANCE_AUTO_RATIO:
+        done = f"`resnext train` counters it (--balance auto: {BALANCE_AUTO}, from {BALANCE_AUTO_RATIO:g}x)"
+    else:
+        done = f"`resnext train` leaves it as it is (--balance auto acts from {BALANCE_AUTO_RATIO:g}x)"
+    return f"{done}; evaluate and report.html show balanced accuracy and recall per class."
 
 
 def discover_dataset(

@@ -96,7 +96,9 @@ class ImageListDataset:
 
     Indexed by position, or by (epoch, position) from an `EpochSampler`: then the random
     augmentation is seeded from (augment_seed, epoch, position) alone, so it is the same whichever
-    worker decodes the image, however many workers there are, and after a resume.
+    worker decodes the image, however many workers there are, and after a resume. A sampler that
+    draws an image more than once an epoch (`balance.ClassBalancedSampler`) adds the draw's
+    `repeat` number, 0 for the first, so that each draw gets its own augmentation.
     """
 
     def __init__(
@@ -116,24 +118,26 @@ class ImageListDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def __getitem__(self, key: int | tuple[int, ...]) -> Sample:
+        epoch, index, *repeat = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
         try:
-            with self._seeded(epoch, index):
+            with self._seeded(epoch, index, repeat[0] if repeat else 0):
                 image = self._read(path) if self.crops is None else self._encode(path, self.crops)
         except Exception as exc:  # any decoder error means "unreadable", never a crash
             return Sample(None, label, index, describe_failure(exc))
         return Sample(image, label, index, None)
 
     @contextlib.contextmanager
-    def _seeded(self, epoch: int, index: int) -> Iterator[None]:
-        """Random draws keyed by (seed, epoch, image) alone; torch's own RNG left as it was."""
+    def _seeded(self, epoch: int, index: int, repeat: int = 0) -> Iterator[None]:
+        """Random draws keyed by (seed, epoch, image[, repeat]) alone; torch's own RNG left as
+        it was."""
         if self.augment_seed is None:
             yield
             return
+        seed = mix_seed(self.augment_seed, epoch, index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.augment_seed, epoch, index))
+            torch.manual_seed(mix_seed(seed, repeat, -2) if repeat else seed)
             yield
 
     def _read(self, path: str) -> torch.Tensor:
@@ -187,7 +191,7 @@ class EpochSampler:
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
             generator = torch.Generator()
-            generator.manual_seed(_mix(self.seed, self.epoch, -1))
+            generator.manual_seed(mix_seed(self.seed, self.epoch, -1))
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
@@ -197,7 +201,7 @@ class EpochSampler:
         return iter([(self.epoch, i) for i in order[self.rank :: self.world_size]])
 
 
-def _mix(seed: int, epoch: int, index: int) -> int:
+def mix_seed(seed: int, epoch: int, index: int) -> int:
     """A well-spread 63-bit seed from three small integers (splitmix64's finaliser)."""
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
     x &= (1 << 64) - 1

@@ -25,6 +25,7 @@ import yaml
 
 from resnext_cli import __version__
 from resnext_cli.config import IMG_SIZE_MAX, IMG_SIZE_MIN, read_yaml_config
+from resnext_cli.data.balance import SELECTION_COLUMNS
 from resnext_cli.data.transforms import Preprocessing, resize_size
 from resnext_cli.errors import UserError
 from resnext_cli.files import (
@@ -42,7 +43,8 @@ CHECKPOINT_KEYS = (
     "format", "model", "arch", "classes", "img_size", "mean", "std", "epoch", "val_acc",
     "config", "versions",
 )  # fmt: skip; `resize_size` too since it exists (older files mean img_size * 256 // 224)
-METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                   "val_balanced_acc", "val_macro_f1")  # fmt: skip; new columns go at the end
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "best_val_acc", "best_epoch", "metrics",
                "torch_rng_state")  # fmt: skip
 # which files trained the model: int64 digests of their resolved paths (folders.path_digests),
@@ -93,7 +95,10 @@ def build_checkpoint(
     val_acc: float,
     config: dict[str, Any],
     train_digests: torch.Tensor | None = None,
+    class_counts: list[int] | None = None,
 ) -> dict[str, Any]:
+    """`class_counts`: training images per class, the priors of logit adjustment (and of
+    `predict --prior`); left out only where they are not known."""
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         # contiguous CPU copies: the file is the same whatever layout the model trained in
@@ -118,6 +123,8 @@ def build_checkpoint(
     }
     if train_digests is not None:
         checkpoint[TRAIN_DIGESTS] = train_digests
+    if class_counts is not None:
+        checkpoint["class_counts"] = [int(c) for c in class_counts]
     return checkpoint
 
 
@@ -525,7 +532,8 @@ def describe_run(run_dir: Path) -> str:
     config = read_run_config(run_dir) if (run_dir / "config.yaml").is_file() else {}
     if not rows:
         return str(run_dir)
-    best = max(rows, key=lambda r: float(r["val_acc"]))
+    column = SELECTION_COLUMNS.get(str(config.get("select_by")), "val_acc")  # the epoch of best.pt
+    best = max(rows, key=lambda r: float(r.get(column) or r["val_acc"]))
     return (
         f"{run_dir} ({config.get('arch', '?')}, {rows[-1]['epoch']} of {config.get('epochs', '?')} "
         f"epochs, best val accuracy {float(best['val_acc']):.2%} at epoch {best['epoch']})"
@@ -569,7 +577,9 @@ def _int_or_inf(key: str) -> float:
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    table = [[_fmt(row[k]) for k in METRICS_COLUMNS] for row in rows]
+    """Every column for every row; a column an older run's rows lack (a resumed run from before
+    it existed) is left empty."""
+    table = [[_fmt(row.get(k, "")) for k in METRICS_COLUMNS] for row in rows]
     atomic_write_csv(path, [list(METRICS_COLUMNS), *table])
 
 

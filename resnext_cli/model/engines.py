@@ -7,6 +7,7 @@ predict, batch-predict, evaluate, report and export all load their model here.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from resnext_cli import ui
 from resnext_cli.config import InferenceConfig
+from resnext_cli.data import balance
 from resnext_cli.data.batches import InputSpec
 from resnext_cli.data.loaders import ImageListDataset, image_dataset, inference_workers
 from resnext_cli.data.transforms import Preprocessing, read_preprocess_json
@@ -50,12 +52,14 @@ class InferenceModel:
     decode_on_device: bool = False
     tta: bool = False  # average over the image and its mirror image
     train_digests: torch.Tensor | None = None  # its training files (checkpoint.TRAIN_DIGESTS)
+    prior: Prior | None = None  # the class prior predictions assume; None: the logits as they are
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
         decode = ", GPU decode" if self.decode_on_device else ""
         tta = ", mirror TTA" if self.tta else ""
-        return f"{self.source} on {self.device} ({self.precision}{layout}{decode}{tta})"
+        prior = f", {self.prior.describe()}" if self.prior and self.prior.offsets is not None else ""
+        return f"{self.source} on {self.device} ({self.precision}{layout}{decode}{tta}{prior})"
 
     @property
     def spec(self) -> InputSpec:
@@ -74,9 +78,9 @@ class InferenceModel:
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
         """Class probabilities (on the CPU) for a batch's inputs (`batches.get_batch`)."""
         with torch.inference_mode(), autocast(self.device, self.precision):
-            probs = torch.softmax(self.model(inputs).float(), dim=1)
+            probs = to_probabilities(self.model(inputs), self.prior)
             if self.tta:
-                probs = (probs + torch.softmax(self.model(inputs.flip(-1)).float(), dim=1)) / 2
+                probs = (probs + to_probabilities(self.model(inputs.flip(-1)), self.prior)) / 2
         return finite_probabilities(probs.cpu(), self.source)
 
 
@@ -94,6 +98,51 @@ def finite_probabilities(probs: torch.Tensor, source: str) -> torch.Tensor:
     return probs
 
 
+@dataclass
+class Prior:
+    """The class prior predictions assume (`--prior`), and the offsets that turn the model's
+    logits into logits for it (None: they already are)."""
+
+    name: str  # "uniform" | "train"
+    offsets: torch.Tensor | None
+    class_counts: list[int] | None  # training images per class, where the model records them
+    balance: str = "none"  # the --balance the model was trained with
+
+    def describe(self) -> str:
+        return "every class equally likely (prior uniform)" if self.name == "uniform" else \
+            "classes as frequent as in training (prior train)"  # fmt: skip
+
+
+def resolve_prior(
+    counts: list[int] | None, trained_with: str, requested: str | None, source: str
+) -> Prior:
+    """`--prior` (default: the one the model was trained for, `balance.default_prior`) applied to
+    a model trained with `--balance trained_with` on `counts` images per class."""
+    name = requested or balance.default_prior(trained_with)
+    if counts is None:
+        if name != balance.fitted_prior(trained_with):
+            raise UserError(
+                f"--prior {name} needs the training images per class, which {source} does not "
+                "record (a checkpoint from before resnext stored `class_counts`, or plain "
+                "weights). Leave out --prior, or retrain to get a checkpoint that has them."
+            )
+        return Prior(name, None, None, trained_with)
+    return Prior(name, balance.prior_offsets(counts, trained_with, name), list(counts), trained_with)
+
+
+def adjust_for_prior(logits: torch.Tensor, prior: Prior | None) -> torch.Tensor:
+    """Logit adjustment (Menon et al., ICLR 2021): the log class priors subtracted (or added
+    back), so that the arg max answers for the prior asked; the first step after the model."""
+    if prior is None or prior.offsets is None:
+        return logits
+    return logits + prior.offsets.to(logits.device)
+
+
+def to_probabilities(logits: torch.Tensor, prior: Prior | None) -> torch.Tensor:
+    """Logits -> prior adjustment -> softmax: every prediction goes through here."""
+    return torch.softmax(adjust_for_prior(logits.float(), prior), dim=1)
+
+
 def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> InferenceModel:
     """A resnext checkpoint (given, or the newest runs/*/best.pt), or the tutorial's artefacts:
     a plain state dict with --arch and --class-indices."""
@@ -107,6 +156,7 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         model = _weights_only_model(cfg.arch, len(classes), state, cfg.weights)
         source, arch, trained_on, digests = cfg.weights, cfg.arch, None, None
         preprocessing = Preprocessing.classic(cfg.img_size or 224)
+        prior = resolve_prior(None, "none", cfg.prior, cfg.weights)
     else:
         path = Path(cfg.checkpoint) if cfg.checkpoint else chosen_checkpoint(cfg.run, announce)
         checkpoint = ckpt.load_checkpoint(path)
@@ -120,15 +170,18 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         arch, source = checkpoint["arch"], str(path)
         model = _weights_only_model(arch, len(classes), checkpoint["model"], source)
         preprocessing = ckpt.checkpoint_preprocessing(checkpoint, cfg.img_size)
-        trained_on = checkpoint["config"].get("data") if isinstance(checkpoint["config"], dict) else None
+        config = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+        trained_on = config.get("data")
         digests = ckpt.train_digests(checkpoint)
+        prior = resolve_prior(checkpoint.get("class_counts"), str(config.get("balance", "none")),
+                              cfg.prior, source)  # fmt: skip
     model.eval()
     prepare_model(model, device, cfg.channels_last)
     if cfg.compile:
         model = torch.compile(model)
     return InferenceModel(model, arch, classes, preprocessing, source, device, precision,
                           cfg.channels_last, trained_on, decode_on_device(cfg.decode, device),
-                          cfg.tta, train_digests=digests)  # fmt: skip
+                          cfg.tta, train_digests=digests, prior=prior)  # fmt: skip
 
 
 def _weights_only_model(
@@ -191,11 +244,13 @@ class OnnxModel:
     preprocessing: Preprocessing
     source: str
     tta: bool = False
+    prior: Prior | None = None
 
     pin_memory = False  # onnxruntime reads host memory
 
     def describe(self) -> str:
-        return f"{self.source} on onnxruntime (CPU, fp32{', mirror TTA' if self.tta else ''})"
+        prior = f", {self.prior.describe()}" if self.prior and self.prior.offsets is not None else ""
+        return f"{self.source} on onnxruntime (CPU, fp32{', mirror TTA' if self.tta else ''}{prior})"
 
     @property
     def spec(self) -> InputSpec:
@@ -208,25 +263,30 @@ class OnnxModel:
         return inference_workers(paths, requested, "cpu", self.preprocessing.decode_min_size)
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(run_onnx(self.session, inputs.numpy()).float(), dim=1)
+        probs = to_probabilities(run_onnx(self.session, inputs.numpy()), self.prior)
         if self.tta:
             mirrored = run_onnx(self.session, inputs.flip(-1).contiguous().numpy())
-            probs = (probs + torch.softmax(mirrored.float(), dim=1)) / 2
+            probs = (probs + to_probabilities(mirrored, self.prior)) / 2
         return finite_probabilities(probs, self.source)
 
 
-def load_onnx_model(path: str, class_indices: str | None, tta: bool = False) -> OnnxModel:
+def load_onnx_model(
+    path: str, class_indices: str | None, tta: bool = False, prior: str | None = None
+) -> OnnxModel:
     require_onnx("onnxruntime")
     model_file = Path(path)
     if not model_file.is_file():
         raise UserError(f"The ONNX model {path} does not exist.")
     preprocessing = read_preprocess_json(model_file.parent / "preprocess.json")
+    exported = json.loads((model_file.parent / "preprocess.json").read_text(encoding="utf-8"))
+    counts, trained_with = exported.get("class_counts"), str(exported.get("balance") or "none")
     classes = ckpt.read_class_indices(class_indices or model_file.parent / "class_indices.json")
     session = onnx_session(model_file)
     outputs = session.get_outputs()[0].shape[-1]
     if isinstance(outputs, int) and outputs != len(classes):
         raise UserError(f"{path} has {outputs} outputs but the class file names {len(classes)}.")
-    return OnnxModel(session, classes, preprocessing, str(model_file), tta)
+    resolved = resolve_prior(counts, trained_with, prior, str(model_file))
+    return OnnxModel(session, classes, preprocessing, str(model_file), tta, resolved)
 
 
 def require_onnx(*modules: str) -> None:

@@ -428,8 +428,8 @@ def train_head_epoch(
     step: Step,
 ) -> tuple[float, float]:
     """The head's epoch on cached features, in the batches the image loader would have made
-    (same sampler order, batch size and drop_last)."""
-    order = [index for _, index in loader.sampler]
+    (same sampler order, batch size and drop_last; a balanced sampler's repeats included)."""
+    order = [key[1] for key in loader.sampler]
     size = loader.batch_size or 1
     batches = [order[k : k + size] for k in range(0, len(order), size)]
     if loader.drop_last and batches and len(batches[-1]) < size:
@@ -465,5 +465,5 @@ def validate_head(
         with torch.inference_mode(), step.autocast():
             logits = model.fc(cache.val[index].to(step.device)).float()
         targets = labels[index].to(step.device)
-        tally.add(step.criterion(logits, targets), logits, targets)
+        tally.add(*step.scored(logits, targets), targets)
     return tally.result(step)

@@ -32,10 +32,19 @@ class Step:
     dist: DistContext
     features: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: backbone_features
     freeze_bn: bool = False  # while the backbone fine-tunes: BN statistics stay as loaded
+    val_criterion: torch.nn.Module | None = None  # validation's loss; None: `criterion`
+    logit_offsets: torch.Tensor | None = None  # on the device; added before validation scores
 
     @property
     def device(self) -> torch.device:
         return self.spec.device
+
+    def scored(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation's (loss, logits) as predict will see them: with the prior adjustment the
+        run predicts with by default (--balance logit-adjust), and without loss weights."""
+        if self.logit_offsets is not None:
+            logits = logits + self.logit_offsets
+        return (self.val_criterion or self.criterion)(logits, labels), logits
 
     def get(self, loaded: Any) -> DeviceBatch:
         return get_batch(loaded, self.spec)
@@ -203,7 +212,7 @@ def run_validation(
                 continue
             with step.autocast():
                 logits = model(batch.inputs).float()
-            tally.add(step.criterion(logits, batch.labels), logits, batch.labels)
+            tally.add(*step.scored(logits, batch.labels), batch.labels)
     return tally.result(step)
 
 

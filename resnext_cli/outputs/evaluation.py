@@ -30,7 +30,12 @@ from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
 from resnext_cli.model.checkpoint import run_folder_lock
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
-from resnext_cli.outputs.metrics import ClassificationReport, classification_report, confusion_matrix
+from resnext_cli.outputs.metrics import (
+    ClassificationReport,
+    ClassScores,
+    classification_report,
+    confusion_matrix,
+)
 from resnext_cli.outputs.plots import confusion_matrix_png, write_png
 
 
@@ -59,6 +64,14 @@ class Evaluation:
     matrix: list[list[int]]  # over the classes in `shown`
     shown: list[str]  # classes present in the data or predicted, in model order
     top5: float | None  # None with 5 classes or fewer
+    class_counts: list[int] | None = None  # the model's training images per class, if recorded
+
+    def by_training_count(self) -> list[tuple[ClassScores, int | None]]:
+        """Per-class scores with the class's training images, the most first, so that the
+        rare classes (the tail) come together at the end; in model order when not recorded."""
+        counts = dict(zip(self.classes, self.class_counts or []))
+        rows = [(scores, counts.get(scores.name)) for scores in self.report.per_class]
+        return sorted(rows, key=lambda row: -(row[1] or 0))
 
     def metrics(self) -> dict[str, Any]:
         summary = self.report.summary()
@@ -209,12 +222,14 @@ def score(
             )
     if not predictions:
         raise UserError("None of the images could be read (see the warnings above).", EXIT_FAILED)
-    return summarise(engine.classes, predictions, unreadable)
+    prior = engine.prior
+    return summarise(engine.classes, predictions, unreadable, prior.class_counts if prior else None)
 
 
 def summarise(
-    classes: list[str], predictions: list[Prediction], unreadable: list[tuple[str, str]]
-) -> Evaluation:
+    classes: list[str], predictions: list[Prediction], unreadable: list[tuple[str, str]],
+    class_counts: list[int] | None = None,
+) -> Evaluation:  # fmt: skip
     full = confusion_matrix(
         [p.true for p in predictions], [p.predicted for p in predictions], len(classes)
     )
@@ -226,16 +241,17 @@ def summarise(
     # with 5 classes or fewer the true class is always among the top 5: nothing to report
     top5 = sum(p.top5 for p in predictions) / len(predictions) if len(classes) > 5 else None
     report = classification_report(matrix, shown)
-    return Evaluation(classes, predictions, unreadable, report, matrix, shown, top5)
+    return Evaluation(classes, predictions, unreadable, report, matrix, shown, top5, class_counts)
 
 
 def write_evaluation(out: Path, evaluation: Evaluation, about: dict[str, str]) -> None:
     """metrics.json (with `about`: what was evaluated), per_class.csv, confusion_matrix.csv and
     .png, misclassified.csv; each written atomically."""
     metrics = evaluation.metrics()
-    rows = [["class", "precision", "recall", "f1", "support"]]
-    rows += [[c.name, _num(c.precision), _num(c.recall), _num(c.f1), str(c.support)]
-             for c in evaluation.report.per_class]  # fmt: skip
+    rows = [["class", "precision", "recall", "f1", "support", "train_images"]]
+    rows += [[c.name, _num(c.precision), _num(c.recall), _num(c.f1), str(c.support),
+              "" if count is None else str(count)]
+             for c, count in evaluation.by_training_count()]  # fmt: skip
     atomic_write_csv(out / "per_class.csv", rows)
     rows = [["true\\pred", *evaluation.shown]]
     rows += [[name, *map(str, row)] for name, row in zip(evaluation.shown, evaluation.matrix)]
@@ -290,7 +306,8 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
         started = time.perf_counter()
         evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
         seconds = time.perf_counter() - started
-        about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
+        about = {"checkpoint": engine.source, "data": data, "images": chosen.description,
+                 "prior": engine.prior.name if engine.prior else None}  # fmt: skip
         write_evaluation(out, evaluation, about)
     return EvaluationRun(evaluation, out, seconds)
 

@@ -31,10 +31,12 @@ class ClassificationReport:
     per_class: list[ClassScores]  # the classes that occur in the data or in the predictions
     macro: ClassScores
     weighted: ClassScores
+    balanced_accuracy: float = 0.0  # mean recall over the classes that occur in the data
 
     def summary(self) -> dict[str, float | int]:
         return {
             "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
             "macro_precision": self.macro.precision,
             "macro_recall": self.macro.recall,
             "macro_f1": self.macro.f1,
@@ -46,10 +48,13 @@ class ClassificationReport:
 
 
 def classification_report(matrix: list[list[int]], classes: Sequence[str]) -> ClassificationReport:
-    """Per-class precision / recall / F1 / support, with macro and support-weighted averages.
+    """Per-class precision / recall / F1 / support, with macro and support-weighted averages,
+    and the balanced accuracy (mean recall of the classes in the data: what accuracy would be if
+    every class had as many images).
 
     Like scikit-learn's default, only classes that occur (as truth or as a prediction) take part,
-    and a ratio with a zero denominator counts as 0 (a class never predicted has precision 0).
+    and a ratio with a zero denominator counts as 0 (a class never predicted has precision 0);
+    balanced accuracy, like scikit-learn's `balanced_accuracy_score`, averages over true classes.
     """
     n_classes = len(classes)
     support = [sum(matrix[i]) for i in range(n_classes)]
@@ -78,7 +83,8 @@ def classification_report(matrix: list[list[int]], classes: Sequence[str]) -> Cl
         _ratio(sum(r.f1 * r.support for r in rows), total),
         total,
     )
-    return ClassificationReport(_ratio(correct, total), total, rows, macro, weighted)
+    balanced = _mean([r.recall for r in rows if r.support > 0])
+    return ClassificationReport(_ratio(correct, total), total, rows, macro, weighted, balanced)
 
 
 def row_normalised(matrix: list[list[int]]) -> list[list[float]]:

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
-    """Loss, accuracy and learning rate per epoch, from metrics.csv's rows."""
+def training_curves_png(rows: Sequence[dict[str, Any]], best_by: str = "val_acc") -> bytes:
+    """Loss, accuracy and learning rate per epoch, from metrics.csv's rows; the val balanced
+    accuracy too where it differs (imbalanced val); `best_by`: the column that picks best.pt."""
     figure = _figure(13.5, 3.8)
     epochs = [int(r["epoch"]) for r in rows]
     loss, accuracy, rate = figure.subplots(1, 3)
@@ -28,8 +29,12 @@ def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
     loss.set_title("loss")
     accuracy.plot(epochs, [100 * float(r["train_acc"]) for r in rows], marker=marker, label="train")
     accuracy.plot(epochs, [100 * float(r["val_acc"]) for r in rows], marker=marker, label="val")
-    best = max(range(len(rows)), key=lambda i: float(rows[i]["val_acc"]))
-    accuracy.scatter([epochs[best]], [100 * float(rows[best]["val_acc"])], s=120,
+    balanced = [100 * float(r.get("val_balanced_acc") or r["val_acc"]) for r in rows]
+    if balanced != [100 * float(r["val_acc"]) for r in rows]:
+        accuracy.plot(epochs, balanced, marker=marker, label="val balanced")
+    best_by = best_by if all(r.get(best_by) not in (None, "") for r in rows) else "val_acc"
+    best = max(range(len(rows)), key=lambda i: float(rows[i][best_by]))
+    accuracy.scatter([epochs[best]], [100 * float(rows[best][best_by])], s=120,
                      facecolors="none", edgecolors="black", zorder=3, label="best")  # fmt: skip
     accuracy.set_title("accuracy (%)")
     rate.plot(epochs, [float(r["lr"]) for r in rows], marker=marker, color="tab:green")

@@ -10,6 +10,7 @@ from typing import Any
 
 from resnext_cli import ui
 from resnext_cli.config import EvaluateConfig, ReportConfig
+from resnext_cli.data.balance import SELECTION_COLUMNS, SELECTION_NAMES
 from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write_text
 from resnext_cli.model.checkpoint import (
@@ -147,6 +148,8 @@ STYLE = BASE_STYLE + """
 tr.avg td { font-weight: 600; border-top: 2px solid #ccc; }
 img.figure { max-width: 100%; height: auto; border: 1px solid #eee; }
 table.config td { text-align: left; }
+.bar { display: inline-block; height: .8rem; background: #4a7bd0; vertical-align: middle; }
+td.recall { text-align: left; white-space: nowrap; }
 """
 
 
@@ -169,6 +172,7 @@ def render_html(run: RunFiles, gallery: int) -> str:
     if run.confusion_png is not None:
         parts.append(image_tag(run.confusion_png, "png", "confusion matrix"))
     parts += ['<h2 id="per-class">Per-class metrics</h2>', _per_class_table(run)]
+    parts += ['<h2 id="balance">Class balance: recall by training images</h2>', _balance_section(run)]
     parts += ['<h2 id="mistakes">Most confident mistakes</h2>', _gallery(run, gallery)]
     parts += ['<h2 id="config">Config</h2>', _config_table(run.config)]
     parts.append("</body></html>\n")
@@ -176,7 +180,8 @@ def render_html(run: RunFiles, gallery: int) -> str:
 
 
 def _summary(run: RunFiles) -> str:
-    best = max(run.metrics, key=lambda r: float(r["val_acc"]))
+    column = SELECTION_COLUMNS.get(str(run.config.get("select_by")), "val_acc")  # best.pt's epoch
+    best = max(run.metrics, key=lambda r: float(r.get(column) or r["val_acc"]))
     cards = [
         ("best val accuracy", f"{float(best['val_acc']):.2%}"),
         ("at epoch", f"{best['epoch']} of {run.metrics[-1]['epoch']}"),
@@ -270,6 +275,32 @@ def _per_class_table(run: RunFiles) -> str:
             f"<td>{e['n']}</td></tr>"
         )
     return f'<table class="per-class">{head}{"".join(rows)}</table>'
+
+
+def _balance_section(run: RunFiles) -> str:
+    """Balanced accuracy and macro-F1 beside accuracy, what the run did about imbalance, and
+    each class's recall from the most trained class down, so that the tail is seen at once."""
+    e = run.evaluation
+    if e is None or not run.per_class:
+        return '<p class="muted">No evaluation (see above).</p>'
+    select_by = SELECTION_NAMES.get(str(run.config.get("select_by")), "accuracy")
+    prior = {"uniform": "every class equally likely", "train": "classes as frequent as in training"}
+    assumed = f" Predictions assume {prior[e['prior']]} (prior {e['prior']})." if e.get("prior") in prior else ""
+    text = (f"Balanced accuracy <b>{e.get('balanced_accuracy', 0):.2%}</b>, macro-F1 "
+            f"<b>{e['macro_f1']:.2%}</b>, accuracy {e['accuracy']:.2%}. Trained with --balance "
+            f"{escape(run.config.get('balance', 'none'))}; best epoch chosen by val "
+            f"{escape(select_by)}.{escape(assumed)}")  # fmt: skip
+    counted = any(r.get("train_images") for r in run.per_class)
+    if not counted:
+        text += " The checkpoint does not record its training images per class (an older run)."
+    head = "<tr><th>class</th><th>train images</th><th>val images</th><th>recall</th></tr>"
+    rows = []
+    for r in run.per_class:  # per_class.csv: most training images first
+        recall = float(r["recall"])
+        rows.append(f"<tr><td>{escape(r['class'])}</td><td>{escape(r.get('train_images') or '?')}</td>"
+                    f"<td>{escape(r['support'])}</td><td class=\"recall\"><span class=\"bar\" "
+                    f'style="width:{recall * 12:.2f}rem"></span> {recall:.2%}</td></tr>')  # fmt: skip
+    return f'<p>{text}</p><table class="balance">{head}{"".join(rows)}</table>'
 
 
 def _gallery(run: RunFiles, limit: int) -> str:
