@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,15 @@ from resnext_cli.data.folders import find_splits, ignored_entries, read_split_va
 from resnext_cli.data.loaders import make_loader
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
+from resnext_cli.model.cam import require_captum
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
+from resnext_cli.outputs.heatmaps import (
+    explain_images,
+    overlay_name,
+    read_explain_json,
+    write_explain_json,
+    write_overlay,
+)
 from resnext_cli.outputs.metrics import ClassificationReport, classification_report, confusion_matrix
 from resnext_cli.outputs.plots import confusion_matrix_png, write_png
 
@@ -190,6 +198,7 @@ class EvaluationRun:
     evaluation: Evaluation
     out: Path  # the folder written
     seconds: float
+    heatmaps: int = 0  # overlays written into out/heatmaps/
 
 
 def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> EvaluationRun:
@@ -219,8 +228,45 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
     evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
     seconds = time.perf_counter() - started
     about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
+    heatmaps = write_mistake_heatmaps(out / HEATMAPS, engine, mistakes(evaluation)[: cfg.heatmaps], cfg)
     write_evaluation(out, evaluation, about)
-    return EvaluationRun(evaluation, out, seconds)
+    return EvaluationRun(evaluation, out, seconds, heatmaps)
+
+
+HEATMAPS = "heatmaps"  # eval/heatmaps/: overlays of the most confident mistakes, explain.json
+
+
+def write_mistake_heatmaps(
+    folder: Path, engine: InferenceModel, shown: list[Prediction], cfg: EvaluateConfig
+) -> int:
+    """For each mistake, most confident first, the Grad-CAM heatmaps of the predicted and the
+    true class side by side: `NN_<stem>_<class>.png` and explain.json in `folder` (what an
+    earlier evaluation left there goes first). Without captum a warning, not a failure: the
+    evaluation stands without them. Returns how many heatmaps were written."""
+    for entry in read_explain_json(folder):  # an earlier evaluation's, listed by it: ours to replace
+        (folder / Path(str(entry.get("overlay", ""))).name).unlink(missing_ok=True)
+    (folder / "explain.json").unlink(missing_ok=True)
+    if not shown:
+        return 0
+    try:
+        require_captum()
+    except UserError as exc:
+        ui.warn(f"No heatmaps of the mistakes: {exc}")
+        return 0
+    make_folder(folder)
+    rank = {m.path: i for i, m in enumerate(shown, 1)}
+    names = {m.path: (engine.classes[m.predicted], engine.classes[m.true]) for m in shown}
+    samples = [(m.path, [m.predicted, m.true]) for m in shown]
+    entries: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    for explained, _ in explain_images(engine, samples, "gradcam", cfg.batch_size, 0):
+        for item in explained:
+            role = "predicted" if item.class_name == names[item.path][0] else "true"
+            name = overlay_name(item.path, item.class_name, taken, prefix=f"{rank[item.path]:02d}_")
+            write_overlay(folder, name, item, f"{role} {item.class_name} {item.prob:.1%}")
+            entries.append({**item.record(name), "role": role})
+    write_explain_json(folder, entries)
+    return len(entries)
 
 
 @dataclass
@@ -231,14 +277,18 @@ class RecordedEvaluation:
     per_class: list[dict[str, str]]
     mistakes: list[dict[str, str]]  # misclassified.csv, most confident first
     confusion_png: bytes
+    heatmaps: dict[tuple[str, str], Path] = field(default_factory=dict)  # (path, class) -> overlay
 
 
 def read_evaluation(out: Path) -> RecordedEvaluation:
+    heatmaps = {(str(e["path"]), str(e.get("class"))): out / HEATMAPS / Path(str(e["overlay"])).name
+                for e in read_explain_json(out / HEATMAPS) if e.get("overlay")}  # fmt: skip
     return RecordedEvaluation(
         json.loads((out / "metrics.json").read_text(encoding="utf-8")),
         read_csv(out / "per_class.csv"),
         read_csv(out / "misclassified.csv"),
         (out / "confusion_matrix.png").read_bytes(),
+        heatmaps,
     )
 
 
