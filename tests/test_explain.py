@@ -15,14 +15,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from resnext_cli.config import PredictConfig
-from resnext_cli.data.batches import get_batch
-from resnext_cli.data.loaders import collate_skipping_failures, image_dataset
+from resnext_cli.data.loaders import image_dataset
 from resnext_cli.data.transforms import Preprocessing, centre_crop_box
 from resnext_cli.model.cam import activation_maps
-from resnext_cli.model.engines import load_inference_model
 from resnext_cli.outputs.heatmaps import Explained, PhotoFrame, display_size, overlay_image, photo_frame
 from tests.conftest import invoke
+from tests.marks import chance, make_mark_dataset, pointing_game
 
 METHODS = ("gradcam", "occlusion", "integrated-gradients")
 
@@ -359,3 +357,40 @@ def test_without_captum_evaluate_works_and_says_why_no_heatmaps(tmp_path: Path, 
     assert result.exit_code == 0, result.stderr
     assert "No heatmaps of the mistakes" in result.stderr and "resnext-cli[explain]" in result.stderr
     assert (tmp_path / "ev" / "metrics.json").is_file() and not (tmp_path / "ev" / "heatmaps").exists()
+
+
+# ---------------------------------------------------------------- the pointing game
+
+
+def pointing_scores(work: Path, seed: int) -> dict[str, float]:
+    """Train resnet18 from scratch on the marks set (96 px, 4 epochs, CPU), explain the held-out
+    photos with each method, and score where the peaks fall."""
+    marks = make_mark_dataset(work / "marks", seed=seed, val_per_class=15)
+    result = invoke(["train", work / "marks", "--arch", "resnet18", "--weights", "none", "--img-size", "96",
+                     "--epochs", "4", "--batch-size", "16", "--no-augment", "--device", "cpu", "--workers",
+                     "0", "--seed", seed, "--no-report", "--out", work / "run"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    scores = {"chance": chance(marks)}
+    for method in ("gradcam", "integrated-gradients"):
+        result = invoke(["explain", work / "marks" / "val", "--recursive", "--checkpoint", work / "run" / "best.pt",
+                         "--method", method, "--out", work / method, "--device", "cpu", "--workers", "0",
+                         "--batch-size", "16"])  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        entries = json.loads((work / method / "explain.json").read_text(encoding="utf-8"))
+        assert len(entries) == 45
+        scores["accuracy"] = sum(e["class"] == Path(e["path"]).parent.name for e in entries) / 45
+        scores[method] = pointing_game(entries, marks)
+    return scores
+
+
+def test_the_heatmap_points_at_the_mark_that_decides_the_class(tmp_path: Path):
+    """The class is decided only by a 30-px square of colour somewhere on a textured photo (7% of
+    what the model sees, a random peak's chance); a third of the photos are EXIF-turned JPEGs.
+    Integrated gradients (per pixel) puts its peak on the mark in >= 80% of the held-out photos;
+    Grad-CAM, whose last-stage cells are 32 px apart (3x3 of them at 96 px), on it in more than
+    half, 7x chance (measured 70-77% over seeds 0-2, 82% within the standard pointing game's
+    tolerance: benchmarks/bench_explain.py)."""
+    scores = pointing_scores(tmp_path, seed=0)
+    assert scores["accuracy"] >= 0.95, scores
+    assert scores["integrated-gradients"] >= 0.8, scores
+    assert scores["gradcam"] >= 0.5 and scores["gradcam"] >= 7 * scores["chance"], scores

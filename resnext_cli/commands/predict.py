@@ -24,7 +24,12 @@ from resnext_cli.files import make_folder
 from resnext_cli.model.cam import require_captum
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
 from resnext_cli.outputs.heatmaps import Explained, explain_images, overlay_image
-from resnext_cli.outputs.plots import explained_predictions_figure, plot_format, predictions_figure, save_figure
+from resnext_cli.outputs.plots import (
+    explained_predictions_figure,
+    plot_format,
+    predictions_figure,
+    save_figure,
+)
 from resnext_cli.outputs.results import ResultWriter, Row
 
 # ---------------------------------------------------------------- predict

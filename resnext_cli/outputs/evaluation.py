@@ -228,7 +228,8 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
     evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
     seconds = time.perf_counter() - started
     about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
-    heatmaps = write_mistake_heatmaps(out / HEATMAPS, engine, mistakes(evaluation)[: cfg.heatmaps], cfg)
+    heatmaps = write_mistake_heatmaps(out / HEATMAPS, engine, mistakes(evaluation)[: cfg.heatmaps], cfg,
+                                      warn=not quiet)  # the report says it on its page
     write_evaluation(out, evaluation, about)
     return EvaluationRun(evaluation, out, seconds, heatmaps)
 
@@ -237,7 +238,7 @@ HEATMAPS = "heatmaps"  # eval/heatmaps/: overlays of the most confident mistakes
 
 
 def write_mistake_heatmaps(
-    folder: Path, engine: InferenceModel, shown: list[Prediction], cfg: EvaluateConfig
+    folder: Path, engine: InferenceModel, shown: list[Prediction], cfg: EvaluateConfig, warn: bool = True
 ) -> int:
     """For each mistake, most confident first, the Grad-CAM heatmaps of the predicted and the
     true class side by side: `NN_<stem>_<class>.png` and explain.json in `folder` (what an
@@ -251,7 +252,8 @@ def write_mistake_heatmaps(
     try:
         require_captum()
     except UserError as exc:
-        ui.warn(f"No heatmaps of the mistakes: {exc}")
+        if warn:
+            ui.warn(f"No heatmaps of the mistakes: {exc}")
         return 0
     make_folder(folder)
     rank = {m.path: i for i, m in enumerate(shown, 1)}

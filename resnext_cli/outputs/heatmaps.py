@@ -69,8 +69,15 @@ class Explained:
     offset: float
 
     def sample(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """The heatmap (0-1, of the cells' maximum) at photo coordinates xs (columns) and ys
-        (rows), pixel-edge convention; NaN outside the crop."""
+        """The heatmap at photo coordinates xs (columns) and ys (rows), pixel-edge convention,
+        scaled to 0-1 over what is sampled; NaN outside the crop."""
+        heat = self._interpolate(xs, ys)
+        top = float(torch.nan_to_num(heat, nan=0).max())
+        return (heat / top if top > 0 else heat).clamp(0, 1)  # NaN stays NaN
+
+    def _interpolate(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Bicubic between the cells' centres (constant beyond the outer ones), unclamped: a
+        clamp would flatten the top into a plateau whose first pixel is not the peak."""
         x0, y0, x1, y1 = self.frame.box
         fx = ((xs - x0) * self.frame.crop / (x1 - x0) - self.offset) / self.stride
         fy = ((ys - y0) * self.frame.crop / (y1 - y0) - self.offset) / self.stride
@@ -78,12 +85,9 @@ class Explained:
         gx = 2 * fx / (w - 1) - 1 if w > 1 else torch.zeros_like(fx)
         gy = 2 * fy / (h - 1) - 1 if h > 1 else torch.zeros_like(fy)
         grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].float()
-        top = float(self.cells.max())
-        cells = (self.cells / top if top > 0 else self.cells)[None, None]
-        heat = F.grid_sample(cells, grid, mode="bicubic", padding_mode="border", align_corners=True)
-        heat = heat[0, 0].clamp(0, 1)  # bicubic overshoots a little
-        outside = (xs < x0) | (xs > x1)
-        heat[:, outside] = float("nan")
+        cells = self.cells[None, None].float()
+        heat = F.grid_sample(cells, grid, mode="bicubic", padding_mode="border", align_corners=True)[0, 0]
+        heat[:, (xs < x0) | (xs > x1)] = float("nan")
         heat[(ys < y0) | (ys > y1), :] = float("nan")
         return heat
 
@@ -98,7 +102,7 @@ class Explained:
         centres = torch.arange(self.frame.crop, dtype=torch.float64) + 0.5
         xs = x0 + centres * (x1 - x0) / self.frame.crop
         ys = y0 + centres * (y1 - y0) / self.frame.crop
-        heat = self.sample(xs, ys)
+        heat = self._interpolate(xs, ys)
         row, col = divmod(int(torch.nan_to_num(heat, nan=-1).argmax()), heat.shape[1])
         width, height = self.frame.size
         return min(int(xs[col]), width - 1), min(int(ys[row]), height - 1)
