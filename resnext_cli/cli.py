@@ -26,6 +26,7 @@ from resnext_cli.config import (
     BALANCE_AUTO_RATIO,
     BALANCES,
     DECODERS,
+    EXPLAIN_METHODS,
     OPTIMIZERS,
     PRECISIONS,
     RUN_SORTS,
@@ -38,6 +39,7 @@ from resnext_cli.config import (
     CacheConfig,
     CheckDataConfig,
     EvaluateConfig,
+    ExplainConfig,
     ExportConfig,
     PredictConfig,
     ReportConfig,
@@ -72,7 +74,8 @@ def option(help: str, *decls: str, default: Any = None, metavar: str | None = No
 
 
 FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
-         "--resume-output", "--dynamic-batch", "--tta", "--overwrite", "--track-checkpoints"}  # fmt: skip
+         "--resume-output", "--dynamic-batch", "--tta", "--overwrite", "--track-checkpoints",
+         "--explain"}  # fmt: skip
 
 
 def data_argument(help: str) -> Any:
@@ -377,6 +380,10 @@ def predict(
                                  "the format (.png, .jpg, .pdf, .svg ...).", metavar="FILE"),
     tta: Optional[bool] = TTA,
     prior: Optional[str] = PRIOR,
+    explain: Optional[bool] = option("Also a Grad-CAM heatmap of the predicted class (needs the "
+                                     "[explain] extra), drawn beside the probabilities in --plot "
+                                     "FILE; without --plot, into explain.png (explain2.png, ... if "
+                                     "taken).", "--explain", default=False),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify one or more images."""
@@ -445,6 +452,9 @@ def evaluate(
     batch_size: Optional[int] = option("Images per batch.", default=_E.batch_size, metavar="N"),
     workers: Optional[int] = WORKERS,
     out: Optional[str] = option("Output folder.", default="eval/ beside the checkpoint", metavar="DIR"),
+    heatmaps: Optional[int] = option("Heatmaps (predicted and true class) of the N most confident "
+                                     "mistakes, in OUT/heatmaps/; 0: none. Needs the [explain] extra.",
+                                     default=_E.heatmaps, metavar="N"),
     json: Optional[bool] = JSON,
     img_size: Optional[int] = INFER_IMG_SIZE,
     device: Optional[str] = DEVICE,
@@ -466,6 +476,50 @@ def evaluate(
         run_evaluate(configure(EvaluateConfig, config, overrides))
 
     run_command(action)
+
+
+_X = ExplainConfig()
+
+
+@app.command()
+def explain(
+    images: List[str] = typer.Argument(..., help="Image files, or folders of images.", metavar="IMAGE...",
+                                       show_default=False),
+    class_: Optional[List[str]] = option("Explain this class (repeat for several).", "--class",
+                                         default="the predicted class", metavar="NAME"),
+    method: Optional[str] = option(f"{' | '.join(EXPLAIN_METHODS)}: Grad-CAM on the last stage (fast), "
+                                   "hiding squares (model-agnostic, ~200 passes), or integrated "
+                                   "gradients (per pixel, 32 passes).", default=_X.method, metavar="M"),
+    out: Optional[str] = option("Output folder (an earlier explain's may be added to).",
+                                default="runs/explain, runs/explain2, ...", metavar="DIR"),
+    recursive: Optional[bool] = option("Include the sub-folders of a folder.", "--recursive",
+                                       default=False),
+    checkpoint: Optional[str] = CHECKPOINT,
+    weights: Optional[str] = WEIGHTS,
+    arch: Optional[str] = WEIGHTS_ARCH,
+    class_indices: Optional[str] = CLASS_INDICES,
+    batch_size: Optional[int] = option("Images per batch.", default=_X.batch_size, metavar="N"),
+    workers: Optional[int] = WORKERS,
+    img_size: Optional[int] = INFER_IMG_SIZE,
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = option(PRECISION_HELP + " For the probabilities; heatmaps are "
+                                      "computed in fp32.", default="auto", metavar="P"),
+    channels_last: Optional[bool] = CHANNELS_LAST,
+    decode: Optional[str] = DECODE,
+    json: Optional[bool] = option("Print explain.json's entries on stdout.", "--json", default=False),
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
+    """Heatmaps of where the model looked: an overlay PNG per image and class (<stem>_<class>.png)
+    and explain.json (class, probability, method, peak in the photo's pixels)."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "class_")}
+    overrides["classes"] = list(class_) if class_ else None
+
+    def action() -> int:
+        from resnext_cli.commands.explain import explain as run_explain
+
+        return run_explain(configure(ExplainConfig, config, overrides))
+
+    _exit_with(run_command(action))
 
 
 @app.command()

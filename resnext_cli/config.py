@@ -38,6 +38,7 @@ PRIORS = ("uniform", "train")  # the class prior predictions assume
 BALANCE_AUTO = "sampler"  # --balance auto on training classes at least this far apart:
 BALANCE_AUTO_RATIO = 3.0  # largest / smallest class
 SELECT_AUTO_RATIO = 1.5  # --select-by auto: balanced accuracy on val classes this far apart
+EXPLAIN_METHODS = ("gradcam", "occlusion", "integrated-gradients")  # heatmaps: model/cam.py
 
 
 @dataclass
@@ -177,6 +178,7 @@ class PredictConfig(InferenceConfig):
     topk: int = 5
     json: bool = False
     plot: str | None = None
+    explain: bool = False  # a Grad-CAM heatmap of the predicted class beside the probabilities
 
     def validate(self) -> None:
         super().validate()
@@ -222,9 +224,32 @@ class EvaluateConfig(InferenceConfig):
     workers: int | None = None
     json: bool = False
     out: str | None = None  # None: eval/ beside the checkpoint
+    heatmaps: int = 24  # the most confident mistakes explained (predicted and true class)
 
     def validate(self) -> None:
         super().validate()
+        _check_range("batch_size", self.batch_size, low=1)
+        _check_range("heatmaps", self.heatmaps, low=0)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+
+
+@dataclass
+class ExplainConfig(InferenceConfig):
+    images: list[str] = field(default_factory=list)  # image files and folders of images
+    classes: list[str] = field(default_factory=list)  # --class NAME (repeatable); none: the predicted
+    method: str = "gradcam"
+    out: str | None = None  # None: runs/explain, runs/explain2, ...
+    recursive: bool = False
+    batch_size: int = 8
+    workers: int | None = None
+    json: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.images:
+            raise UserError("No image given. Usage: resnext explain IMAGE... (files or folders).")
+        _check_choice("method", self.method, EXPLAIN_METHODS)
         _check_range("batch_size", self.batch_size, low=1)
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)

@@ -21,6 +21,9 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         print(json.dumps(_json_result(result.evaluation, result.out), indent=2, ensure_ascii=False))
     else:
         _print_evaluation(result.evaluation, result.seconds, result.out)
+        if result.heatmaps:
+            ui.info(f"Heatmaps of the {result.heatmaps // 2} most confident mistakes (predicted and "
+                    f"true class): {result.out}/heatmaps/")  # fmt: skip
     return result.evaluation
 
 

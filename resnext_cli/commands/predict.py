@@ -21,8 +21,15 @@ from resnext_cli.data.images import load_rgb
 from resnext_cli.data.loaders import collate_skipping_failures, make_loader
 from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError, interruption
 from resnext_cli.files import make_folder
+from resnext_cli.model.cam import require_captum
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
-from resnext_cli.outputs.plots import plot_format, predictions_figure, save_figure
+from resnext_cli.outputs.heatmaps import Explained, explain_images, overlay_image
+from resnext_cli.outputs.plots import (
+    explained_predictions_figure,
+    plot_format,
+    predictions_figure,
+    save_figure,
+)
 from resnext_cli.outputs.results import ResultWriter, Row
 
 # ---------------------------------------------------------------- predict
@@ -30,6 +37,8 @@ from resnext_cli.outputs.results import ResultWriter, Row
 
 def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     plot_fmt = plot_format(cfg.plot) if cfg.plot else None
+    if cfg.explain:
+        require_captum()  # before the model loads: say at once what to install
     for image in cfg.images:
         p = Path(image)
         if not p.exists():
@@ -55,16 +64,59 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
         }
         for image, ranked in zip(cfg.images, top_k(probs, engine.classes, cfg.topk))
     ]
+    explained = _explain_predictions(engine, cfg.images) if cfg.explain else []
+    for result, item in zip(results, explained):
+        result["explain"] = item.record()
     if cfg.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
         _print_prediction_tables(results)
-    if cfg.plot and plot_fmt:
-        pictures = [load_rgb(image, engine.preprocessing.decode_min_size) for image in cfg.images]
-        save_prediction_plot(cfg.plot, plot_fmt, pictures, results)
-        if not cfg.json:
-            ui.info(f"Saved {cfg.plot}")
+    _save_plot(cfg, plot_fmt, engine, results, explained)
     return results
+
+
+def _explain_predictions(engine: InferenceModel, images: list[str]) -> list[Explained]:
+    """The Grad-CAM heatmap of each image's predicted class, in the images' order."""
+    found = {}
+    for explained, _ in explain_images(engine, [(image, None) for image in images], "gradcam",
+                                       batch_size=len(images), workers=0):  # fmt: skip
+        found.update({item.path: item for item in explained})
+    return [found[image] for image in images]
+
+
+def _save_plot(
+    cfg: PredictConfig, fmt: str | None, engine: InferenceModel, results: list[dict[str, Any]],
+    explained: list[Explained],
+) -> None:  # fmt: skip
+    """--plot FILE: the images titled with their prediction; with --explain, beside each its
+    heatmap and the probabilities (into explain.png, explain2.png... without --plot)."""
+    if not (cfg.plot or explained):
+        return
+    target = Path(cfg.plot) if cfg.plot else free_path(Path("explain.png"))
+    make_folder(target.parent)
+    pictures = [load_rgb(image, engine.preprocessing.decode_min_size) for image in cfg.images]
+    if explained:
+        overlays = [overlay_image(item) for item in explained]
+        rankings = [[(e["class"], e["prob"]) for e in r["topk"]] for r in results]
+        figure = explained_predictions_figure(pictures, overlays, rankings, cfg.images)
+    else:
+        titles = [f"{r['topk'][0]['class']}: {r['topk'][0]['prob']:.1%}" for r in results]
+        figure = predictions_figure(pictures, titles)
+    save_figure(target, figure, fmt or "png")
+    (ui.note if cfg.json else ui.info)(f"Saved {target}")
+    for item in explained if not cfg.json else []:
+        peak = item.peak
+        where = f"at ({peak[0]}, {peak[1]}) in the photo's pixels" if peak else "nowhere (no evidence)"
+        ui.info(f"{item.path}: heatmap of {item.class_name} peaks {where}")
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or the first of path2, path3... (same suffix) that does not exist yet."""
+    for i in range(1, 100_000):
+        candidate = path if i == 1 else path.with_name(f"{path.stem}{i}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise UserError(f"Too many files named like {path}; pass --plot FILE.")
 
 
 def _print_prediction_tables(results: list[dict[str, Any]]) -> None:
@@ -73,14 +125,6 @@ def _print_prediction_tables(results: list[dict[str, Any]]) -> None:
         for rank, entry in enumerate(result["topk"], 1):
             table.add_row(str(rank), entry["class"], f"{entry['prob']:.2%}")
         ui.console().print(table)
-
-
-def save_prediction_plot(path: str, fmt: str, pictures: list[Any], results: list[dict[str, Any]]) -> None:
-    """Each image under a title line `class: prob`, side by side; never a window."""
-    titles = [f"{r['topk'][0]['class']}: {r['topk'][0]['prob']:.1%}" for r in results]
-    target = Path(path)
-    make_folder(target.parent)
-    save_figure(target, predictions_figure(pictures, titles), fmt)
 
 
 # ---------------------------------------------------------------- batch-predict

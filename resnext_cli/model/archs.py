@@ -16,6 +16,10 @@ class ArchSpec:
     name: str
     family: str
     description: str
+    # where class-activation heatmaps are taken (`model/cam.py`): the last stage, whose output
+    # the classifier pools; its cell (i, j) is centred on input pixel (stride * i, stride * j)
+    cam_layer: str = "layer4"
+    cam_stride: int = 32
 
 
 ARCHS: dict[str, ArchSpec] = {

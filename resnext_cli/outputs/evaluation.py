@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,16 @@ from resnext_cli.data.folders import (
 from resnext_cli.data.loaders import make_loader
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
+from resnext_cli.model.cam import require_captum
 from resnext_cli.model.checkpoint import run_folder_lock
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
+from resnext_cli.outputs.heatmaps import (
+    explain_images,
+    overlay_name,
+    read_explain_json,
+    write_explain_json,
+    write_overlay,
+)
 from resnext_cli.outputs.metrics import (
     ClassificationReport,
     ClassScores,
@@ -281,6 +289,7 @@ class EvaluationRun:
     evaluation: Evaluation
     out: Path  # the folder written
     seconds: float
+    heatmaps: int = 0  # overlays written into out/heatmaps/
 
 
 def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> EvaluationRun:
@@ -308,8 +317,10 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
         seconds = time.perf_counter() - started
         about = {"checkpoint": engine.source, "data": data, "images": chosen.description,
                  "prior": engine.prior.name if engine.prior else None}  # fmt: skip
+        heatmaps = write_mistake_heatmaps(out / HEATMAPS, engine, mistakes(evaluation)[: cfg.heatmaps],
+                                          cfg, warn=not quiet)  # fmt: skip
         write_evaluation(out, evaluation, about)
-    return EvaluationRun(evaluation, out, seconds)
+    return EvaluationRun(evaluation, out, seconds, heatmaps)
 
 
 def trained_on_data(engine: InferenceModel | OnnxModel) -> str:
@@ -329,6 +340,43 @@ def trained_on_data(engine: InferenceModel | OnnxModel) -> str:
     return data
 
 
+HEATMAPS = "heatmaps"  # eval/heatmaps/: overlays of the most confident mistakes, explain.json
+
+
+def write_mistake_heatmaps(
+    folder: Path, engine: InferenceModel, shown: list[Prediction], cfg: EvaluateConfig, warn: bool = True
+) -> int:
+    """For each mistake, most confident first, the Grad-CAM heatmaps of the predicted and the
+    true class side by side: `NN_<stem>_<class>.png` and explain.json in `folder` (what an
+    earlier evaluation left there goes first). Without captum a warning, not a failure: the
+    evaluation stands without them. Returns how many heatmaps were written."""
+    for entry in read_explain_json(folder):  # an earlier evaluation's, listed by it: ours to replace
+        (folder / Path(str(entry.get("overlay", ""))).name).unlink(missing_ok=True)
+    (folder / "explain.json").unlink(missing_ok=True)
+    if not shown:
+        return 0
+    try:
+        require_captum()
+    except UserError as exc:
+        if warn:
+            ui.warn(f"No heatmaps of the mistakes: {exc}")
+        return 0
+    make_folder(folder)
+    rank = {m.path: i for i, m in enumerate(shown, 1)}
+    names = {m.path: (engine.classes[m.predicted], engine.classes[m.true]) for m in shown}
+    samples = [(m.path, [m.predicted, m.true]) for m in shown]
+    entries: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    for explained, _ in explain_images(engine, samples, "gradcam", cfg.batch_size, 0):
+        for item in explained:
+            role = "predicted" if item.class_name == names[item.path][0] else "true"
+            name = overlay_name(item.path, item.class_name, taken, prefix=f"{rank[item.path]:02d}_")
+            write_overlay(folder, name, item, f"{role} {item.class_name} {item.prob:.1%}")
+            entries.append({**item.record(name), "role": role})
+    write_explain_json(folder, entries)
+    return len(entries)
+
+
 @dataclass
 class RecordedEvaluation:
     """An eval/ folder read back: what `write_evaluation` wrote."""
@@ -337,14 +385,18 @@ class RecordedEvaluation:
     per_class: list[dict[str, str]]
     mistakes: list[dict[str, str]]  # misclassified.csv, most confident first
     confusion_png: bytes
+    heatmaps: dict[tuple[str, str], Path] = field(default_factory=dict)  # (path, class) -> overlay
 
 
 def read_evaluation(out: Path) -> RecordedEvaluation:
+    heatmaps = {(str(e["path"]), str(e.get("class"))): out / HEATMAPS / Path(str(e["overlay"])).name
+                for e in read_explain_json(out / HEATMAPS) if e.get("overlay")}  # fmt: skip
     return RecordedEvaluation(
         json.loads((out / "metrics.json").read_text(encoding="utf-8")),
         read_csv(out / "per_class.csv"),
         read_csv(out / "misclassified.csv"),
         (out / "confusion_matrix.png").read_bytes(),
+        heatmaps,
     )
 
 

@@ -130,6 +130,34 @@ def predictions_figure(pictures: Sequence[Any], titles: Sequence[str]) -> Figure
     return figure
 
 
+def explained_predictions_figure(
+    pictures: Sequence[Any], overlays: Sequence[Any], rankings: Sequence[Sequence[tuple[str, float]]],
+    titles: Sequence[str],
+) -> Figure:  # fmt: skip
+    """A row per image: the photo, its heatmap for the predicted class (where the model looked),
+    and the probabilities of the top classes."""
+    figure = _figure(13.0, 3.7 * len(pictures))
+    rows = figure.subplots(len(pictures), 3, squeeze=False, width_ratios=[1, 1, 1.25])
+    for (photo, heat, bars), picture, overlay, ranked, title in zip(rows, pictures, overlays,
+                                                                    rankings, titles):  # fmt: skip
+        photo.imshow(picture)
+        photo.set_title(Path(title).name, fontsize=11)
+        heat.imshow(overlay)
+        heat.set_title(f"where it saw {ranked[0][0]} (Grad-CAM)", fontsize=11)
+        for axes in (photo, heat):
+            axes.set_axis_off()
+        names, values = [c for c, _ in ranked][::-1], [100 * p for _, p in ranked][::-1]
+        colours = ["tab:blue"] * (len(names) - 1) + ["tab:orange"]
+        drawn = bars.barh(range(len(names)), values, color=colours)
+        bars.set_yticks(range(len(names)), labels=names)
+        bars.bar_label(drawn, labels=[f"{v:.1f}%" for v in values], padding=3, fontsize=9)
+        bars.set_xlim(0, 118)
+        bars.set_xlabel("probability (%)")
+        bars.set_title(f"top {len(names)}", fontsize=11)
+        bars.spines[["top", "right"]].set_visible(False)
+    return figure
+
+
 def save_figure(path: Path, figure: Figure, fmt: str) -> None:
     atomic_write(path, lambda handle: figure.savefig(handle, format=fmt, dpi=100))
 

@@ -58,6 +58,7 @@ class RunFiles:
     not_evaluated: str = ""  # why there is no evaluation
     record: dict[str, Any] | None = None  # run.json: status, wall time of every session
     comparison: Comparison | None = None  # --compare OTHER
+    heatmaps: dict[tuple[str, str], Path] = field(default_factory=dict)  # eval/heatmaps: (path, class)
 
 
 def write_report(cfg: ReportConfig) -> Path:
@@ -126,7 +127,8 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
         data = cfg.data or run.config.get("data")
         evaluation = EvaluateConfig(checkpoint=str(best), data=data, out=str(out),
                                     batch_size=cfg.batch_size, workers=cfg.workers,
-                                    device=cfg.device, decode=cfg.decode)  # fmt: skip
+                                    device=cfg.device, decode=cfg.decode,
+                                    heatmaps=cfg.gallery)  # fmt: skip
         try:
             evaluation.validate()
             evaluate_into_folder(evaluation, quiet=True)
@@ -140,6 +142,7 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
     run.per_class = recorded.per_class
     run.mistakes = recorded.mistakes
     run.confusion_png = recorded.confusion_png
+    run.heatmaps = recorded.heatmaps
 
 
 # ---------------------------------------------------------------- HTML
@@ -150,6 +153,8 @@ img.figure { max-width: 100%; height: auto; border: 1px solid #eee; }
 table.config td { text-align: left; }
 .bar { display: inline-block; height: .8rem; background: #4a7bd0; vertical-align: middle; }
 td.recall { text-align: left; white-space: nowrap; }
+.gallery figure.explained { width: 508px; }
+.gallery figure.explained img { margin-right: 4px; }
 """
 
 
@@ -312,14 +317,35 @@ def _gallery(run: RunFiles, limit: int) -> str:
     figures = []
     for m in shown:
         picture = thumbnail_tag(m["path"], f"{m['true']} predicted as {m['predicted']}")
+        explained = _mistake_heatmaps(run, m)
+        css = ' class="explained"' if explained else ""
         figures.append(
-            f"<figure>{picture}<figcaption>true <b>{escape(m['true'])}</b><br>predicted "
+            f"<figure{css}>{picture}{explained}"
+            f"<figcaption>true <b>{escape(m['true'])}</b><br>predicted "
             f'<span class="wrong">{escape(m["predicted"])}</span>&nbsp;{float(m["prob"]):.1%}<br>'
             f'<span class="muted file">{escape(Path(m["path"]).name)}</span></figcaption></figure>'
         )
     more = len(run.mistakes) - len(shown)
     tail = f'<p class="muted">... and {more} more in eval/misclassified.csv.</p>' if more else ""
-    return f'<div class="gallery">{"".join(figures)}</div>{tail}'
+    return f'{_heatmaps_note(run)}<div class="gallery">{"".join(figures)}</div>{tail}'
+
+
+def _mistake_heatmaps(run: RunFiles, mistake: dict[str, str]) -> str:
+    """Beside the photo: where the model saw the predicted class, and the true one."""
+    files = [run.heatmaps.get((mistake["path"], mistake[role])) for role in ("predicted", "true")]
+    if not all(files):
+        return ""
+    return "".join(thumbnail_tag(str(path), f"heatmap of {role} class {mistake[role]}")
+                   for role, path in zip(("predicted", "true"), files))  # fmt: skip
+
+
+def _heatmaps_note(run: RunFiles) -> str:
+    if run.heatmaps:
+        return ('<p class="muted">Beside each photo, Grad-CAM heatmaps of where the model saw the '
+                "predicted class (middle) and the true class (right); greyed: outside the crop the "
+                "model saw, ringed: the peak.</p>")  # fmt: skip
+    return ('<p class="muted">No heatmaps of these mistakes: `resnext evaluate` draws them with the '
+            "[explain] extra (pip install 'resnext-cli[explain]').</p>")  # fmt: skip
 
 
 def _config_table(config: dict[str, Any]) -> str:
