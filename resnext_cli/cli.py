@@ -7,6 +7,7 @@ defaults shown in --help come from the config dataclasses.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -32,7 +33,7 @@ from resnext_cli.config import (
     TrainConfig,
     build_config,
 )
-from resnext_cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
+from resnext_cli.errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, UserError
 from resnext_cli.model.archs import ARCHS, check_arch
 
 app = typer.Typer(
@@ -59,7 +60,7 @@ def option(help: str, *decls: str, default: Any = None, metavar: str | None = No
 
 
 FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
-         "--resume-output", "--dynamic-batch", "--tta"}  # fmt: skip
+         "--resume-output", "--dynamic-batch", "--tta", "--overwrite", "--save-probs"}  # fmt: skip
 
 
 def data_argument(help: str) -> Any:
@@ -136,6 +137,9 @@ def run_command(action: Callable[[], Any]) -> Any:
             raise
         _print_error("Interrupted.")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        _silence_stdout()
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except Exception as exc:
         if debug:
             raise
@@ -144,6 +148,16 @@ def run_command(action: Callable[[], Any]) -> Any:
             "environment problem; re-run with RESNEXT_DEBUG=1 to see the traceback."
         )
         raise typer.Exit(EXIT_FAILED) from None
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (`resnext batch-predict DIR | head`): the command stops
+    quietly, as Unix tools do (exit 141, files being written stay resumable), and later writes,
+    Python's own flush at exit included, go nowhere instead of failing again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 def _print_error(message: str) -> None:
@@ -305,7 +319,8 @@ def batch_predict(
     class_indices: Optional[str] = CLASS_INDICES,
     recursive: Optional[bool] = option("Include sub-folders.", "--recursive", default=False),
     topk: Optional[int] = option("Classes per image in the output.", default=_B.topk, metavar="K"),
-    output: Optional[str] = option("Results file, .csv or .jsonl (its folder is created).", metavar="FILE"),
+    output: Optional[str] = option("Results file, .csv, .jsonl or .parquet (its folder is created).",
+                                   metavar="FILE"),
     workers: Optional[int] = WORKERS,
     img_size: Optional[int] = INFER_IMG_SIZE,
     device: Optional[str] = DEVICE,
@@ -316,6 +331,10 @@ def batch_predict(
     quiet: Optional[bool] = option("No line per image.", "--quiet", default=False),
     resume_output: Optional[bool] = option("Skip images already in --output (after an "
                                            "interruption).", "--resume-output", default=False),
+    overwrite: Optional[bool] = option("Replace an existing --output (kept until the new one is "
+                                       "complete).", "--overwrite", default=False),
+    save_probs: Optional[bool] = option("Every class's probability in each row (--output .jsonl "
+                                        "or .parquet).", "--save-probs", default=False),
     onnx: Optional[str] = option("Run an exported model.onnx on onnxruntime instead of a checkpoint.",
                                  metavar="FILE"),
     tta: Optional[bool] = TTA,
@@ -559,6 +578,11 @@ def main(argv: list[str] | None = None) -> None:
         message = exc.format_message().rstrip()
         _print_error(f"{message}{'' if message.endswith('.') else '.'} See `{where} --help`.")
         sys.exit(exc.exit_code)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        code = EXIT_BROKEN_PIPE
     _exit(code if isinstance(code, int) else 0)
 
 

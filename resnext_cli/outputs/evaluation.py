@@ -19,9 +19,12 @@ from resnext_cli.data.folders import find_splits, ignored_entries, read_split_va
 from resnext_cli.data.loaders import make_loader
 from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
+from resnext_cli.model.distributed import DistContext, gather_objects, shard
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
 from resnext_cli.outputs.metrics import ClassificationReport, classification_report, confusion_matrix
 from resnext_cli.outputs.plots import confusion_matrix_png, write_png
+
+SINGLE_PROCESS = DistContext()
 
 
 @dataclass
@@ -103,25 +106,40 @@ def _labelled(
 
 def score(
     engine: InferenceModel | OnnxModel, samples: list[tuple[str, int]], batch_size: int,
-    workers: int | None, warn: bool = True,
+    workers: int | None, warn: bool = True, ctx: DistContext = SINGLE_PROCESS,
 ) -> Evaluation:  # fmt: skip
     """Predictions for every readable image; unreadable ones are left out (and, with `warn`,
-    reported one by one)."""
+    reported one by one). Under torchrun (`ctx`) the images are dealt out a batch at a time and
+    every process gets all the predictions back, in sample order."""
+    positions = shard(range(len(samples)), ctx, block=batch_size)
+    predictions, unreadable = _score_share(engine, [samples[i] for i in positions], batch_size, workers)
+    predictions, unreadable = _in_sample_order(ctx, positions, predictions, unreadable)
+    if warn:
+        for path, reason in unreadable:
+            ui.warn(f"skipped unreadable file {path}: {reason}")
+    if not predictions:
+        raise UserError("None of the images could be read (see the warnings above).", EXIT_FAILED)
+    return summarise(engine.classes, predictions, unreadable)
+
+
+def _score_share(
+    engine: InferenceModel | OnnxModel, samples: list[tuple[str, int]], batch_size: int,
+    workers: int | None,
+) -> tuple[list[tuple[int, Prediction]], list[tuple[int, tuple[str, str]]]]:  # fmt: skip
+    """(position in `samples`, prediction) for each readable image, (position, (path, reason))
+    for each unreadable one."""
     loader = make_loader(
         engine.dataset(samples),
         batch_size=batch_size,
         workers=engine.decode_workers([path for path, _ in samples], workers),
         pin_memory=engine.pin_memory,
     )
-    predictions: list[Prediction] = []
-    unreadable: list[tuple[str, str]] = []
+    predictions: list[tuple[int, Prediction]] = []
+    unreadable: list[tuple[int, tuple[str, str]]] = []
     k = min(5, len(engine.classes))
     for loaded in ui.progress(loader, desc="evaluate", unit="batch"):
         batch = get_batch(loaded, engine.spec)
-        for index, reason in batch.failures:
-            unreadable.append((samples[index][0], reason))
-            if warn:
-                ui.warn(f"skipped unreadable file {samples[index][0]}: {reason}")
+        unreadable += [(index, (samples[index][0], reason)) for index, reason in batch.failures]
         if batch.inputs is None:
             continue
         probs = engine.probabilities(batch.inputs)
@@ -129,12 +147,21 @@ def score(
         hits = (top_classes == batch.labels.cpu()[:, None]).any(dim=1)
         for i, index in enumerate(batch.indices):
             path, label = samples[index]
-            predictions.append(
-                Prediction(path, label, int(top_classes[i, 0]), float(top_probs[i, 0]), bool(hits[i]))
-            )
-    if not predictions:
-        raise UserError("None of the images could be read (see the warnings above).", EXIT_FAILED)
-    return summarise(engine.classes, predictions, unreadable)
+            prediction = Prediction(path, label, int(top_classes[i, 0]), float(top_probs[i, 0]), bool(hits[i]))
+            predictions.append((index, prediction))
+    return predictions, unreadable
+
+
+def _in_sample_order(
+    ctx: DistContext, positions: list[int], predictions: list[tuple[int, Prediction]],
+    unreadable: list[tuple[int, tuple[str, str]]],
+) -> tuple[list[Prediction], list[tuple[str, str]]]:  # fmt: skip
+    """Every process's results (its share's indices mapped back to sample positions), sorted."""
+    mine = ([(positions[i], p) for i, p in predictions], [(positions[i], u) for i, u in unreadable])
+    everyone = gather_objects(ctx, mine)
+    merged_predictions = sorted((item for part in everyone for item in part[0]), key=lambda t: t[0])
+    merged_unreadable = sorted((item for part in everyone for item in part[1]), key=lambda t: t[0])
+    return [p for _, p in merged_predictions], [u for _, u in merged_unreadable]
 
 
 def summarise(
@@ -192,9 +219,11 @@ class EvaluationRun:
     seconds: float
 
 
-def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> EvaluationRun:
+def evaluate_into_folder(
+    cfg: EvaluateConfig, quiet: bool = False, ctx: DistContext = SINGLE_PROCESS
+) -> EvaluationRun:
     """Score the model on the data (by default what it was trained on) and write the
-    evaluation folder."""
+    evaluation folder (under torchrun: sharded over the processes, written by rank 0)."""
     talk = not (cfg.json or quiet)
     engine = load_inference_model(cfg, announce=talk)
     data = cfg.data or engine.trained_on
@@ -211,15 +240,17 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
     for message in chosen.warnings:
         ui.warn(message)
     out = Path(cfg.out) if cfg.out else Path(engine.source).parent / "eval"
-    make_folder(out)
+    if ctx.is_main:
+        make_folder(out)
     if talk:
         ui.note(f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
                 f"{engine.describe()}")  # fmt: skip
     started = time.perf_counter()
-    evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
+    evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet, ctx=ctx)
     seconds = time.perf_counter() - started
     about = {"checkpoint": engine.source, "data": data, "images": chosen.description}
-    write_evaluation(out, evaluation, about)
+    if ctx.is_main:
+        write_evaluation(out, evaluation, about)
     return EvaluationRun(evaluation, out, seconds)
 
 
