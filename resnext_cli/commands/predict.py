@@ -151,9 +151,10 @@ def _batch_predict(cfg: BatchPredictConfig, ctx: DistContext, held: contextlib.E
     barrier(ctx)  # every part is complete
     summary = summary.combined(ctx, any(earlier.values()))
     seconds = time.perf_counter() - started
-    if files and ctx.is_main:
-        files.finish(schema, paths, resumed=already > 0 or bool(earlier))
-    summary.show(seconds, cfg.output)
+    if ctx.is_main:
+        if files:
+            files.finish(schema, paths, resumed=already > 0 or bool(earlier))
+        summary.show(seconds, cfg.output)
     return EXIT_OK if summary.per_class or summary.earlier_predicted else EXIT_FAILED
 
 

@@ -346,7 +346,11 @@ def _parquet_units(path: Path, schema: ResultSchema) -> Iterator[Unit]:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors: not a Parquet file
         raise _not_ours(path, str(exc)) from None
-    if parquet.schema_arrow.remove_metadata() != schema.arrow_schema().remove_metadata():
+    expected = schema.arrow_schema()
+    found = parquet.schema_arrow
+    if found.remove_metadata() != expected.remove_metadata() or (found.metadata or {}).get(
+        b"resnext"
+    ) != expected.metadata[b"resnext"]:
         raise _other_columns(path)
     for batch in parquet.iter_batches():
         for record in batch.to_pylist():
