@@ -19,6 +19,17 @@ Weights are a fixed random init (seed 0), or a resnext checkpoint given with --c
 its architecture: throughput does not depend on the values, but agreement does (near-uniform
 random-init probabilities make it a worst case).
 Targets on a 2-core CPU: b/a >= 0.85 on the photos as given; b/c >= 1.5 on the large photos.
+
+`--scale` runs the issue-28 rows instead, each command in its own process as a user runs it:
+  1 vs 2 processes: `resnext batch-predict` alone and under `torchrun --nproc_per_node 2`
+    (gloo), interleaved; whole-command seconds and the in-loop rate the command prints;
+  sharding: two single-thread processes, each predicting its share at the same time, shares cut
+    as contiguous halves or dealt a batch at a time (what `model.distributed.shard` does), on
+    the photos as given and on a folder whose sorted order puts the large photos first;
+  memory: peak RSS of one batch-predict process over 10,000 vs 100,000 tiny images (16 px,
+    CSV and Parquet), which must not grow with the count beyond the file list itself.
+
+    python benchmarks/bench_predict.py ../shared/data/flowers5 --scale --archs resnet18
 """
 
 from __future__ import annotations
@@ -26,6 +37,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +58,7 @@ from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.model import checkpoint as ckpt
 from resnext_cli.model import networks
 from resnext_cli.model.device import autocast, cpu_has_native_bf16, precision_for, prepare_model
+from resnext_cli.model.distributed import DistContext, shard
 
 
 def model_only(model: torch.nn.Module, n_images: int, batch_size: int, precision: str,
@@ -140,6 +156,143 @@ def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: 
             "b/a": b / a, "b/c": b / c}
 
 
+# ---------------------------------------------------------------- --scale (issue 28)
+
+PREDICTED = re.compile(r"Predicted (\d+) image\(s\), \d+ unreadable, in ([\d.]+) s")
+
+
+def run_cli(args: list[str], processes: int = 1, threads: int | None = None) -> dict[str, float]:
+    """One `resnext batch-predict` command in its own process(es): whole-command seconds and
+    the in-loop rate it prints."""
+    program = [sys.executable, "-m", "resnext_cli"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(processes), "-m", "resnext_cli"]  # fmt: skip
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    started = time.perf_counter()
+    process = subprocess.Popen([*program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)  # fmt: skip
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    assert process.returncode == 0, stderr[-2000:]
+    found = PREDICTED.search(stdout)
+    assert found, stdout[-2000:]
+    n, seconds = int(found[1]), float(found[2])
+    return {"wall": wall, "rate": n / seconds, "n": n}
+
+
+def peak_rss(args: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of one batch-predict process, from its own rusage."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([sys.executable, "-m", "resnext_cli", *args], stdout=subprocess.DEVNULL,
+                                   stderr=errors)  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        assert process.returncode == 0, errors.read()[-2000:]
+    return usage.ru_maxrss / 1024, time.perf_counter() - started
+
+
+def link_folder(paths: list[str], folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for path in paths:
+        os.symlink(os.path.abspath(path), folder / Path(path).name)
+    return folder
+
+
+def sharding_rows(name: str, paths: list[str], checkpoint: Path, work: Path, batch: int,
+                  repeats: int) -> list[dict]:
+    """Two single-thread processes at once, each on its share: the job ends with the slower."""
+    rows = []
+    schemes = {
+        "contiguous halves": [paths[: (len(paths) + 1) // 2], paths[(len(paths) + 1) // 2:]],
+        "a batch at a time": [shard(paths, DistContext(r, 2), block=batch) for r in range(2)],
+    }
+    for attempt in range(repeats):  # interleaved: drift on a shared machine hits both alike
+        for scheme, shares in schemes.items():
+            folders = [link_folder(share, work / f"{name}-{attempt}-{scheme[:4]}-{r}") for r, share in enumerate(shares)]
+            args = [["batch-predict", str(f), "--checkpoint", str(checkpoint), "--batch-size", str(batch),
+                     "--quiet", "--device", "cpu"] for f in folders]  # fmt: skip
+            started = time.perf_counter()
+            procs = [subprocess.Popen([sys.executable, "-m", "resnext_cli", *a], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}) for a in args]  # fmt: skip
+            ends = []
+            for proc in procs:
+                proc.communicate()
+                ends.append(time.perf_counter() - started)
+                assert proc.returncode == 0
+            rows.append({"set": name, "scheme": scheme, "wall": max(ends), "faster": min(ends)})
+    return rows
+
+
+def tiny_images(folder: Path, count: int) -> Path:
+    """`count` distinct 16x16 PNGs (one picture's bytes, many names: creating them is the cost)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = __import__("io").BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 200)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    for i in range(count):
+        (folder / f"img_{i:06d}.png").write_bytes(data)
+    return folder
+
+
+def scale_report(args: argparse.Namespace, work: Path, flat: Path, flat_paths: list[str],
+                 large_paths: list[str]) -> None:
+    """The issue-28 rows: 1 vs 2 processes, sharding, memory over 10k vs 100k images."""
+    arch = args.archs[0]
+    checkpoint = work / f"{arch}.pt"
+    random_checkpoint(arch, checkpoint, 224)
+    print(f"\n1 vs 2 processes: {arch}, {len(flat_paths)} photos, batch {args.batch_size}; "
+          "whole command (s) and in-loop images/s")
+    print("| processes | whole command (s) | in-loop images/s |\n|---|---|---|")
+    common = ["batch-predict", str(flat), "--checkpoint", str(checkpoint), "--batch-size", str(args.batch_size),
+              "--quiet", "--device", "cpu"]  # fmt: skip
+    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    for attempt in range(args.repeats):
+        for processes in (1, 2):
+            out = work / f"scale-{processes}-{attempt}.csv"
+            runs[processes].append(run_cli([*common, "--output", str(out)], processes))
+    for processes, done in runs.items():
+        print(f"| {processes} | {min(r['wall'] for r in done):.1f} | {max(r['rate'] for r in done):.1f} |")
+    print(f"2 / 1 processes: whole command {min(r['wall'] for r in runs[1]) / min(r['wall'] for r in runs[2]):.2f}x, "
+          f"in-loop {max(r['rate'] for r in runs[2]) / max(r['rate'] for r in runs[1]):.2f}x")
+
+    clustered = sorted(large_paths) + sorted(flat_paths)[: len(flat_paths) - len(large_paths)]
+    clustered_folder = link_folder(clustered, work / "clustered")  # large first in sorted order
+    rows = sharding_rows("photos as given", flat_paths, checkpoint, work, args.batch_size, args.repeats)
+    rows += sharding_rows("large photos first", list_images(clustered_folder, False), checkpoint, work,
+                          args.batch_size, args.repeats)
+    print("\nsharding over 2 single-thread processes: seconds until both are done (best of "
+          f"{args.repeats}), and when the first was\n| photos | shares | both done (s) | first done (s) |\n|---|---|---|---|")
+    for key in dict.fromkeys((r["set"], r["scheme"]) for r in rows):
+        mine = [r for r in rows if (r["set"], r["scheme"]) == key]
+        best = min(mine, key=lambda r: r["wall"])
+        print(f"| {key[0]} | {key[1]} | {best['wall']:.1f} | {best['faster']:.1f} |")
+
+    small = work / "tiny.pt"
+    random_checkpoint("resnet18", small, 16)
+    print("\nmemory: one batch-predict process, 16 px PNGs, resnet18 at 16 px, batch 64\n"
+          "| images | output | peak RSS (MB) | seconds |\n|---|---|---|---|")
+    for count in args.memory_counts:
+        folder = tiny_images(work / f"tiny{count}", count)
+        for suffix in (".csv", ".parquet"):
+            rss, seconds = peak_rss(["batch-predict", str(folder), "--checkpoint", str(small), "--quiet",
+                                     "--batch-size", "64", "--device", "cpu", "--output",
+                                     str(work / f"tiny{count}{suffix}")])  # fmt: skip
+            print(f"| {count:,} | {suffix[1:]} | {rss:.0f} | {seconds:.0f} |", flush=True)
+        shutil.rmtree(folder)
+
+
+def random_checkpoint(arch: str, path: Path, img_size: int) -> None:
+    torch.manual_seed(0)
+    model = networks.build_model(arch, 5)
+    ckpt.save_torch(ckpt.build_checkpoint(
+        model, arch=arch, classes=[f"c{i}" for i in range(5)],
+        preprocessing=Preprocessing.classic(img_size), epoch=0, val_acc=0.0, config={},
+    ), path)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a folder of photos (searched recursively)")
@@ -156,6 +309,9 @@ def main() -> None:
                         help="only the precision/layout/onnxruntime table")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a resnext checkpoint to use for its arch instead of random weights")
+    parser.add_argument("--scale", action="store_true",
+                        help="only the issue-28 rows: 1 vs 2 processes, sharding, memory")
+    parser.add_argument("--memory-counts", type=int, nargs="+", default=[10_000, 100_000])
     args = parser.parse_args()
 
     photos = list_images(args.folder, recursive=True)
@@ -171,6 +327,11 @@ def main() -> None:
     large = work / "large"
     large_paths = make_large_copies(flat_paths[: args.large_count], large, (width, height))
 
+    if args.scale:
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+        scale_report(args, work, flat, flat_paths, large_paths)
+        return
     precision = precision_for(args.precision, torch.device("cpu"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}, "

@@ -141,11 +141,16 @@ class OutputFiles:
         anything else is merged into FILE in listing order. The journals go only once FILE is
         complete, so a failure here (a full disk) leaves everything resumable."""
         sources = self._sources(include_final=resumed)
-        if sources == [self.partial] and self.fmt != "parquet" and not resumed:
+        alone = sources == [self.partial] and not resumed  # in listing order already
+        if alone and self.fmt != "parquet":
             os.replace(self.partial, self.path)
             return
+        if alone:  # Parquet from its journal, streaming
+            rows = (unit.payload for unit in self._units(self.partial, schema))
+        else:
+            rows = self._merged(sources, schema, listing)
         try:
-            write_results(self.path, self.fmt, schema, self._merged(sources, schema, listing))
+            write_results(self.path, self.fmt, schema, rows)
         except UserError as exc:
             raise UserError(
                 f"{exc} The partial results ({', '.join(s.name for s in sources if s != self.path)}) "
