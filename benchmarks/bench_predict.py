@@ -23,9 +23,10 @@ Targets on a 2-core CPU: b/a >= 0.85 on the photos as given; b/c >= 1.5 on the l
 `--scale` runs the issue-28 rows instead, each command in its own process as a user runs it:
   1 vs 2 processes: `resnext batch-predict` alone and under `torchrun --nproc_per_node 2`
     (gloo), interleaved; whole-command seconds and the in-loop rate the command prints;
-  sharding: two single-thread processes, each predicting its share at the same time, shares cut
-    as contiguous halves or dealt a batch at a time (what `model.distributed.shard` does), on
-    the photos as given and on a folder whose sorted order puts the large photos first;
+  sharding: the two shares of a 2-process job, cut as contiguous halves or dealt a batch at a
+    time (what `model.distributed.shard` does), each timed as a one-thread batch-predict, on
+    the photos as given and on a folder whose sorted order puts the large photos first (the job
+    ends with the slower share);
   memory: peak RSS of one batch-predict process over 10,000 vs 100,000 tiny images (16 px,
     CSV and Parquet), which must not grow with the count beyond the file list itself.
 
@@ -202,7 +203,9 @@ def link_folder(paths: list[str], folder: Path) -> Path:
 
 def sharding_rows(name: str, paths: list[str], checkpoint: Path, work: Path, batch: int,
                   repeats: int) -> list[dict]:
-    """Two single-thread processes at once, each on its share: the job ends with the slower."""
+    """Each process's share, cut as contiguous halves or dealt a batch at a time, timed as one
+    single-thread batch-predict after the other (so that the two shares of a scheme meet the
+    same machine): run side by side, the job would end with the slower share."""
     rows = []
     schemes = {
         "contiguous halves": [paths[: (len(paths) + 1) // 2], paths[(len(paths) + 1) // 2:]],
@@ -210,19 +213,13 @@ def sharding_rows(name: str, paths: list[str], checkpoint: Path, work: Path, bat
     }
     for attempt in range(repeats):  # interleaved: drift on a shared machine hits both alike
         for scheme, shares in schemes.items():
-            folders = [link_folder(share, work / f"{name}-{attempt}-{scheme[:4]}-{r}") for r, share in enumerate(shares)]
-            args = [["batch-predict", str(f), "--checkpoint", str(checkpoint), "--batch-size", str(batch),
-                     "--quiet", "--device", "cpu"] for f in folders]  # fmt: skip
-            started = time.perf_counter()
-            procs = [subprocess.Popen([sys.executable, "-m", "resnext_cli", *a], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}) for a in args]  # fmt: skip
-            ends = []
-            for proc in procs:
-                proc.communicate()
-                ends.append(time.perf_counter() - started)
-                assert proc.returncode == 0
-            rows.append({"set": name, "scheme": scheme, "wall": max(ends), "faster": min(ends)})
+            seconds = []
+            for rank, share in enumerate(shares):
+                folder = link_folder(share, work / f"{name[:5]}-{attempt}-{scheme[:4]}-{rank}")
+                done = run_cli(["batch-predict", str(folder), "--checkpoint", str(checkpoint), "--batch-size",
+                                str(batch), "--quiet", "--device", "cpu"], threads=1)  # fmt: skip
+                seconds.append(done["n"] / done["rate"])  # the loop's own time
+            rows.append({"set": name, "scheme": scheme, "slower": max(seconds), "faster": min(seconds)})
     return rows
 
 
@@ -240,41 +237,56 @@ def tiny_images(folder: Path, count: int) -> Path:
 def scale_report(args: argparse.Namespace, work: Path, flat: Path, flat_paths: list[str],
                  large_paths: list[str]) -> None:
     """The issue-28 rows: 1 vs 2 processes, sharding, memory over 10k vs 100k images."""
-    arch = args.archs[0]
-    checkpoint = work / f"{arch}.pt"
-    random_checkpoint(arch, checkpoint, 224)
-    print(f"\n1 vs 2 processes: {arch}, {len(flat_paths)} photos, batch {args.batch_size}; "
-          "whole command (s) and in-loop images/s")
-    print("| processes | whole command (s) | in-loop images/s |\n|---|---|---|")
+    args.scale = args.scale or ["processes", "sharding", "memory"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} (others' work too), torch {torch.__version__}")
+    checkpoint = work / f"{args.archs[0]}.pt"
+    random_checkpoint(args.archs[0], checkpoint, 224)
+    if "processes" in args.scale:
+        processes_rows(args, work, flat, len(flat_paths), checkpoint)
+    if "sharding" in args.scale:
+        clustered = sorted(large_paths) + sorted(flat_paths)[: len(flat_paths) - len(large_paths)]
+        clustered_folder = link_folder(clustered, work / "clustered")  # large first in sorted order
+        rows = sharding_rows("photos as given", flat_paths, checkpoint, work, args.batch_size, args.repeats)
+        rows += sharding_rows(f"{len(large_paths)} large photos first", list_images(clustered_folder, False),
+                              checkpoint, work, args.batch_size, args.repeats)  # fmt: skip
+        print(f"\nsharding for 2 processes ({args.archs[0]}, 224 px, batch {args.batch_size}): in-loop "
+              f"seconds of each share, one thread, best of {args.repeats}\n| photos | shares | slower share "
+              "(s) | faster share (s) | slower / faster |\n|---|---|---|---|---|")
+        for key in dict.fromkeys((r["set"], r["scheme"]) for r in rows):
+            best = min((r for r in rows if (r["set"], r["scheme"]) == key), key=lambda r: r["slower"])
+            print(f"| {key[0]} | {key[1]} | {best['slower']:.1f} | {best['faster']:.1f} | "
+                  f"{best['slower'] / best['faster']:.2f} |")
+    if "memory" in args.scale:
+        memory_rows(args.memory_counts, work)
+
+
+def processes_rows(args: argparse.Namespace, work: Path, flat: Path, count: int, checkpoint: Path) -> None:
+    """batch-predict alone (torch's default threads, and one thread) and under torchrun with 2
+    processes (one thread each, as torchrun sets), interleaved."""
+    print(f"\n1 vs 2 processes: {args.archs[0]}, {count} photos, batch {args.batch_size}; best of "
+          f"{args.repeats}\n| command | whole command (s) | in-loop images/s |\n|---|---|---|")
     common = ["batch-predict", str(flat), "--checkpoint", str(checkpoint), "--batch-size", str(args.batch_size),
               "--quiet", "--device", "cpu"]  # fmt: skip
-    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    setups = {"1 process": (1, None), "1 process, 1 thread": (1, 1), "torchrun, 2 processes": (2, None)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
     for attempt in range(args.repeats):
-        for processes in (1, 2):
-            out = work / f"scale-{processes}-{attempt}.csv"
-            runs[processes].append(run_cli([*common, "--output", str(out)], processes))
-    for processes, done in runs.items():
-        print(f"| {processes} | {min(r['wall'] for r in done):.1f} | {max(r['rate'] for r in done):.1f} |")
-    print(f"2 / 1 processes: whole command {min(r['wall'] for r in runs[1]) / min(r['wall'] for r in runs[2]):.2f}x, "
-          f"in-loop {max(r['rate'] for r in runs[2]) / max(r['rate'] for r in runs[1]):.2f}x")
+        for name, (processes, threads) in setups.items():
+            out = work / f"scale-{processes}-{threads}-{attempt}.csv"
+            runs[name].append(run_cli([*common, "--output", str(out)], processes, threads))
+    best = {name: (min(r["wall"] for r in done), max(r["rate"] for r in done)) for name, done in runs.items()}
+    for name, (wall, rate) in best.items():
+        print(f"| {name} | {wall:.1f} | {rate:.1f} |")
+    one, two = best["1 process"], best["torchrun, 2 processes"]
+    print(f"2 processes / 1: whole command {one[0] / two[0]:.2f}x, in-loop {two[1] / one[1]:.2f}x")
 
-    clustered = sorted(large_paths) + sorted(flat_paths)[: len(flat_paths) - len(large_paths)]
-    clustered_folder = link_folder(clustered, work / "clustered")  # large first in sorted order
-    rows = sharding_rows("photos as given", flat_paths, checkpoint, work, args.batch_size, args.repeats)
-    rows += sharding_rows("large photos first", list_images(clustered_folder, False), checkpoint, work,
-                          args.batch_size, args.repeats)
-    print("\nsharding over 2 single-thread processes: seconds until both are done (best of "
-          f"{args.repeats}), and when the first was\n| photos | shares | both done (s) | first done (s) |\n|---|---|---|---|")
-    for key in dict.fromkeys((r["set"], r["scheme"]) for r in rows):
-        mine = [r for r in rows if (r["set"], r["scheme"]) == key]
-        best = min(mine, key=lambda r: r["wall"])
-        print(f"| {key[0]} | {key[1]} | {best['wall']:.1f} | {best['faster']:.1f} |")
 
+def memory_rows(counts: list[int], work: Path) -> None:
     small = work / "tiny.pt"
     random_checkpoint("resnet18", small, 16)
     print("\nmemory: one batch-predict process, 16 px PNGs, resnet18 at 16 px, batch 64\n"
           "| images | output | peak RSS (MB) | seconds |\n|---|---|---|---|")
-    for count in args.memory_counts:
+    for count in counts:
         folder = tiny_images(work / f"tiny{count}", count)
         for suffix in (".csv", ".parquet"):
             rss, seconds = peak_rss(["batch-predict", str(folder), "--checkpoint", str(small), "--quiet",
@@ -309,8 +321,8 @@ def main() -> None:
                         help="only the precision/layout/onnxruntime table")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a resnext checkpoint to use for its arch instead of random weights")
-    parser.add_argument("--scale", action="store_true",
-                        help="only the issue-28 rows: 1 vs 2 processes, sharding, memory")
+    parser.add_argument("--scale", nargs="*", choices=["processes", "sharding", "memory"],
+                        help="only the issue-28 rows (all three when none is named)")
     parser.add_argument("--memory-counts", type=int, nargs="+", default=[10_000, 100_000])
     args = parser.parse_args()
 
@@ -327,11 +339,8 @@ def main() -> None:
     large = work / "large"
     large_paths = make_large_copies(flat_paths[: args.large_count], large, (width, height))
 
-    if args.scale:
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
-        scale_report(args, work, flat, flat_paths, large_paths)
-        return
+    if args.scale is not None:
+        return scale_report(args, work, flat, flat_paths, large_paths)
     precision = precision_for(args.precision, torch.device("cpu"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}, "

@@ -158,11 +158,7 @@ def test_both_jpeg_decoders_give_pillows_upright_pixels(tmp_path: Path, monkeypa
     pillow = [T.functional.pil_to_tensor(load_rgb(p)) for p in paths]
     assert batches.jpeg_decoder().name == "torchcodec"
     with_codec = decode_jpegs(data, torch.device("cpu"), turns)
-    import torchvision.io
-
-    monkeypatch.setattr(batches, "jpeg_decoder", lambda: batches.JpegDecoder(
-        "torchvision", lambda d, device: torchvision.io.decode_jpeg(d, device=device,
-                                                                   mode=torchvision.io.ImageReadMode.RGB), False))
+    monkeypatch.setattr(batches, "jpeg_decoder", batches.torchvision_decoder)
     with_vision = decode_jpegs(data, torch.device("cpu"), turns)
     for codec, vision, reference in zip(with_codec, with_vision, pillow):
         assert torch.equal(codec, reference) and torch.equal(vision, reference)

@@ -106,25 +106,36 @@ class JpegDecoder(NamedTuple):
     upright: bool  # applies the EXIF orientation itself
 
 
-@functools.lru_cache(maxsize=1)
-def jpeg_decoder() -> JpegDecoder | None:
-    """The device path's JPEG decoder. torchcodec's: the maintained one (torchvision's decoders
-    are deprecated since 0.29, "removed in a future release"), whose nvJPEG decode fixed its own
-    stream-ordering hazard (meta-pytorch/torchcodec PR 1634) and which applies EXIF orientation.
-    Without it, torchvision's while it still has one; without either, None (JPEGs then go to
-    Pillow). Imported on first use: a plain CPU run never loads either."""
+def torchcodec_decoder() -> JpegDecoder | None:
+    """torchcodec's decode_jpeg: the maintained one (torchvision's decoders are deprecated since
+    0.29, "removed in a future release"), whose nvJPEG decode fixed its own stream-ordering
+    hazard (meta-pytorch/torchcodec PR 1634), and which applies EXIF orientation itself."""
     try:
         codec = importlib.import_module("torchcodec.decoders")
-        return JpegDecoder("torchcodec", lambda data, device: codec.decode_jpeg(data, mode="RGB", device=device),
-                           upright=True)  # fmt: skip
     except Exception:  # noqa: BLE001 - not installed, or built for another torch: not usable
-        pass
+        return None
+    return JpegDecoder("torchcodec", lambda data, device: codec.decode_jpeg(data, mode="RGB", device=device),
+                       upright=True)  # fmt: skip
+
+
+def torchvision_decoder() -> JpegDecoder | None:
+    """torchvision's decode_jpeg, while torchvision still has it (deprecated since 0.29)."""
     try:
         io_module = importlib.import_module("torchvision.io")
         decode, rgb = io_module.decode_jpeg, io_module.ImageReadMode.RGB
     except (ImportError, AttributeError):
         return None
     return JpegDecoder("torchvision", lambda data, device: decode(data, mode=rgb, device=device), upright=False)
+
+
+JPEG_DECODERS = (torchcodec_decoder, torchvision_decoder)  # in order of preference
+
+
+@functools.lru_cache(maxsize=1)
+def jpeg_decoder() -> JpegDecoder | None:
+    """The device path's JPEG decoder: the first of JPEG_DECODERS installed, or None (JPEGs
+    then go to Pillow). Loaded on first use: a plain CPU run never imports either."""
+    return next((found for found in (make() for make in JPEG_DECODERS) if found), None)
 
 
 def decode_jpegs(
