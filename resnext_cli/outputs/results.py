@@ -28,7 +28,7 @@ Ranked = list[tuple[str, float]]  # (class, probability), most probable first
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_EXTRA = "pip install 'resnext-cli[parquet]'  (pyarrow)"
 FORMAT_VERSION = "resnext-batch-predict/1"  # in a Parquet file's metadata
-ROW_GROUP_BYTES = 64 << 20  # a Parquet row group holds about this much, 1,024-65,536 rows
+ROW_GROUP_BYTES = 64 << 20  # a Parquet row group holds about this much, 4,096-65,536 rows
 KINDS = ("string", "float32", "bool", "int64")  # the types an extra column may have
 
 
@@ -121,7 +121,7 @@ class ResultSchema:
     def rows_per_group(self) -> int:
         width = 200 + 40 * self.ranked_length + 16 * len(self.extra)
         width += 40 * len(self.classes) if self.save_probs else 0
-        return max(1024, min(65536, ROW_GROUP_BYTES // width))
+        return max(4096, min(65536, ROW_GROUP_BYTES // width // 4096 * 4096))
 
 
 def _csv_value(value: Any) -> str:
@@ -386,18 +386,26 @@ def _text_of(encoding: Encoding, payloads: list[Any]) -> bytes:
 
 
 def _write_parquet(handle: BinaryIO, schema: ResultSchema, records: Iterable[dict[str, Any]]) -> None:
+    """Row groups of `rows_per_group()` rows, gathered as Arrow batches of 4,096 rows (compact)
+    rather than as Python objects, so that memory stays flat whatever the number of rows."""
     pa = require_pyarrow()
     import pyarrow.parquet as pq
 
     arrow = schema.arrow_schema()
     size = schema.rows_per_group()
     writer = pq.ParquetWriter(handle, arrow)
-    group: list[dict[str, Any]] = []
+    group: list[Any] = []  # Arrow record batches
+    rows: list[dict[str, Any]] = []
     for record in records:
-        group.append({**record, "error": record["error"] or None})
-        if len(group) == size:
-            writer.write_table(pa.Table.from_pylist(group, schema=arrow))
-            group = []
+        rows.append({**record, "error": record["error"] or None})
+        if len(rows) == 4096:
+            group.append(pa.RecordBatch.from_pylist(rows, schema=arrow))
+            rows = []
+            if len(group) * 4096 >= size:
+                writer.write_table(pa.Table.from_batches(group), row_group_size=size)
+                group = []
+    if rows:
+        group.append(pa.RecordBatch.from_pylist(rows, schema=arrow))
     if group:
-        writer.write_table(pa.Table.from_pylist(group, schema=arrow))
+        writer.write_table(pa.Table.from_batches(group), row_group_size=size)
     writer.close()
