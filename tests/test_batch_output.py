@@ -366,3 +366,40 @@ def test_a_csv_row_with_a_carriage_return_is_quoted():
     text = Encoding.cells_text([["a\rb", "c"], ["d", "e"]])
     assert text == '"a\rb","c"\nd,e\n'
     assert list(csv.reader(io.StringIO(text, newline=""))) == [["a\rb", "c"], ["d", "e"]]
+
+
+def test_parts_of_any_world_and_a_partial_merge_in_listing_order(tmp_path):
+    """What rank 0 merges: this run's parts, a part of an earlier run with another world size and
+    an earlier single process's journal; each image once, in listing order, spelled as listed."""
+    schema = ResultSchema(("cat", "dog"))
+    listing = [str(tmp_path / f"{i}.jpg") for i in range(8)]
+    out = tmp_path / "preds.csv"
+
+    def journal(files: result_files.OutputFiles, indices: list[int], spelling: str = "") -> None:
+        written = Journal(files.journal_path, files.encoding(schema), resume=False)
+        written.add([ResultRow(spelling + listing[i] if not spelling else f"{spelling}{i}.jpg",
+                               [("cat", i / 10)]) for i in indices])  # fmt: skip
+        written.close()
+
+    journal(result_files.OutputFiles(str(out)), [0, 1], spelling=f"{tmp_path}/./")  # single, other spelling
+    journal(result_files.OutputFiles(str(out), 0, 3), [2, 5])  # a dead 3-process run
+    journal(result_files.OutputFiles(str(out), 0, 2), [3, 6, 7])  # this run's rank 0
+    journal(result_files.OutputFiles(str(out), 1, 2), [4, 5])  # rank 1 redid 5
+    files = result_files.OutputFiles(str(out), 0, 2)
+    assert len(files.parts()) == 3
+    files.finish(schema, listing, resumed=True)
+    rows = csv_rows(out)
+    assert [r["path"] for r in rows] == listing
+    assert [r["prob"] for r in rows] == [f"{i / 10:.6f}" for i in range(8)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]
+
+
+def test_resuming_a_finished_output_adds_only_new_images(tmp_path, trained_run):
+    folder = image_folder(tmp_path / "imgs", ["b.png", "d.png"])
+    out = tmp_path / "preds.jsonl"
+    assert predict(folder, trained_run, out).exit_code == 0
+    image_folder(folder, ["a.png", "c.png", "e.png"], seed=3)
+    result = predict(folder, trained_run, out, "--resume-output")
+    assert result.exit_code == 0 and "2 image(s) already there, 3 to go" in result.stderr
+    names = [Path(json.loads(line)["path"]).name for line in out.read_text().splitlines()]
+    assert names == ["a.png", "b.png", "c.png", "d.png", "e.png"]
