@@ -23,10 +23,10 @@ Targets on a 2-core CPU: b/a >= 0.85 on the photos as given; b/c >= 1.5 on the l
 `--scale` runs the issue-28 rows instead, each command in its own process as a user runs it:
   1 vs 2 processes: `resnext batch-predict` alone and under `torchrun --nproc_per_node 2`
     (gloo), interleaved; whole-command seconds and the in-loop rate the command prints;
-  sharding: the two shares of a 2-process job, cut as contiguous halves or dealt a batch at a
-    time (what `model.distributed.shard` does), each timed as a one-thread batch-predict, on
-    the photos as given and on a folder whose sorted order puts the large photos first (the job
-    ends with the slower share);
+  sharding: `torchrun --nproc_per_node 2 batch-predict` with the images dealt out a batch at a
+    time (resnext's `model.distributed.shard`) or cut into contiguous halves
+    (benchmarks/contiguous_shards.py), on the photos as given and on a folder whose sorted order
+    puts the 3000x2000 copies first;
   memory: peak RSS of one batch-predict process over 10,000 vs 100,000 tiny images (16 px,
     CSV and Parquet), which must not grow with the count beyond the file list itself.
 
@@ -59,7 +59,6 @@ from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.model import checkpoint as ckpt
 from resnext_cli.model import networks
 from resnext_cli.model.device import autocast, cpu_has_native_bf16, precision_for, prepare_model
-from resnext_cli.model.distributed import DistContext, shard
 
 
 def model_only(model: torch.nn.Module, n_images: int, batch_size: int, precision: str,
@@ -162,12 +161,15 @@ def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: 
 PREDICTED = re.compile(r"Predicted (\d+) image\(s\), \d+ unreadable, in ([\d.]+) s")
 
 
-def run_cli(args: list[str], processes: int = 1, threads: int | None = None) -> dict[str, float]:
-    """One `resnext batch-predict` command in its own process(es): whole-command seconds and
-    the in-loop rate it prints."""
-    program = [sys.executable, "-m", "resnext_cli"] if processes == 1 else [
+def run_cli(args: list[str], processes: int = 1, threads: int | None = None,
+            script: str | None = None) -> dict[str, float]:
+    """One `resnext batch-predict` command in its own process(es) (under torchrun when more than
+    one; `script` instead of `-m resnext_cli`): whole-command seconds and the in-loop rate it
+    prints."""
+    entry = [script] if script else ["-m", "resnext_cli"]
+    program = [sys.executable, *entry] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-        str(processes), "-m", "resnext_cli"]  # fmt: skip
+        str(processes), *entry]  # fmt: skip
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     started = time.perf_counter()
     process = subprocess.Popen([*program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -194,32 +196,18 @@ def peak_rss(args: list[str]) -> tuple[float, float]:
     return usage.ru_maxrss / 1024, time.perf_counter() - started
 
 
-def link_folder(paths: list[str], folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for path in paths:
-        os.symlink(os.path.abspath(path), folder / Path(path).name)
-    return folder
-
-
-def sharding_rows(name: str, paths: list[str], checkpoint: Path, work: Path, batch: int,
-                  repeats: int) -> list[dict]:
-    """Each process's share, cut as contiguous halves or dealt a batch at a time, timed as one
-    single-thread batch-predict after the other (so that the two shares of a scheme meet the
-    same machine): run side by side, the job would end with the slower share."""
+def sharding_rows(name: str, folder: Path, checkpoint: Path, batch: int, repeats: int) -> list[dict]:
+    """`torchrun --nproc_per_node 2 batch-predict` with the images dealt out a batch at a time
+    (resnext) and cut into contiguous halves (benchmarks/contiguous_shards.py), interleaved."""
     rows = []
-    schemes = {
-        "contiguous halves": [paths[: (len(paths) + 1) // 2], paths[(len(paths) + 1) // 2:]],
-        "a batch at a time": [shard(paths, DistContext(r, 2), block=batch) for r in range(2)],
-    }
+    args = ["batch-predict", str(folder), "--checkpoint", str(checkpoint), "--batch-size", str(batch),
+            "--quiet", "--device", "cpu"]  # fmt: skip
+    schemes = {"a batch at a time": None, "contiguous halves": str(Path(__file__).with_name("contiguous_shards.py"))}
     for attempt in range(repeats):  # interleaved: drift on a shared machine hits both alike
-        for scheme, shares in schemes.items():
-            seconds = []
-            for rank, share in enumerate(shares):
-                folder = link_folder(share, work / f"{name[:5]}-{attempt}-{scheme[:4]}-{rank}")
-                done = run_cli(["batch-predict", str(folder), "--checkpoint", str(checkpoint), "--batch-size",
-                                str(batch), "--quiet", "--device", "cpu"], threads=1)  # fmt: skip
-                seconds.append(done["n"] / done["rate"])  # the loop's own time
-            rows.append({"set": name, "scheme": scheme, "slower": max(seconds), "faster": min(seconds)})
+        for scheme, script in schemes.items():
+            out = folder.parent / f"shard-{attempt}-{scheme[:4]}.csv"
+            done = run_cli([*args, "--output", str(out)], processes=2, script=script)
+            rows.append({"set": name, "scheme": scheme, **done})
     return rows
 
 
@@ -245,18 +233,20 @@ def scale_report(args: argparse.Namespace, work: Path, flat: Path, flat_paths: l
     if "processes" in args.scale:
         processes_rows(args, work, flat, len(flat_paths), checkpoint)
     if "sharding" in args.scale:
-        clustered = sorted(large_paths) + sorted(flat_paths)[: len(flat_paths) - len(large_paths)]
-        clustered_folder = link_folder(clustered, work / "clustered")  # large first in sorted order
-        rows = sharding_rows("photos as given", flat_paths, checkpoint, work, args.batch_size, args.repeats)
-        rows += sharding_rows(f"{len(large_paths)} large photos first", list_images(clustered_folder, False),
-                              checkpoint, work, args.batch_size, args.repeats)  # fmt: skip
-        print(f"\nsharding for 2 processes ({args.archs[0]}, 224 px, batch {args.batch_size}): in-loop "
-              f"seconds of each share, one thread, best of {args.repeats}\n| photos | shares | slower share "
-              "(s) | faster share (s) | slower / faster |\n|---|---|---|---|---|")
+        clustered = [f"a_{Path(p).name}" for p in large_paths] + [Path(p).name for p in flat_paths[len(large_paths):]]
+        clustered_folder = work / "clustered"  # the large photos first in sorted order
+        clustered_folder.mkdir()
+        for name, source in zip(clustered, large_paths + flat_paths[len(large_paths):]):
+            os.symlink(os.path.abspath(source), clustered_folder / name)
+        rows = sharding_rows("photos as given", flat, checkpoint, args.batch_size, args.repeats)
+        rows += sharding_rows(f"{len(large_paths)} of them 3000x2000, sorted first", clustered_folder,
+                              checkpoint, args.batch_size, args.repeats)  # fmt: skip
+        print(f"\nsharding: torchrun, 2 gloo processes, {args.archs[0]}, 224 px, batch {args.batch_size}; best "
+              f"of {args.repeats}\n| photos | shares | whole command (s) | in-loop images/s |\n|---|---|---|---|")
         for key in dict.fromkeys((r["set"], r["scheme"]) for r in rows):
-            best = min((r for r in rows if (r["set"], r["scheme"]) == key), key=lambda r: r["slower"])
-            print(f"| {key[0]} | {key[1]} | {best['slower']:.1f} | {best['faster']:.1f} | "
-                  f"{best['slower'] / best['faster']:.2f} |")
+            mine = [r for r in rows if (r["set"], r["scheme"]) == key]
+            print(f"| {key[0]} | {key[1]} | {min(r['wall'] for r in mine):.1f} | "
+                  f"{max(r['rate'] for r in mine):.1f} |")
     if "memory" in args.scale:
         memory_rows(args.memory_counts, work)
 
