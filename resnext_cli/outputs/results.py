@@ -39,6 +39,10 @@ class Column:
     name: str
     kind: str  # one of KINDS
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"column {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+
 
 @dataclass
 class ResultRow:
@@ -77,7 +81,7 @@ class ResultSchema:
             cells[1:3] = [ranked[0][0], f"{ranked[0][1]:.6f}"]
         for k in range(1, self.topk):
             cells += [ranked[k][0], f"{ranked[k][1]:.6f}"] if k < len(ranked) else ["", ""]
-        return cells + [_csv_value(row.extra.get(c.name)) for c in self.extra]
+        return cells + [_csv_value(row.extra.get(c.name), c.kind) for c in self.extra]
 
     def record_keys(self) -> list[str]:
         keys = ["path", "class", "prob", "topk", "error", *(c.name for c in self.extra)]
@@ -124,14 +128,14 @@ class ResultSchema:
         return max(4096, min(65536, ROW_GROUP_BYTES // width // 4096 * 4096))
 
 
-def _csv_value(value: Any) -> str:
+def _csv_value(value: Any, kind: str) -> str:
     if value is None:
         return ""
-    if isinstance(value, bool):
+    if kind == "bool":
         return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6f}"
-    return printable(str(value))
+    if kind == "float32":
+        return f"{float(value):.6f}"
+    return str(int(value)) if kind == "int64" else printable(str(value))
 
 
 def _json_value(value: Any, kind: str, exact: Any) -> Any:
@@ -139,7 +143,9 @@ def _json_value(value: Any, kind: str, exact: Any) -> Any:
         return None
     if kind == "float32":
         return exact(float(value))
-    return printable(value) if kind == "string" else value
+    if kind == "bool":
+        return bool(value)
+    return int(value) if kind == "int64" else printable(str(value))
 
 
 def require_pyarrow() -> Any:
@@ -200,10 +206,10 @@ class Encoding:
         line (names may hold "\\r", "\\x0c", "\\x85" or "\\u2028"); a torn last line is left
         out; other columns than this schema's are an error."""
         lines = _Lines(handle)
-        if self.csv:
-            yield from self._read_csv(lines, source)
-        else:
-            yield from self._read_json(lines, source)
+        try:
+            yield from self._read_csv(lines, source) if self.csv else self._read_json(lines, source)
+        except UnicodeDecodeError as exc:
+            raise _not_ours(source, f"not UTF-8 text: {exc.reason}") from None
 
     def _read_csv(self, lines: _Lines, source: Path) -> Iterator[Unit]:
         header = self.schema.csv_header()
@@ -273,17 +279,24 @@ class Journal:
     def __init__(self, path: Path, encoding: Encoding, resume: bool) -> None:
         self.path, self.encoding = path, encoding
         self.earlier: list[tuple[str, bool]] = []  # (path, predicted) of the rows already there
+        resuming = resume and path.is_file()
         try:
-            if resume and path.is_file():
-                self.handle = open(path, "r+b")
+            self.handle = open(path, "r+b" if resuming else "wb")
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        try:
+            if resuming:
                 end = self._read_earlier()
                 self.handle.truncate(end)
                 self.handle.seek(end)
             else:
-                self.handle = open(path, "wb")
                 self.handle.write(encoding.header())
         except OSError as exc:
+            self.handle.close()
             raise self._write_error(exc) from None
+        except UserError:
+            self.handle.close()
+            raise
 
     def _read_earlier(self) -> int:
         end = 0
