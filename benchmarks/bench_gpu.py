@@ -10,7 +10,9 @@ for the large-photo rows. Rows, each in images/s and as a ratio to the model alo
     channels-last): full and frozen training, inference;
   resnext train --no-freeze / frozen (--no-cache-features: images every epoch), the
     --cache-features extraction, batch-predict (batch 128),
-    each with --decode cpu and --decode gpu; batch-predict on the 3000x2000 photos.
+    each with --decode cpu and --decode gpu; batch-predict on the 3000x2000 photos;
+  and a second table: JPEG decode alone on the device, torchcodec (resnext's decoder) vs
+    torchvision's deprecated one.
 resnext rows are in-loop rates (epochs 2.., from metrics.csv; batch-predict's own loop time),
 with whole-command seconds beside them.
 
@@ -35,6 +37,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image
@@ -45,6 +48,7 @@ from resnext_cli.commands import predict
 from resnext_cli.commands import train as train_module
 from resnext_cli.commands.train import train
 from resnext_cli.config import BatchPredictConfig, EvaluateConfig, TrainConfig, available_cores
+from resnext_cli.data import batches
 from resnext_cli.data.folders import list_images
 from resnext_cli.model import engines, features, networks
 from resnext_cli.model.device import autocast, precision_for
@@ -225,6 +229,29 @@ def resnext_predict(folder: Path, checkpoint: Path, device: str, decode: str, ba
     return {"images_per_s": recorded["n"] / recorded["seconds"], "wall": time.perf_counter() - started}
 
 
+def decoder_rows(folders: dict[str, Path], device: torch.device, batch: int) -> list[tuple[str, str, float]]:
+    """JPEG decode alone, in batches on `device` (the drained-stream guard included), with each
+    decoder installed: torchcodec (what resnext uses) and torchvision's deprecated one."""
+    rows = []
+    for label, folder in folders.items():
+        files = sorted(folder.rglob("*.jpg"))[: 4 * batch]
+        data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
+        chunks = [data[i : i + batch] for i in range(0, len(data), batch)]
+        for make in batches.JPEG_DECODERS:
+            decoder = make()
+            if decoder is None:
+                continue
+            with mock.patch.object(batches, "jpeg_decoder", lambda: decoder):
+                batches.decode_jpegs(chunks[0], device)  # warm-up: the decoder's own setup
+                sync(device)
+                started = time.perf_counter()
+                for chunk in chunks:
+                    batches.decode_jpegs(chunk, device)
+                sync(device)
+            rows.append((label, decoder.name, len(data) / (time.perf_counter() - started)))
+    return rows
+
+
 def agreement(checkpoint: str, data: str, device: str) -> None:
     """Top-1 of the device decode path against Pillow's, same model, same photos (fp32)."""
     engine = load_inference_model(EvaluateConfig(checkpoint=checkpoint, device=device, precision="fp32"),
@@ -324,6 +351,9 @@ def main() -> None:
     for label, rate, wall, key in rows:
         wall_text = f"{wall:.1f}" if wall is not None else ""
         print(f"| {label} | {rate:,.0f} | {rate / alone[key]:.2f} | {wall_text} |")
+    print(f"\nJPEG decode alone on {device}, batches of {args.batch_size}\n| photos | decoder | images/s |\n|---|---|---|")
+    for label, name, rate in decoder_rows({"500x375": data / "val", "3000x2000": large}, device, args.batch_size):
+        print(f"| {label} | {name} | {rate:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,18 @@ Weights are a fixed random init (seed 0), or a resnext checkpoint given with --c
 its architecture: throughput does not depend on the values, but agreement does (near-uniform
 random-init probabilities make it a worst case).
 Targets on a 2-core CPU: b/a >= 0.85 on the photos as given; b/c >= 1.5 on the large photos.
+
+`--scale` runs the issue-28 rows instead, each command in its own process as a user runs it:
+  1 vs 2 processes: `resnext batch-predict` alone and under `torchrun --nproc_per_node 2`
+    (gloo), interleaved; whole-command seconds and the in-loop rate the command prints;
+  sharding: `torchrun --nproc_per_node 2 batch-predict` with the images dealt out a batch at a
+    time (resnext's `model.distributed.shard`) or cut into contiguous halves
+    (benchmarks/contiguous_shards.py), on the photos as given and on a folder whose sorted order
+    puts the 3000x2000 copies first;
+  memory: peak RSS of one batch-predict process over 10,000 vs 100,000 tiny images (16 px,
+    CSV and Parquet), which must not grow with the count beyond the file list itself.
+
+    python benchmarks/bench_predict.py ../shared/data/flowers5 --scale --archs resnet18
 """
 
 from __future__ import annotations
@@ -26,6 +38,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,6 +156,145 @@ def bench_set(name: str, folder: Path, paths: list[str], arch: str, checkpoint: 
             "b/a": b / a, "b/c": b / c}
 
 
+# ---------------------------------------------------------------- --scale (issue 28)
+
+PREDICTED = re.compile(r"Predicted (\d+) image\(s\), \d+ unreadable, in ([\d.]+) s")
+
+
+def run_cli(args: list[str], processes: int = 1, threads: int | None = None,
+            script: str | None = None) -> dict[str, float]:
+    """One `resnext batch-predict` command in its own process(es) (under torchrun when more than
+    one; `script` instead of `-m resnext_cli`): whole-command seconds and the in-loop rate it
+    prints."""
+    entry = [script] if script else ["-m", "resnext_cli"]
+    program = [sys.executable, *entry] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(processes), *entry]  # fmt: skip
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    started = time.perf_counter()
+    process = subprocess.Popen([*program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)  # fmt: skip
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    assert process.returncode == 0, stderr[-2000:]
+    found = PREDICTED.search(stdout)
+    assert found, stdout[-2000:]
+    n, seconds = int(found[1]), float(found[2])
+    return {"wall": wall, "rate": n / seconds, "n": n}
+
+
+def peak_rss(args: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of one batch-predict process, from its own rusage."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([sys.executable, "-m", "resnext_cli", *args], stdout=subprocess.DEVNULL,
+                                   stderr=errors)  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        assert process.returncode == 0, errors.read()[-2000:]
+    return usage.ru_maxrss / 1024, time.perf_counter() - started
+
+
+def sharding_rows(name: str, folder: Path, checkpoint: Path, batch: int, repeats: int) -> list[dict]:
+    """`torchrun --nproc_per_node 2 batch-predict` with the images dealt out a batch at a time
+    (resnext) and cut into contiguous halves (benchmarks/contiguous_shards.py), interleaved."""
+    rows = []
+    args = ["batch-predict", str(folder), "--checkpoint", str(checkpoint), "--batch-size", str(batch),
+            "--quiet", "--device", "cpu"]  # fmt: skip
+    schemes = {"a batch at a time": None, "contiguous halves": str(Path(__file__).with_name("contiguous_shards.py"))}
+    for attempt in range(repeats):  # interleaved: drift on a shared machine hits both alike
+        for scheme, script in schemes.items():
+            out = folder.parent / f"shard-{attempt}-{scheme[:4]}.csv"
+            done = run_cli([*args, "--output", str(out)], processes=2, script=script)
+            rows.append({"set": name, "scheme": scheme, **done})
+    return rows
+
+
+def tiny_images(folder: Path, count: int) -> Path:
+    """`count` distinct 16x16 PNGs (one picture's bytes, many names: creating them is the cost)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = __import__("io").BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 200)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    for i in range(count):
+        (folder / f"img_{i:06d}.png").write_bytes(data)
+    return folder
+
+
+def scale_report(args: argparse.Namespace, work: Path, flat: Path, flat_paths: list[str],
+                 large_paths: list[str]) -> None:
+    """The issue-28 rows: 1 vs 2 processes, sharding, memory over 10k vs 100k images."""
+    args.scale = args.scale or ["processes", "sharding", "memory"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} (others' work too), torch {torch.__version__}")
+    checkpoint = work / f"{args.archs[0]}.pt"
+    random_checkpoint(args.archs[0], checkpoint, 224)
+    if "processes" in args.scale:
+        processes_rows(args, work, flat, len(flat_paths), checkpoint)
+    if "sharding" in args.scale:
+        clustered = [f"a_{Path(p).name}" for p in large_paths] + [Path(p).name for p in flat_paths[len(large_paths):]]
+        clustered_folder = work / "clustered"  # the large photos first in sorted order
+        clustered_folder.mkdir()
+        for name, source in zip(clustered, large_paths + flat_paths[len(large_paths):]):
+            os.symlink(os.path.abspath(source), clustered_folder / name)
+        rows = sharding_rows("photos as given", flat, checkpoint, args.batch_size, args.repeats)
+        rows += sharding_rows(f"{len(large_paths)} of them 3000x2000, sorted first", clustered_folder,
+                              checkpoint, args.batch_size, args.repeats)  # fmt: skip
+        print(f"\nsharding: torchrun, 2 gloo processes, {args.archs[0]}, 224 px, batch {args.batch_size}; best "
+              f"of {args.repeats}\n| photos | shares | whole command (s) | in-loop images/s |\n|---|---|---|---|")
+        for key in dict.fromkeys((r["set"], r["scheme"]) for r in rows):
+            mine = [r for r in rows if (r["set"], r["scheme"]) == key]
+            print(f"| {key[0]} | {key[1]} | {min(r['wall'] for r in mine):.1f} | "
+                  f"{max(r['rate'] for r in mine):.1f} |")
+    if "memory" in args.scale:
+        memory_rows(args.memory_counts, work)
+
+
+def processes_rows(args: argparse.Namespace, work: Path, flat: Path, count: int, checkpoint: Path) -> None:
+    """batch-predict alone (torch's default threads, and one thread) and under torchrun with 2
+    processes (one thread each, as torchrun sets), interleaved."""
+    print(f"\n1 vs 2 processes: {args.archs[0]}, {count} photos, batch {args.batch_size}; best of "
+          f"{args.repeats}\n| command | whole command (s) | in-loop images/s |\n|---|---|---|")
+    common = ["batch-predict", str(flat), "--checkpoint", str(checkpoint), "--batch-size", str(args.batch_size),
+              "--quiet", "--device", "cpu"]  # fmt: skip
+    setups = {"1 process": (1, None), "1 process, 1 thread": (1, 1), "torchrun, 2 processes": (2, None)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+    for attempt in range(args.repeats):
+        for name, (processes, threads) in setups.items():
+            out = work / f"scale-{processes}-{threads}-{attempt}.csv"
+            runs[name].append(run_cli([*common, "--output", str(out)], processes, threads))
+    best = {name: (min(r["wall"] for r in done), max(r["rate"] for r in done)) for name, done in runs.items()}
+    for name, (wall, rate) in best.items():
+        print(f"| {name} | {wall:.1f} | {rate:.1f} |")
+    one, two = best["1 process"], best["torchrun, 2 processes"]
+    print(f"2 processes / 1: whole command {one[0] / two[0]:.2f}x, in-loop {two[1] / one[1]:.2f}x")
+
+
+def memory_rows(counts: list[int], work: Path) -> None:
+    small = work / "tiny.pt"
+    random_checkpoint("resnet18", small, 16)
+    print("\nmemory: one batch-predict process, 16 px PNGs, resnet18 at 16 px, batch 64\n"
+          "| images | output | peak RSS (MB) | seconds |\n|---|---|---|---|")
+    for count in counts:
+        folder = tiny_images(work / f"tiny{count}", count)
+        for suffix in (".csv", ".parquet"):
+            rss, seconds = peak_rss(["batch-predict", str(folder), "--checkpoint", str(small), "--quiet",
+                                     "--batch-size", "64", "--device", "cpu", "--output",
+                                     str(work / f"tiny{count}{suffix}")])  # fmt: skip
+            print(f"| {count:,} | {suffix[1:]} | {rss:.0f} | {seconds:.0f} |", flush=True)
+        shutil.rmtree(folder)
+
+
+def random_checkpoint(arch: str, path: Path, img_size: int) -> None:
+    torch.manual_seed(0)
+    model = networks.build_model(arch, 5)
+    ckpt.save_torch(ckpt.build_checkpoint(
+        model, arch=arch, classes=[f"c{i}" for i in range(5)],
+        preprocessing=Preprocessing.classic(img_size), epoch=0, val_acc=0.0, config={},
+    ), path)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a folder of photos (searched recursively)")
@@ -156,6 +311,9 @@ def main() -> None:
                         help="only the precision/layout/onnxruntime table")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a resnext checkpoint to use for its arch instead of random weights")
+    parser.add_argument("--scale", nargs="*", choices=["processes", "sharding", "memory"],
+                        help="only the issue-28 rows (all three when none is named)")
+    parser.add_argument("--memory-counts", type=int, nargs="+", default=[10_000, 100_000])
     args = parser.parse_args()
 
     photos = list_images(args.folder, recursive=True)
@@ -171,6 +329,8 @@ def main() -> None:
     large = work / "large"
     large_paths = make_large_copies(flat_paths[: args.large_count], large, (width, height))
 
+    if args.scale is not None:
+        return scale_report(args, work, flat, flat_paths, large_paths)
     precision = precision_for(args.precision, torch.device("cpu"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}, "

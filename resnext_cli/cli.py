@@ -75,7 +75,7 @@ def option(help: str, *decls: str, default: Any = None, metavar: str | None = No
 
 FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
          "--resume-output", "--dynamic-batch", "--tta", "--overwrite", "--track-checkpoints",
-         "--explain"}  # fmt: skip
+         "--explain", "--save-probs"}  # fmt: skip
 
 
 def data_argument(help: str) -> Any:
@@ -409,7 +409,8 @@ def batch_predict(
     class_indices: Optional[str] = CLASS_INDICES,
     recursive: Optional[bool] = option("Include sub-folders.", "--recursive", default=False),
     topk: Optional[int] = option("Classes per image in the output.", default=_B.topk, metavar="K"),
-    output: Optional[str] = option("Results file, .csv or .jsonl (its folder is created).", metavar="FILE"),
+    output: Optional[str] = option("Results file, .csv, .jsonl or .parquet (its folder is created).",
+                                   metavar="FILE"),
     workers: Optional[int] = WORKERS,
     img_size: Optional[int] = INFER_IMG_SIZE,
     device: Optional[str] = DEVICE,
@@ -420,6 +421,10 @@ def batch_predict(
     quiet: Optional[bool] = option("No line per image.", "--quiet", default=False),
     resume_output: Optional[bool] = option("Skip images already in --output (after an "
                                            "interruption).", "--resume-output", default=False),
+    overwrite: Optional[bool] = option("Replace an existing --output (kept until the new one is "
+                                       "complete).", "--overwrite", default=False),
+    save_probs: Optional[bool] = option("Every class's probability in each row (--output .jsonl "
+                                        "or .parquet).", "--save-probs", default=False),
     onnx: Optional[str] = option("Run an exported model.onnx on onnxruntime instead of a checkpoint.",
                                  metavar="FILE"),
     tta: Optional[bool] = TTA,

@@ -198,6 +198,8 @@ class BatchPredictConfig(InferenceConfig):
     quiet: bool = False
     resume_output: bool = False
     onnx: str | None = None  # an exported model.onnx instead of a checkpoint
+    overwrite: bool = False  # replace an existing --output (it stays until the new one is complete)
+    save_probs: bool = False  # every class's probability in each row (JSONL, Parquet)
 
     def validate(self) -> None:
         super().validate()
@@ -213,8 +215,15 @@ class BatchPredictConfig(InferenceConfig):
         _check_range("topk", self.topk, low=1)
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)
-        if self.output and Path(self.output).suffix.lower() not in (".csv", ".jsonl"):
-            raise UserError(f"--output must end in .csv or .jsonl, got {self.output!r}.")
+        if self.output and Path(self.output).suffix.lower() not in (".csv", ".jsonl", ".parquet"):
+            raise UserError(f"--output must end in .csv, .jsonl or .parquet, got {self.output!r}.")
+        if self.overwrite and self.resume_output:
+            raise UserError("Give either --overwrite (start over) or --resume-output (continue), not both.")
+        if self.save_probs and not (self.output and Path(self.output).suffix.lower() != ".csv"):
+            raise UserError(
+                "--save-probs writes every class's probability into --output FILE.jsonl or "
+                "FILE.parquet (a CSV row has no room for them); give such an --output."
+            )
 
 
 @dataclass

@@ -62,14 +62,14 @@ def atomic_write(path: Path, write: Any) -> None:
         reason = getattr(target, "error", None) or exc  # the write's own OSError, if it hid one
         if isinstance(reason, OSError):
             raise UserError(
-                f"Cannot write {path}: {reason.strerror or reason}{_free_space(path.parent)}. "
+                f"Cannot write {path}: {reason.strerror or reason}{free_space(path.parent)}. "
                 "The previous file, if any, is unchanged.",
                 EXIT_FAILED,
             ) from None
         raise
 
 
-def _free_space(folder: Path) -> str:
+def free_space(folder: Path) -> str:
     """' (N MB free there)', so that a full disk reads as one; '' where it cannot be told."""
     try:
         return f" ({shutil.disk_usage(folder).free / 1e6:,.0f} MB free there)"
@@ -106,6 +106,22 @@ def printable(name: str) -> str:
     """A file name as `atomic_write_text` writes it, for text that must stay encodable (messages,
     tables): undecodable bytes as `\\udcXX`."""
     return escaped_utf8(name).decode("utf-8")
+
+
+def printable(text: str) -> str:
+    """`text` as UTF-8 can carry it: a file name whose bytes are not UTF-8 (Python keeps them as
+    lone surrogates, which no UTF-8 file or terminal takes) gets those bytes as `\\xNN` escapes.
+    Valid text comes back unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the file name's own bytes
+    except UnicodeEncodeError:  # surrogates that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def make_folder(path: Path) -> None:

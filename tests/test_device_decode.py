@@ -1,6 +1,6 @@
 """Decoding and cropping on the device (`--decode gpu`). The tensor pipeline runs on the CPU too
-(torchvision's decode_jpeg and roi_align), so it is checked here against the Pillow path; the
-tests that need CUDA are marked and skip without it."""
+(torchcodec's decode_jpeg, or torchvision's without it, and roi_align), so it is checked here
+against the Pillow path; the tests that need CUDA are marked and skip without it."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from torchvision import transforms as T
 
 from resnext_cli.commands import train as train_module
 from resnext_cli.config import EvaluateConfig
+from resnext_cli.data import batches
 from resnext_cli.data.batches import InputSpec, decode_jpegs, get_batch
 from resnext_cli.data.images import load_rgb, read_header
 from resnext_cli.data.loaders import EncodedImage, LoadedBatch, collate_skipping_failures, image_dataset
 from resnext_cli.data.transforms import Preprocessing, train_transform
+from resnext_cli.errors import UserError
+from resnext_cli.model.device import decode_on_device
 from resnext_cli.model.engines import load_inference_model
 from resnext_cli.outputs.evaluation import evaluation_samples, score
 from tests.conftest import TINY_TRAIN, invoke, make_dataset
@@ -141,6 +144,32 @@ def test_a_broken_jpeg_in_a_batch_does_not_take_the_others_down(tmp_path: Path):
     assert batch.indices == [10, 12] and batch.labels.tolist() == [5, 7]
     assert batch.failures[0] == (13, "earlier") and batch.failures[1][0] == 11
     assert batch.failures[1][1].startswith("OSError")  # Pillow's reason, as the CPU path gives
+
+
+def test_both_jpeg_decoders_give_pillows_upright_pixels(tmp_path: Path, monkeypatch):
+    """torchcodec (which applies EXIF orientation itself) and torchvision's deprecated decoder
+    (turned upright here) give the same pixels as Pillow's full decode, EXIF-rotated or not."""
+    pytest.importorskip("torchcodec")
+    shapes = [((120, 90), 1), ((90, 120), 6), ((375, 500), 8), ((64, 48), 3), ((200, 100), 5)]
+    paths = [photo(tmp_path / f"p{i}.jpg", size, i, o) for i, (size, o) in enumerate(shapes)]
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    turns = [read_header(p).orientation for p in paths]
+    assert turns == [o for _, o in shapes]
+    pillow = [T.functional.pil_to_tensor(load_rgb(p)) for p in paths]
+    assert batches.jpeg_decoder().name == "torchcodec"
+    with_codec = decode_jpegs(data, torch.device("cpu"), turns)
+    monkeypatch.setattr(batches, "jpeg_decoder", batches.torchvision_decoder)
+    with_vision = decode_jpegs(data, torch.device("cpu"), turns)
+    for codec, vision, reference in zip(with_codec, with_vision, pillow):
+        assert torch.equal(codec, reference) and torch.equal(vision, reference)
+
+
+def test_decode_gpu_says_what_to_install_without_a_decoder(monkeypatch):
+    monkeypatch.setattr("resnext_cli.model.device.jpeg_decoder", lambda: None)
+    cuda = torch.device("cuda")  # only the name: nothing runs there
+    with pytest.raises(UserError, match=r"pip install 'resnext-cli\[gpu\]'"):
+        decode_on_device("gpu", cuda)
+    assert decode_on_device("auto", cuda) is False  # Pillow in the workers, as on the CPU
 
 
 @pytest.fixture(scope="module")

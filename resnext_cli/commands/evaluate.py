@@ -3,6 +3,7 @@ mistakes of a checkpoint on a labelled folder, with the val transform of trainin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,23 @@ from rich.table import Table
 
 from resnext_cli import ui
 from resnext_cli.config import EvaluateConfig
+from resnext_cli.model.distributed import INFERENCE_TIMEOUT, init_distributed, process_device, shutdown
 from resnext_cli.outputs.evaluation import Evaluation, evaluate_into_folder
 
 
 def evaluate(cfg: EvaluateConfig) -> Evaluation:
-    """Score the model on the data, write the evaluation folder, and show the result."""
-    result = evaluate_into_folder(cfg)
+    """Score the model on the data, write the evaluation folder, and show the result. Under
+    torchrun each process scores its share of the images and rank 0 writes and shows it all."""
+    ctx = init_distributed(cfg.device, timeout=INFERENCE_TIMEOUT)
+    if not ctx.is_main:
+        ui.silence()
+    try:
+        device = process_device(ctx, cfg.device)
+        result = evaluate_into_folder(dataclasses.replace(cfg, device=device), ctx=ctx)
+    finally:
+        shutdown(ctx)
+    if not ctx.is_main:
+        return result.evaluation
     if cfg.json:
         print(json.dumps(_json_result(result.evaluation, result.out), indent=2, ensure_ascii=False))
     else:

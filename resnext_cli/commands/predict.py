@@ -3,6 +3,8 @@ mode under inference_mode, and results that stream out as batches finish."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import shlex
 import sys
@@ -20,8 +22,20 @@ from resnext_cli.data.folders import list_images
 from resnext_cli.data.images import load_rgb
 from resnext_cli.data.loaders import collate_skipping_failures, make_loader
 from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError, interruption
-from resnext_cli.files import make_folder
+from resnext_cli.files import make_folder, printable
 from resnext_cli.model.cam import require_captum
+from resnext_cli.model.distributed import (
+    INFERENCE_TIMEOUT,
+    DistContext,
+    barrier,
+    broadcast_object,
+    check_same_items,
+    gather_objects,
+    init_distributed,
+    process_device,
+    shard,
+    shutdown,
+)
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
 from resnext_cli.outputs.heatmaps import Explained, explain_images, overlay_image
 from resnext_cli.outputs.plots import (
@@ -30,7 +44,8 @@ from resnext_cli.outputs.plots import (
     predictions_figure,
     save_figure,
 )
-from resnext_cli.outputs.results import ResultWriter, Row
+from resnext_cli.outputs.result_files import OutputFiles, path_key
+from resnext_cli.outputs.results import ResultRow, ResultSchema
 
 # ---------------------------------------------------------------- predict
 
@@ -131,45 +146,100 @@ def _print_prediction_tables(results: list[dict[str, Any]]) -> None:
 
 
 def batch_predict(cfg: BatchPredictConfig) -> int:
-    """Predict every image in DIR; returns the exit code (1 when none could be predicted)."""
+    """Predict every image in DIR; returns the exit code (1 when none could be predicted).
+    Under torchrun the sorted images are dealt out a batch at a time; each process writes its
+    own part of the output, and rank 0 merges the parts when all are done."""
+    ctx = init_distributed(cfg.device, timeout=INFERENCE_TIMEOUT)
+    if not ctx.is_main:
+        ui.silence()
+    try:
+        with contextlib.ExitStack() as held:
+            return _batch_predict(dataclasses.replace(cfg, device=process_device(ctx, cfg.device)),
+                                  ctx, held)  # fmt: skip
+    finally:
+        shutdown(ctx)
+
+
+def _batch_predict(cfg: BatchPredictConfig, ctx: DistContext, held: contextlib.ExitStack) -> int:
     paths = _images_in_folder(cfg)
+    check_same_items(ctx, paths, str(cfg.data))
+    files = OutputFiles(cfg.output, ctx.rank, ctx.world_size) if cfg.output else None
+    refused = _claim_output(files, cfg, ctx, held) if files else None
+    if refused is not None:
+        return refused  # the other processes: rank 0 said why
     engine: InferenceModel | OnnxModel = (
         load_onnx_model(cfg.onnx, cfg.class_indices, cfg.tta, cfg.prior)
         if cfg.onnx
         else load_inference_model(cfg)
     )
-    writer = ResultWriter(cfg.output, cfg.topk, cfg.resume_output) if cfg.output else None
-    earlier = writer.done if writer else {}
-    if earlier:
-        paths = [p for p in paths if p not in earlier]
-        ui.note(f"Resuming {cfg.output}: {len(earlier)} image(s) already there, {len(paths)} to go.")
-    ui.note(f"{len(paths)} images in {cfg.data}  |  {engine.describe()}")
-    loader = make_loader(engine.dataset([(p, -1) for p in paths]), batch_size=cfg.batch_size,
-                         workers=engine.decode_workers(paths, cfg.workers),
+    schema = ResultSchema(tuple(printable(c) for c in engine.classes), cfg.topk, cfg.save_probs)
+    journal = files.open_journal(schema, cfg.resume_output) if files else None
+    earlier = files.earlier_rows(schema, journal, cfg.resume_output) if files and journal else {}
+    share = shard(paths, ctx, block=cfg.batch_size)
+    todo = [p for p in share if path_key(printable(p)) not in earlier] if earlier else share
+    already = _note_progress(cfg, ctx, engine, len(share) - len(todo), len(todo))
+    loader = make_loader(engine.dataset([(p, -1) for p in todo]), batch_size=cfg.batch_size,
+                         workers=engine.decode_workers(todo, cfg.workers),
                          pin_memory=engine.pin_memory)  # fmt: skip
     summary = BatchSummary()
     started = time.perf_counter()
-    bar = ui.progress(total=len(paths), desc="predict", unit="img")
-    finished = False
+    bar = ui.progress(total=len(todo), desc="predict", unit="img")
     try:
-        for rows in _predicted_rows(loader, engine, cfg.topk, paths):
+        for rows in _predicted_rows(loader, engine, schema, todo):
             summary.add(rows, bar, cfg.quiet)
-            if writer:
-                writer.add(rows)
+            if journal:
+                journal.add(rows)
             bar.update(len(rows))
-        finished = True
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: what was written so far stays resumable
-        if writer is None:
+        if journal is None:
             raise
         what, code = interruption(exc)
-        raise UserError(f"{what}. The rows written so far are in {writer.partial}; the same command "
-                        "with --resume-output continues it.", code) from None  # fmt: skip
+        raise UserError(f"{what}. The rows written so far are in {files.journal_path if files else ''}; "
+                        "the same command with --resume-output continues it.", code) from None  # fmt: skip
     finally:
         bar.close()
-        if writer:
-            writer.close(keep=finished)
-    summary.show(time.perf_counter() - started, cfg.output)
-    return EXIT_OK if summary.per_class or any(earlier.values()) else EXIT_FAILED
+        if journal:
+            journal.close()
+    barrier(ctx)  # every part is complete
+    summary = summary.combined(ctx, any(earlier.values()))
+    seconds = time.perf_counter() - started
+    if ctx.is_main:
+        if files:
+            files.finish(schema, paths, resumed=already > 0 or bool(earlier))
+        summary.show(seconds, cfg.output)
+    return EXIT_OK if summary.per_class or summary.earlier_predicted else EXIT_FAILED
+
+
+def _claim_output(files: OutputFiles, cfg: BatchPredictConfig, ctx: DistContext,
+                  held: contextlib.ExitStack) -> int | None:  # fmt: skip
+    """Rank 0 takes the output's lock (held to the end) and checks what is there; the others
+    learn the outcome before any of them opens its part (a refusal: its exit code)."""
+    refusal = None
+    if ctx.is_main:
+        make_folder(files.path.parent)
+        try:
+            held.enter_context(files.lock())
+            files.claim(cfg.resume_output, cfg.overwrite)
+        except UserError as exc:
+            refusal = (str(exc), exc.exit_code)
+            if not ctx.enabled:
+                raise
+    refusal = broadcast_object(ctx, refusal)
+    if refusal is not None and ctx.is_main:
+        raise UserError(*refusal)
+    return refusal[1] if refusal is not None else None
+
+
+def _note_progress(cfg: BatchPredictConfig, ctx: DistContext, engine: InferenceModel | OnnxModel,
+                   already: int, todo: int) -> int:  # fmt: skip
+    """What is left to do, over all processes; returns how many images were done before."""
+    counts = gather_objects(ctx, (already, todo))
+    already, todo = sum(a for a, _ in counts), sum(t for _, t in counts)
+    if cfg.resume_output and already:
+        ui.note(f"Resuming {cfg.output}: {already} image(s) already there, {todo} to go.")
+    processes = f" over {ctx.world_size} processes" if ctx.enabled else ""
+    ui.note(f"{todo} images in {cfg.data}{processes}  |  {engine.describe()}")
+    return already
 
 
 def _images_in_folder(cfg: BatchPredictConfig) -> list[str]:
@@ -198,22 +268,37 @@ def _images_in_folder(cfg: BatchPredictConfig) -> list[str]:
 class BatchSummary:
     """What batch-predict tells at the end: images per class and the unreadable files."""
 
+    SHOWN = 20  # unreadable files named in the summary
+
     def __init__(self) -> None:
         self.per_class: Counter[str] = Counter()
         self.failures: list[tuple[str, str]] = []  # the first few, for the summary
         self.failure_count = 0
+        self.earlier_predicted = False  # a resumed output already held a predicted image
 
-    def add(self, rows: list[Row], bar: Any, quiet: bool) -> None:
-        for path, ranked, error in rows:
-            if ranked:
-                self.per_class[ranked[0][0]] += 1
+    def add(self, rows: list[ResultRow], bar: Any, quiet: bool) -> None:
+        for row in rows:
+            if row.ranked:
+                self.per_class[row.ranked[0][0]] += 1
                 if not quiet:
-                    bar.write(f"image: {path}  class: {ranked[0][0]}  prob: {ranked[0][1]:.3f}")
+                    bar.write(f"image: {row.path}  class: {row.ranked[0][0]}  prob: {row.ranked[0][1]:.3f}")
             else:
                 self.failure_count += 1
-                if len(self.failures) < 20:
-                    self.failures.append((path, error))
-                bar.write(f"Warning: unreadable {path}: {error}", file=sys.stderr)
+                if len(self.failures) < self.SHOWN:
+                    self.failures.append((row.path, row.error))
+                bar.write(f"Warning: unreadable {row.path}: {row.error}", file=sys.stderr)
+
+    def combined(self, ctx: DistContext, earlier_predicted: bool) -> BatchSummary:
+        """The counts of every process (each printed its own images as they came)."""
+        total = BatchSummary()
+        for part in gather_objects(ctx, (self.per_class, self.failures, self.failure_count,
+                                         earlier_predicted)):  # fmt: skip
+            per_class, failures, count, earlier = part
+            total.per_class.update(per_class)
+            total.failures += failures[: self.SHOWN - len(total.failures)]
+            total.failure_count += count
+            total.earlier_predicted |= earlier
+        return total
 
     def show(self, seconds: float, output: str | None) -> None:
         predicted = sum(self.per_class.values())
@@ -238,15 +323,17 @@ class BatchSummary:
 
 
 def _predicted_rows(
-    loader: Any, engine: InferenceModel | OnnxModel, k: int, paths: list[str]
-) -> Iterator[list[Row]]:
-    """One list of rows per batch, in file order, failures in their place."""
+    loader: Any, engine: InferenceModel | OnnxModel, schema: ResultSchema, paths: list[str]
+) -> Iterator[list[ResultRow]]:
+    """One list of rows per batch, in file order, failures in their place; names that are not
+    UTF-8 escaped (`files.printable`), so that no row is lost to them."""
     for loaded in loader:
         batch = get_batch(loaded, engine.spec)
-        ranked_by_index: dict[int, Any] = {}
+        rows = {i: ResultRow(printable(paths[i]), error=printable(reason)) for i, reason in batch.failures}
         if batch.inputs is not None:
-            ranked = top_k(engine.probabilities(batch.inputs), engine.classes, k)
-            ranked_by_index = dict(zip(batch.indices, ranked))
-        errors = dict(batch.failures)
-        order = sorted([*ranked_by_index, *errors])
-        yield [(paths[i], ranked_by_index.get(i), errors.get(i, "")) for i in order]
+            probs = engine.probabilities(batch.inputs)
+            ranked = top_k(probs, list(schema.classes), schema.topk)
+            for n, i in enumerate(batch.indices):
+                saved = probs[n].tolist() if schema.save_probs else None
+                rows[i] = ResultRow(printable(paths[i]), ranked[n], probs=saved)
+        yield [rows[i] for i in sorted(rows)]

@@ -3,23 +3,25 @@ model, for training, validation, feature extraction, evaluate, predict and expor
 
 Two kinds of batches arrive. Pillow's: uint8 crops, which only move and get standardised.
 Or, when decoding on the device, `EncodedImage`s: JPEG bytes decoded in one batched call
-(nvJPEG on CUDA), turned upright, then cropped, resized and flipped for the whole batch at once
-with `roi_align` (one box per image; an adaptive number of samples per output pixel averages
-strong downscaling instead of aliasing). A file the device cannot decode goes to Pillow; one
-that nothing reads becomes a failure of the batch, reported like any other.
+(torchcodec's nvJPEG decode on CUDA; torchvision's where torchcodec is not installed), turned
+upright, then cropped, resized and flipped for the whole batch at once with `roi_align` (one box
+per image; an adaptive number of samples per output pixel averages strong downscaling instead of
+aliasing). A file the device cannot decode goes to Pillow; one that nothing reads becomes a
+failure of the batch, reported like any other.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torchvision.transforms.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from resnext_cli.data.images import describe_failure, load_rgb
@@ -88,33 +90,88 @@ def decode_on_device(encoded: list[EncodedImage], device: torch.device) -> list[
     jpegs = [i for i, e in enumerate(encoded) if e.jpeg]
     if not jpegs:
         return out
-    decoded = decode_jpegs([encoded[i].data for i in jpegs], device)
+    decoded = decode_jpegs([encoded[i].data for i in jpegs], device, [encoded[i].orientation for i in jpegs])
     for i, picture in zip(jpegs, decoded):
-        if picture is None:  # the device's decoder refused it: Pillow gets a go
-            out[i] = pillow_fallback(encoded[i].data, device)
-        else:
-            out[i] = orient(picture, encoded[i].orientation)
+        # None: the device's decoder refused it, Pillow gets a go
+        out[i] = pillow_fallback(encoded[i].data, device) if picture is None else picture
     return out
 
 
-def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """One batched decode; if the batch fails, each file alone (None: this decoder can't)."""
+JPEG_DECODER_EXTRA = "pip install 'resnext-cli[gpu]'  (torchcodec)"
+
+
+class JpegDecoder(NamedTuple):
+    name: str
+    decode: Callable[[Any, torch.device], Any]  # a 1-D uint8 tensor (or a list) -> 3 x H x W
+    upright: bool  # applies the EXIF orientation itself
+
+
+def torchcodec_decoder() -> JpegDecoder | None:
+    """torchcodec's decode_jpeg: the maintained one (torchvision's decoders are deprecated since
+    0.29, "removed in a future release"), whose nvJPEG decode fixed its own stream-ordering
+    hazard (meta-pytorch/torchcodec PR 1634), and which applies EXIF orientation itself."""
+    try:
+        codec = importlib.import_module("torchcodec.decoders")
+    except Exception:  # noqa: BLE001 - not installed, or built for another torch: not usable
+        return None
+    return JpegDecoder("torchcodec", lambda data, device: codec.decode_jpeg(data, mode="RGB", device=device),
+                       upright=True)  # fmt: skip
+
+
+def torchvision_decoder() -> JpegDecoder | None:
+    """torchvision's decode_jpeg, while torchvision still has it (deprecated since 0.29)."""
+    try:
+        io_module = importlib.import_module("torchvision.io")
+        decode, rgb = io_module.decode_jpeg, io_module.ImageReadMode.RGB
+    except (ImportError, AttributeError):
+        return None
+    return JpegDecoder("torchvision", lambda data, device: decode(data, mode=rgb, device=device), upright=False)
+
+
+JPEG_DECODERS = (torchcodec_decoder, torchvision_decoder)  # in order of preference
+
+
+@functools.lru_cache(maxsize=1)
+def jpeg_decoder() -> JpegDecoder | None:
+    """The device path's JPEG decoder: the first of JPEG_DECODERS installed, or None (JPEGs
+    then go to Pillow). Loaded on first use: a plain CPU run never imports either."""
+    return next((found for found in (make() for make in JPEG_DECODERS) if found), None)
+
+
+def decode_jpegs(
+    data: list[torch.Tensor], device: torch.device, orientations: list[int] | None = None
+) -> list[torch.Tensor | None]:
+    """Upright pictures (per the EXIF `orientations`, 1 when not given): one batched decode; if
+    the batch fails, each file alone (None: this decoder can't)."""
+    decoder = jpeg_decoder()
+    if decoder is None:  # `device.decode_on_device` said so before any batch
+        raise RuntimeError(f"no JPEG decoder for the device: {JPEG_DECODER_EXTRA}")
+    pictures = _decode_all(decoder, data, device)
+    if decoder.upright:
+        return pictures
+    turns = orientations or [1] * len(data)
+    return [None if p is None else orient(p, o) for p, o in zip(pictures, turns)]
+
+
+def _decode_all(decoder: JpegDecoder, data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     if device.type == "cuda":
         # torchvision's nvJPEG decode can write into memory that kernels still queued on this
         # stream are about to read (pytorch/vision PR 9606, seen on H100s): a silently corrupted
-        # previous batch. Draining the stream first orders the two (measured: within noise).
+        # previous batch. torchcodec fixed its own decoder (PR 1634); draining the stream first
+        # orders the two whichever decodes (measured on an H100 with torchvision: within noise),
+        # and stays until measured unnecessary with torchcodec.
         torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision >= 0.29 marks its image decoders deprecated
         try:
-            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            return list(decoder.decode(data, device))
         except RuntimeError:
-            return [_decode_one(d, device) for d in data]
+            return [_decode_one(decoder, d, device) for d in data]
 
 
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+def _decode_one(decoder: JpegDecoder, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decoder.decode(data, device)
     except RuntimeError:
         return None
 

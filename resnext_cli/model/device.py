@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from resnext_cli.config import PRECISIONS
+from resnext_cli.data.batches import JPEG_DECODER_EXTRA, jpeg_decoder
 from resnext_cli.errors import UserError
 
 
@@ -104,11 +105,17 @@ def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: b
 
 
 def decode_on_device(requested: str, device: torch.device) -> bool:
-    """--decode: `auto` decodes JPEGs on the GPU when the model runs on CUDA, with Pillow
-    elsewhere; `gpu` without a CUDA device is an error, not a silent fallback."""
+    """--decode: `auto` decodes JPEGs on the GPU when the model runs on CUDA and a decoder is
+    installed (torchcodec, or torchvision's while it has one), with Pillow elsewhere; `gpu`
+    without either is an error, not a silent fallback."""
     if requested == "gpu" and device.type != "cuda":
         raise UserError(
             f"--decode gpu needs a CUDA device, but this run is on {device}. Use --decode cpu "
             "(Pillow in worker processes) or --decode auto."
         )
-    return requested == "gpu" or (requested == "auto" and device.type == "cuda")
+    wanted = requested == "gpu" or (requested == "auto" and device.type == "cuda")
+    if wanted and jpeg_decoder() is None:
+        if requested == "gpu":
+            raise UserError(f"--decode gpu needs torchcodec: {JPEG_DECODER_EXTRA}; or use --decode cpu.")
+        return False
+    return wanted

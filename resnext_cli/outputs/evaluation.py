@@ -4,6 +4,7 @@ their predictions (`score`), the metrics (`summarise`) and the eval/ folder of f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,6 +31,7 @@ from resnext_cli.errors import EXIT_FAILED, UserError
 from resnext_cli.files import atomic_write_csv, atomic_write_text, make_folder, read_csv
 from resnext_cli.model.cam import require_captum
 from resnext_cli.model.checkpoint import run_folder_lock
+from resnext_cli.model.distributed import DistContext, gather_objects, shard
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
 from resnext_cli.outputs.heatmaps import (
     explain_images,
@@ -45,6 +47,8 @@ from resnext_cli.outputs.metrics import (
     confusion_matrix,
 )
 from resnext_cli.outputs.plots import confusion_matrix_png, write_png
+
+SINGLE_PROCESS = DistContext()
 
 
 @dataclass
@@ -199,25 +203,41 @@ def _labelled(
 
 def score(
     engine: InferenceModel | OnnxModel, samples: list[tuple[str, int]], batch_size: int,
-    workers: int | None, warn: bool = True,
+    workers: int | None, warn: bool = True, ctx: DistContext = SINGLE_PROCESS,
 ) -> Evaluation:  # fmt: skip
     """Predictions for every readable image; unreadable ones are left out (and, with `warn`,
-    reported one by one)."""
+    reported one by one). Under torchrun (`ctx`) the images are dealt out a batch at a time and
+    every process gets all the predictions back, in sample order."""
+    positions = shard(range(len(samples)), ctx, block=batch_size)
+    predictions, unreadable = _score_share(engine, [samples[i] for i in positions], batch_size, workers)
+    predictions, unreadable = _in_sample_order(ctx, positions, predictions, unreadable)
+    if warn:
+        for path, reason in unreadable:
+            ui.warn(f"skipped unreadable file {path}: {reason}")
+    if not predictions:
+        raise UserError("None of the images could be read (see the warnings above).", EXIT_FAILED)
+    prior = engine.prior
+    return summarise(engine.classes, predictions, unreadable, prior.class_counts if prior else None)
+
+
+def _score_share(
+    engine: InferenceModel | OnnxModel, samples: list[tuple[str, int]], batch_size: int,
+    workers: int | None,
+) -> tuple[list[tuple[int, Prediction]], list[tuple[int, tuple[str, str]]]]:  # fmt: skip
+    """(position in `samples`, prediction) for each readable image, (position, (path, reason))
+    for each unreadable one."""
     loader = make_loader(
         engine.dataset(samples),
         batch_size=batch_size,
         workers=engine.decode_workers([path for path, _ in samples], workers),
         pin_memory=engine.pin_memory,
     )
-    predictions: list[Prediction] = []
-    unreadable: list[tuple[str, str]] = []
+    predictions: list[tuple[int, Prediction]] = []
+    unreadable: list[tuple[int, tuple[str, str]]] = []
     k = min(5, len(engine.classes))
     for loaded in ui.progress(loader, desc="evaluate", unit="batch"):
         batch = get_batch(loaded, engine.spec)
-        for index, reason in batch.failures:
-            unreadable.append((samples[index][0], reason))
-            if warn:
-                ui.warn(f"skipped unreadable file {samples[index][0]}: {reason}")
+        unreadable += [(index, (samples[index][0], reason)) for index, reason in batch.failures]
         if batch.inputs is None:
             continue
         probs = engine.probabilities(batch.inputs)
@@ -225,13 +245,21 @@ def score(
         hits = (top_classes == batch.labels.cpu()[:, None]).any(dim=1)
         for i, index in enumerate(batch.indices):
             path, label = samples[index]
-            predictions.append(
-                Prediction(path, label, int(top_classes[i, 0]), float(top_probs[i, 0]), bool(hits[i]))
-            )
-    if not predictions:
-        raise UserError("None of the images could be read (see the warnings above).", EXIT_FAILED)
-    prior = engine.prior
-    return summarise(engine.classes, predictions, unreadable, prior.class_counts if prior else None)
+            prediction = Prediction(path, label, int(top_classes[i, 0]), float(top_probs[i, 0]), bool(hits[i]))
+            predictions.append((index, prediction))
+    return predictions, unreadable
+
+
+def _in_sample_order(
+    ctx: DistContext, positions: list[int], predictions: list[tuple[int, Prediction]],
+    unreadable: list[tuple[int, tuple[str, str]]],
+) -> tuple[list[Prediction], list[tuple[str, str]]]:  # fmt: skip
+    """Every process's results (its share's indices mapped back to sample positions), sorted."""
+    mine = ([(positions[i], p) for i, p in predictions], [(positions[i], u) for i, u in unreadable])
+    everyone = gather_objects(ctx, mine)
+    merged_predictions = sorted((item for part in everyone for item in part[0]), key=lambda t: t[0])
+    merged_unreadable = sorted((item for part in everyone for item in part[1]), key=lambda t: t[0])
+    return [p for _, p in merged_predictions], [u for _, u in merged_unreadable]
 
 
 def summarise(
@@ -292,9 +320,11 @@ class EvaluationRun:
     heatmaps: int = 0  # overlays written into out/heatmaps/
 
 
-def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> EvaluationRun:
+def evaluate_into_folder(
+    cfg: EvaluateConfig, quiet: bool = False, ctx: DistContext = SINGLE_PROCESS
+) -> EvaluationRun:
     """Score the model on the data (by default what it was trained on) and write the
-    evaluation folder."""
+    evaluation folder (under torchrun: sharded over the processes, written by rank 0)."""
     talk = not (cfg.json or quiet)
     engine = load_inference_model(cfg, announce=talk)
     data = cfg.data or trained_on_data(engine)
@@ -307,19 +337,23 @@ def evaluate_into_folder(cfg: EvaluateConfig, quiet: bool = False) -> Evaluation
     for message in chosen.warnings:
         ui.warn(message)
     out = Path(cfg.out) if cfg.out else Path(engine.source).parent / "eval"
-    with run_folder_lock(out):  # eval/ of a run: never while train writes that run
-        make_folder(out)
+    # eval/ of a run: never while train writes that run; under torchrun rank 0 writes it
+    with run_folder_lock(out) if ctx.is_main else contextlib.nullcontext():
+        if ctx.is_main:
+            make_folder(out)
         if talk:
             ui.note(f"Evaluating {len(chosen.samples)} images ({chosen.description})  |  "
                     f"{engine.describe()}")  # fmt: skip
         started = time.perf_counter()
-        evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet)
+        evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet, ctx=ctx)
         seconds = time.perf_counter() - started
         about = {"checkpoint": engine.source, "data": data, "images": chosen.description,
                  "prior": engine.prior.name if engine.prior else None}  # fmt: skip
-        heatmaps = write_mistake_heatmaps(out / HEATMAPS, engine, mistakes(evaluation)[: cfg.heatmaps],
-                                          cfg, warn=not quiet)  # fmt: skip
-        write_evaluation(out, evaluation, about)
+        heatmaps = 0
+        if ctx.is_main:
+            heatmaps = write_mistake_heatmaps(out / HEATMAPS, engine, mistakes(evaluation)[: cfg.heatmaps],
+                                              cfg, warn=not quiet)  # fmt: skip
+            write_evaluation(out, evaluation, about)
     return EvaluationRun(evaluation, out, seconds, heatmaps)
 
 
