@@ -21,9 +21,11 @@ from resnext_cli.config import (
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
+    UNKNOWN_SCORE,
     AuditConfig,
     BatchPredictConfig,
     CacheConfig,
+    CalibrateConfig,
     CheckDataConfig,
     EvaluateConfig,
     ExportConfig,
@@ -59,7 +61,7 @@ def option(help: str, *decls: str, default: Any = None, metavar: str | None = No
 
 
 FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
-         "--resume-output", "--dynamic-batch", "--tta"}  # fmt: skip
+         "--resume-output", "--dynamic-batch", "--tta", "--reject-unknown"}  # fmt: skip
 
 
 def data_argument(help: str) -> Any:
@@ -108,6 +110,11 @@ JSON = option("Print JSON instead of tables.", "--json", default=False)
 TTA = option("Test-time augmentation: average the predictions for each image and its mirror "
              "image (2x the model's work).", "--tta", default=False)
 CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
+CALIBRATION = option("Calibrated probabilities and unknown verdicts (the checkpoint's temperature and "
+                     "unknown score); off: the raw softmax, as before calibration existed.",
+                     "--calibration/--no-calibration", default=True)  # fmt: skip
+UNKNOWN_THRESHOLD = option("Share of the val photos accepted as known: sets the unknown score's "
+                           "threshold (0-1).", default="the checkpoint's (0.95)", metavar="Q")  # fmt: skip
 
 
 def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
@@ -197,6 +204,8 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "sync_bn": "Under torchrun: batch norm statistics over all processes.",
     "resume": ("Continue an interrupted run: its folder or last.pt (--epochs may extend it).", None),
     "report": "Evaluate best.pt on the val split and write report.html at the end.",
+    "unknown_score": "How unknowns are told: components joined with '+' (README: Unknown images).",
+    "unknown_threshold": "Share of the val photos accepted as known: sets the unknown threshold.",
 }  # fmt: skip
 
 
@@ -244,6 +253,8 @@ def train(
     sync_bn: Optional[bool] = train_option("sync_bn", None, "--sync-bn"),
     resume: Optional[str] = train_option("resume", "RUN"),
     report: Optional[bool] = train_option("report", None, "--report/--no-report"),
+    unknown_score: Optional[str] = train_option("unknown_score", "NAME"),
+    unknown_threshold: Optional[float] = train_option("unknown_threshold", "Q"),
     config: Optional[str] = CONFIG,
 ) -> None:
     """Train a classifier on a folder of class folders: pretrained backbone, new head."""
@@ -281,9 +292,11 @@ def predict(
     plot: Optional[str] = option("Save the image(s) titled with the prediction; the extension picks "
                                  "the format (.png, .jpg, .pdf, .svg ...).", metavar="FILE"),
     tta: Optional[bool] = TTA,
+    calibration: Optional[bool] = CALIBRATION,
+    unknown_threshold: Optional[float] = UNKNOWN_THRESHOLD,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
-    """Classify one or more images."""
+    """Classify one or more images (and say when one looks like none of the classes)."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
     def action() -> None:
@@ -319,6 +332,10 @@ def batch_predict(
     onnx: Optional[str] = option("Run an exported model.onnx on onnxruntime instead of a checkpoint.",
                                  metavar="FILE"),
     tta: Optional[bool] = TTA,
+    calibration: Optional[bool] = CALIBRATION,
+    unknown_threshold: Optional[float] = UNKNOWN_THRESHOLD,
+    reject_unknown: Optional[bool] = option("Leave `class` empty for images whose `known` is false.",
+                                            "--reject-unknown", default=False),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify every image in a folder, streaming results as batches finish."""
@@ -354,9 +371,15 @@ def evaluate(
     decode: Optional[str] = DECODE,
     compile: Optional[bool] = COMPILE,
     tta: Optional[bool] = TTA,
+    calibration: Optional[bool] = CALIBRATION,
+    unknown_threshold: Optional[float] = UNKNOWN_THRESHOLD,
+    unknown: Optional[str] = option("A folder of photos of none of the classes: how well the unknown "
+                                    "score tells them apart (AUROC, FPR at 95% TPR, share rejected).",
+                                    metavar="DIR"),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
-    """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder."""
+    """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder; calibration
+    (ECE, NLL, reliability) and, with --unknown, how well unknowns are told apart."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> None:
@@ -379,6 +402,8 @@ def report(
     decode: Optional[str] = DECODE,
     gallery: Optional[int] = option("Mistakes shown as thumbnails.", default=ReportConfig().gallery,
                                     metavar="N"),
+    unknown: Optional[str] = option("A folder of photos of none of the classes: the report shows how "
+                                    "well the unknown score tells them apart.", metavar="DIR"),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Write RUN/report.html (default: the latest finished run): config, curves, confusion
@@ -389,6 +414,37 @@ def report(
         from resnext_cli.commands.report import report as run_report
 
         run_report(configure(ReportConfig, config, overrides))
+
+    run_command(action)
+
+
+@app.command()
+def calibrate(
+    run_dir: Optional[str] = typer.Argument(None, help="A run folder (its best.pt) or a checkpoint.",
+                                            metavar="RUN", show_default=False),
+    data: Optional[str] = option("Labelled photos the run did not train on: DIR/<class>/*, or a dataset "
+                                 "root (its val split).", default="the run's val split", metavar="DIR"),
+    unknown_score: Optional[str] = option("How unknowns are told: components joined with '+'.",
+                                          default=f"the checkpoint's, else {UNKNOWN_SCORE}", metavar="NAME"),
+    unknown_threshold: Optional[float] = option("Share of these photos accepted as known: sets the "
+                                                "unknown threshold.", default="the checkpoint's (0.95)",
+                                                metavar="Q"),
+    batch_size: Optional[int] = option("Images per batch.", default=CalibrateConfig().batch_size, metavar="N"),
+    workers: Optional[int] = WORKERS,
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = PRECISION,
+    channels_last: Optional[bool] = CHANNELS_LAST,
+    decode: Optional[str] = DECODE,
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
+    """Refit a checkpoint's temperature and unknown threshold on labelled photos (default: the latest
+    finished run, on its val split) and write them into it."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> None:
+        from resnext_cli.commands.calibrate import calibrate as run_calibrate
+
+        run_calibrate(configure(CalibrateConfig, config, overrides))
 
     run_command(action)
 

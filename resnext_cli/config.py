@@ -23,6 +23,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded; auto: on the GPU when on CUDA
+# the unknown score's components (model/trust.py), joined with "+"; the default was measured
+UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha")
+UNKNOWN_SCORE = "msp+cknn"
+UNKNOWN_ACCEPT = 0.95  # share of the val photos accepted as known
 
 
 @dataclass
@@ -60,8 +64,12 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: batch norm statistics over all processes
     resume: str | None = None  # a run folder (or its last.pt) to continue
     report: bool = True  # report.html at the end (evaluates best.pt on the val split)
+    unknown_score: str = UNKNOWN_SCORE  # how `unknown` is told: components joined with "+"
+    unknown_threshold: float = UNKNOWN_ACCEPT  # share of the val photos accepted as known
 
     def validate(self) -> None:
+        check_unknown_score(self.unknown_score)
+        check_accept_share(self.unknown_threshold)
         if not self.data:
             raise UserError(
                 "No dataset given. Usage: resnext train DATA (or --data DATA, or `data:` in the "
@@ -112,8 +120,12 @@ class InferenceConfig:
     decode: str = "auto"
     compile: bool = False  # torch.compile the model: pays off only for large batches of images
     tta: bool = False  # average the predictions for the image and its mirror image
+    calibration: bool = True  # the checkpoint's temperature and unknown score; off: raw softmax
+    unknown_threshold: float | None = None  # share of val photos accepted; None: the checkpoint's
 
     def validate(self) -> None:
+        if self.unknown_threshold is not None:
+            check_accept_share(self.unknown_threshold)
         if self.checkpoint and self.weights:
             raise UserError("Give either --checkpoint or --weights (with --arch), not both.")
         if self.weights and not (self.arch and self.class_indices):
@@ -153,9 +165,12 @@ class BatchPredictConfig(InferenceConfig):
     quiet: bool = False
     resume_output: bool = False
     onnx: str | None = None  # an exported model.onnx instead of a checkpoint
+    reject_unknown: bool = False  # `class` left empty for images whose `known` is false
 
     def validate(self) -> None:
         super().validate()
+        if self.reject_unknown and not self.calibration:
+            raise UserError("--reject-unknown needs the unknown score, which --no-calibration turns off.")
         if self.onnx and (self.checkpoint or self.weights):
             raise UserError("Give either --onnx or --checkpoint/--weights, not both.")
         if self.onnx and self.decode == "gpu":
@@ -179,9 +194,13 @@ class EvaluateConfig(InferenceConfig):
     workers: int | None = None
     json: bool = False
     out: str | None = None  # None: eval/ beside the checkpoint
+    unknown: str | None = None  # photos of none of the classes: how well unknowns are told apart
 
     def validate(self) -> None:
         super().validate()
+        if self.unknown is not None and not Path(self.unknown).is_dir():
+            raise UserError(f"--unknown {self.unknown} is not a folder; give a folder of photos of "
+                            "none of the model's classes.")  # fmt: skip
         _check_range("batch_size", self.batch_size, low=1)
         if self.workers is not None:
             _check_range("workers", self.workers, low=0)
@@ -196,6 +215,7 @@ class ReportConfig:
     device: str = "auto"
     decode: str = "auto"
     gallery: int = 24  # most confident mistakes shown as thumbnails
+    unknown: str | None = None  # photos of none of the classes: how well the unknown score tells them
 
     def validate(self) -> None:
         _check_range("batch_size", self.batch_size, low=1)
@@ -272,6 +292,32 @@ class CacheConfig:
             _check_range("older_than", self.older_than, low=0)
 
 
+@dataclass
+class CalibrateConfig:
+    run_dir: str | None = None  # a run folder or a checkpoint; None: the latest finished run
+    data: str | None = None  # labelled photos; None: the run's val split
+    unknown_score: str | None = None  # None: the checkpoint's, else UNKNOWN_SCORE
+    unknown_threshold: float | None = None  # None: the checkpoint's rule, else UNKNOWN_ACCEPT
+    batch_size: int = 16
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    decode: str = "auto"
+
+    def validate(self) -> None:
+        if self.unknown_score is not None:
+            check_unknown_score(self.unknown_score)
+        if self.unknown_threshold is not None:
+            check_accept_share(self.unknown_threshold)
+        _check_range("batch_size", self.batch_size, low=1)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+        check_device_string(self.device)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("decode", self.decode, DECODERS)
+
+
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 
@@ -294,6 +340,25 @@ def available_cores() -> int:
     """The cores this process may run on: what the worker defaults are derived from."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores or 1
+
+
+def check_unknown_score(name: str) -> None:
+    """--unknown-score: components of UNKNOWN_COMPONENTS joined with '+', each at most once."""
+    parts = [p.strip() for p in name.split("+")]
+    if not all(parts) or any(p not in UNKNOWN_COMPONENTS for p in parts) or len(set(parts)) != len(parts):
+        raise UserError(
+            f"Invalid --unknown-score {name!r}: components joined with '+', each one of "
+            f"{', '.join(UNKNOWN_COMPONENTS)} (the default is {UNKNOWN_SCORE})."
+        )
+
+
+def check_accept_share(value: float) -> None:
+    """--unknown-threshold: the share of the val photos accepted as known, in (0, 1]."""
+    if not 0 < value <= 1:
+        raise UserError(
+            f"Invalid --unknown-threshold {value}: it is the share of the val photos accepted as "
+            "known, greater than 0 and at most 1 (e.g. 0.95: 95% of them, the default)."
+        )
 
 
 def check_device_string(device: str) -> None:

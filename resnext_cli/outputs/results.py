@@ -14,23 +14,27 @@ from resnext_cli.errors import UserError
 from resnext_cli.files import make_folder
 
 Ranked = list[tuple[str, float]]  # (class, probability), most probable first
-Row = tuple[str, Optional[Ranked], str]  # path, ranked classes (None if unreadable), error
+# path, ranked classes (None if unreadable), error, unknown_score and known (None: no detector)
+Row = tuple[str, Optional[Ranked], str, Optional[float], Optional[bool]]
+TRUST_COLUMNS = ["unknown_score", "known"]  # after every other column (issue 25)
 
 
 class ResultWriter:
     """Streams rows to `<output>.partial` one whole batch per write, renamed into place when the
     run ends: a reader never sees half a line, and an earlier file survives a failed run."""
 
-    def __init__(self, output: str, topk: int, resume: bool = False) -> None:
+    def __init__(self, output: str, topk: int, resume: bool = False, reject_unknown: bool = False) -> None:
         self.path = Path(output)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.jsonl = self.path.suffix.lower() == ".jsonl"
         self.topk = topk
+        self.reject_unknown = reject_unknown  # `class` left empty where `known` is false
         self.done: dict[str, bool] = {}  # path -> predicted (not an error), from an earlier run
         make_folder(self.path.parent)
         header = ["path", "class", "prob", "error"]
         for k in range(2, topk + 1):
             header += [f"class_{k}", f"prob_{k}"]
+        header += TRUST_COLUMNS
         try:
             earlier = self._earlier_lines(header) if resume else None
         except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -76,31 +80,40 @@ class ResultWriter:
                 json.dumps(
                     {
                         "path": path,
-                        "class": ranked[0][0] if ranked else None,
+                        "class": self._class(ranked, known),
                         "prob": round(ranked[0][1], 6) if ranked else None,
                         "topk": [{"class": c, "prob": round(p, 6)} for c, p in ranked or []],
                         "error": error,
+                        "unknown_score": score,
+                        "known": known,
                     },
                     ensure_ascii=False,
                 )
                 + "\n"
-                for path, ranked, error in rows
+                for path, ranked, error, score, known in rows
             ]
             self.handle.write("".join(lines))
         else:
             records = []
-            for path, ranked, error in rows:
+            for path, ranked, error, score, known in rows:
                 cells = [path, "", "", error]
                 if ranked:
-                    cells[1:3] = [ranked[0][0], f"{ranked[0][1]:.6f}"]
+                    cells[1:3] = [self._class(ranked, known) or "", f"{ranked[0][1]:.6f}"]
                 for k in range(1, self.topk):
                     if ranked and k < len(ranked):
                         cells += [ranked[k][0], f"{ranked[k][1]:.6f}"]
                     else:
                         cells += ["", ""]
+                cells += ["" if score is None else f"{score:.6f}", "" if known is None else str(known).lower()]
                 records.append(cells)
             self._write(records)
         self.handle.flush()
+
+    def _class(self, ranked: Optional[Ranked], known: Optional[bool]) -> Optional[str]:
+        """The top class; none for an unreadable file, or an unknown with --reject-unknown."""
+        if not ranked or (self.reject_unknown and known is False):
+            return None
+        return ranked[0][0]
 
     def _write(self, records: list[list[str]]) -> None:
         buffer = io.StringIO()
