@@ -380,9 +380,10 @@ class Calibration:
         """Probabilities and unknown scores of a batch from each view's (logits, features),
         averaged over the views (one, or the image and its mirror with --tta)."""
         t = self.temperature
-        probs = torch.stack([torch.softmax(apply_temperature(l.float(), t), 1) for l, _ in views]).mean(0)
-        raw = probs if t == 1.0 else torch.stack([torch.softmax(l.float(), 1) for l, _ in views]).mean(0)
+        probs = torch.stack([torch.softmax(apply_temperature(logits.float(), t), 1) for logits, _ in views])
+        raw = probs if t == 1.0 else torch.stack([torch.softmax(logits.float(), 1) for logits, _ in views])
+        probs, raw = probs.mean(0), raw.mean(0)
         if self.unknown is None:
             return BatchOutput(probs.cpu(), raw.cpu())
-        scores = torch.stack([self.unknown.score(l, f, t) for l, f in views]).mean(0)
+        scores = torch.stack([self.unknown.score(logits, f, t) for logits, f in views]).mean(0)
         return BatchOutput(probs.cpu(), raw.cpu(), scores.cpu(), self.unknown.known(scores).cpu())
