@@ -34,9 +34,11 @@ from resnext_cli.config import (
     SCHEDULERS,
     SELECT_AUTO_RATIO,
     SELECT_BY,
+    UNKNOWN_SCORE,
     AuditConfig,
     BatchPredictConfig,
     CacheConfig,
+    CalibrateConfig,
     CheckDataConfig,
     EvaluateConfig,
     ExplainConfig,
@@ -75,7 +77,8 @@ def option(help: str, *decls: str, default: Any = None, metavar: str | None = No
 
 FLAGS = {"--cache-features", "--compile", "--sync-bn", "--json", "--recursive", "--quiet",
          "--resume-output", "--dynamic-batch", "--tta", "--overwrite", "--track-checkpoints",
-         "--explain", "--save-probs"}  # fmt: skip
+         "--explain", "--save-probs",
+         "--reject-unknown"}  # fmt: skip
 
 
 def data_argument(help: str) -> Any:
@@ -128,6 +131,11 @@ CONFIG = option(CONFIG_HELP, "--config", "-c", metavar="FILE")
 PRIOR = option(f"{' | '.join(PRIORS)}: the class prior predictions assume; uniform: every class equally "
                "likely (README: Class imbalance).", default="the checkpoint's: uniform if trained "
                "with a --balance strategy, else train", metavar="P")  # fmt: skip
+CALIBRATION = option("Calibrated probabilities and unknown verdicts (the checkpoint's temperature and "
+                     "unknown score); off: the raw softmax, as before calibration existed.",
+                     "--calibration/--no-calibration", default=True)  # fmt: skip
+UNKNOWN_THRESHOLD = option("Share of the val photos accepted as known: sets the unknown score's "
+                           "threshold (0-1).", default="the checkpoint's (0.95)", metavar="Q")  # fmt: skip
 
 
 def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
@@ -290,6 +298,8 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "track": ("Log to experiment trackers, comma-separated: tensorboard (RUN/tb/), mlflow "
               "(./mlruns, or $MLFLOW_TRACKING_URI). Each needs its extra.", "none"),
     "track_checkpoints": "With --track mlflow: best.pt among the run's artifacts too.",
+    "unknown_score": "How unknowns are told: components joined with '+' (README: Unknown images).",
+    "unknown_threshold": "Share of the val photos accepted as known: sets the unknown threshold.",
 }  # fmt: skip
 
 
@@ -341,6 +351,8 @@ def train(
     report: Optional[bool] = train_option("report", None, "--report/--no-report"),
     track: Optional[str] = train_option("track", "NAMES"),
     track_checkpoints: Optional[bool] = train_option("track_checkpoints", None, "--track-checkpoints"),
+    unknown_score: Optional[str] = train_option("unknown_score", "NAME"),
+    unknown_threshold: Optional[float] = train_option("unknown_threshold", "Q"),
     config: Optional[str] = CONFIG,
 ) -> None:
     """Train a classifier on a folder of class folders: pretrained backbone, new head."""
@@ -384,9 +396,11 @@ def predict(
                                      "[explain] extra), drawn beside the probabilities in --plot "
                                      "FILE; without --plot, into explain.png (explain2.png, ... if "
                                      "taken).", "--explain", default=False),
+    calibration: Optional[bool] = CALIBRATION,
+    unknown_threshold: Optional[float] = UNKNOWN_THRESHOLD,
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
-    """Classify one or more images."""
+    """Classify one or more images (and say when one looks like none of the classes)."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
 
     def action() -> None:
@@ -429,6 +443,10 @@ def batch_predict(
                                  metavar="FILE"),
     tta: Optional[bool] = TTA,
     prior: Optional[str] = PRIOR,
+    calibration: Optional[bool] = CALIBRATION,
+    unknown_threshold: Optional[float] = UNKNOWN_THRESHOLD,
+    reject_unknown: Optional[bool] = option("Leave `class` empty for images whose `known` is false.",
+                                            "--reject-unknown", default=False),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Classify every image in a folder, streaming results as batches finish."""
@@ -469,9 +487,15 @@ def evaluate(
     compile: Optional[bool] = COMPILE,
     tta: Optional[bool] = TTA,
     prior: Optional[str] = PRIOR,
+    calibration: Optional[bool] = CALIBRATION,
+    unknown_threshold: Optional[float] = UNKNOWN_THRESHOLD,
+    unknown: Optional[str] = option("A folder of photos of none of the classes: how well the unknown "
+                                    "score tells them apart (AUROC, FPR at 95% TPR, share rejected).",
+                                    metavar="DIR"),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
-    """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder."""
+    """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder; calibration
+    (ECE, NLL, reliability) and, with --unknown, how well unknowns are told apart."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "folder")}
 
     def action() -> None:
@@ -541,6 +565,8 @@ def report(
                                     metavar="N"),
     compare: Optional[str] = option("Another run folder (or a run's name beside RUN): its curves "
                                     "overlaid, its config and metrics beside this run's.", metavar="OTHER"),
+    unknown: Optional[str] = option("A folder of photos of none of the classes: the report shows how "
+                                    "well the unknown score tells them apart.", metavar="DIR"),
     config: Optional[str] = CONFIG,
 ) -> None:  # fmt: skip
     """Write RUN/report.html (default: the latest finished run): config, curves, confusion
@@ -573,6 +599,37 @@ def runs(
         from resnext_cli.commands.runs import runs as run_runs
 
         run_runs(configure(RunsConfig, None, overrides))
+
+    run_command(action)
+
+
+@app.command()
+def calibrate(
+    run_dir: Optional[str] = typer.Argument(None, help="A run folder (its best.pt) or a checkpoint.",
+                                            metavar="RUN", show_default=False),
+    data: Optional[str] = option("Labelled photos the run did not train on: DIR/<class>/*, or a dataset "
+                                 "root (its val split).", default="the run's val split", metavar="DIR"),
+    unknown_score: Optional[str] = option("How unknowns are told: components joined with '+'.",
+                                          default=f"the checkpoint's, else {UNKNOWN_SCORE}", metavar="NAME"),
+    unknown_threshold: Optional[float] = option("Share of these photos accepted as known: sets the "
+                                                "unknown threshold.", default="the checkpoint's (0.95)",
+                                                metavar="Q"),
+    batch_size: Optional[int] = option("Images per batch.", default=CalibrateConfig().batch_size, metavar="N"),
+    workers: Optional[int] = WORKERS,
+    device: Optional[str] = DEVICE,
+    precision: Optional[str] = PRECISION,
+    channels_last: Optional[bool] = CHANNELS_LAST,
+    decode: Optional[str] = DECODE,
+    config: Optional[str] = CONFIG,
+) -> None:  # fmt: skip
+    """Refit a checkpoint's temperature and unknown threshold on labelled photos (default: the latest
+    finished run, on its val split) and write them into it."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+
+    def action() -> None:
+        from resnext_cli.commands.calibrate import calibrate as run_calibrate
+
+        run_calibrate(configure(CalibrateConfig, config, overrides))
 
     run_command(action)
 

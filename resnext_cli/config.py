@@ -39,6 +39,10 @@ BALANCE_AUTO = "sampler"  # --balance auto on training classes at least this far
 BALANCE_AUTO_RATIO = 3.0  # largest / smallest class
 SELECT_AUTO_RATIO = 1.5  # --select-by auto: balanced accuracy on val classes this far apart
 EXPLAIN_METHODS = ("gradcam", "occlusion", "integrated-gradients")  # heatmaps: model/cam.py
+# the unknown score's components (model/trust.py), joined with "+"; the default was measured
+UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha")
+UNKNOWN_SCORE = "msp+cknn"
+UNKNOWN_ACCEPT = 0.95  # share of the val photos accepted as known
 
 
 @dataclass
@@ -80,8 +84,12 @@ class TrainConfig:
     report: bool = True  # report.html at the end (evaluates best.pt on the val split)
     track: str | list[str] | None = None  # "tensorboard,mlflow" (or a YAML list); None: no tracker
     track_checkpoints: bool = False  # --track mlflow: best.pt among the run's artifacts too
+    unknown_score: str = UNKNOWN_SCORE  # how `unknown` is told: components joined with "+"
+    unknown_threshold: float = UNKNOWN_ACCEPT  # share of the val photos accepted as known
 
     def validate(self) -> None:
+        check_unknown_score(self.unknown_score)
+        check_accept_share(self.unknown_threshold)
         if not self.data:
             raise UserError(
                 "No dataset given. Usage: resnext train DATA (or --data DATA, or `data:` in the "
@@ -153,10 +161,14 @@ class InferenceConfig:
     compile: bool = False  # torch.compile the model: pays off only for large batches of images
     tta: bool = False  # average the predictions for the image and its mirror image
     prior: str | None = None  # uniform | train; None: the checkpoint's (uniform if trained balanced)
+    calibration: bool = True  # the checkpoint's temperature and unknown score; off: raw softmax
+    unknown_threshold: float | None = None  # share of val photos accepted; None: the checkpoint's
 
     def validate(self) -> None:
         if self.prior is not None:
             _check_choice("prior", self.prior, PRIORS)
+        if self.unknown_threshold is not None:
+            check_accept_share(self.unknown_threshold)
         if self.checkpoint and self.weights:
             raise UserError("Give either --checkpoint or --weights (with --arch), not both.")
         check_one_model_source(run=self.run, checkpoint=self.checkpoint, weights=self.weights)
@@ -200,9 +212,12 @@ class BatchPredictConfig(InferenceConfig):
     onnx: str | None = None  # an exported model.onnx instead of a checkpoint
     overwrite: bool = False  # replace an existing --output (it stays until the new one is complete)
     save_probs: bool = False  # every class's probability in each row (JSONL, Parquet)
+    reject_unknown: bool = False  # `class` left empty for images whose `known` is false
 
     def validate(self) -> None:
         super().validate()
+        if self.reject_unknown and not self.calibration:
+            raise UserError("--reject-unknown needs the unknown score, which --no-calibration turns off.")
         if self.onnx and (self.checkpoint or self.weights or self.run):
             raise UserError("Give either --onnx or --checkpoint/--run/--weights, not both.")
         if self.onnx and self.decode == "gpu":
@@ -234,9 +249,13 @@ class EvaluateConfig(InferenceConfig):
     json: bool = False
     out: str | None = None  # None: eval/ beside the checkpoint
     heatmaps: int = 24  # the most confident mistakes explained (predicted and true class)
+    unknown: str | None = None  # photos of none of the classes: how well unknowns are told apart
 
     def validate(self) -> None:
         super().validate()
+        if self.unknown is not None and not Path(self.unknown).is_dir():
+            raise UserError(f"--unknown {self.unknown} is not a folder; give a folder of photos of "
+                            "none of the model's classes.")  # fmt: skip
         _check_range("batch_size", self.batch_size, low=1)
         _check_range("heatmaps", self.heatmaps, low=0)
         if self.workers is not None:
@@ -275,6 +294,7 @@ class ReportConfig:
     decode: str = "auto"
     gallery: int = 24  # most confident mistakes shown as thumbnails
     compare: str | None = None  # another run whose curves and config the report sets beside these
+    unknown: str | None = None  # photos of none of the classes: how well the unknown score tells them
 
     def validate(self) -> None:
         if self.run_dir and self.run:
@@ -367,6 +387,32 @@ class RunsConfig:
             raise UserError(f"--compare takes two runs (A B), got {len(self.compare)}.")
 
 
+@dataclass
+class CalibrateConfig:
+    run_dir: str | None = None  # a run folder or a checkpoint; None: the latest finished run
+    data: str | None = None  # labelled photos; None: the run's val split
+    unknown_score: str | None = None  # None: the checkpoint's, else UNKNOWN_SCORE
+    unknown_threshold: float | None = None  # None: the checkpoint's rule, else UNKNOWN_ACCEPT
+    batch_size: int = 16
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    decode: str = "auto"
+
+    def validate(self) -> None:
+        if self.unknown_score is not None:
+            check_unknown_score(self.unknown_score)
+        if self.unknown_threshold is not None:
+            check_accept_share(self.unknown_threshold)
+        _check_range("batch_size", self.batch_size, low=1)
+        if self.workers is not None:
+            _check_range("workers", self.workers, low=0)
+        check_device_string(self.device)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("decode", self.decode, DECODERS)
+
+
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 
@@ -409,6 +455,25 @@ def check_img_size(size: int, what: str = "--img-size") -> None:
         raise UserError(
             f"Invalid {what} {size}: it must be between {IMG_SIZE_MIN} and {IMG_SIZE_MAX} pixels "
             f"(the crop the network sees; 224 is what ImageNet weights were trained at)."
+        )
+
+
+def check_unknown_score(name: str) -> None:
+    """--unknown-score: components of UNKNOWN_COMPONENTS joined with '+', each at most once."""
+    parts = [p.strip() for p in name.split("+")]
+    if not all(parts) or any(p not in UNKNOWN_COMPONENTS for p in parts) or len(set(parts)) != len(parts):
+        raise UserError(
+            f"Invalid --unknown-score {name!r}: components joined with '+', each one of "
+            f"{', '.join(UNKNOWN_COMPONENTS)} (the default is {UNKNOWN_SCORE})."
+        )
+
+
+def check_accept_share(value: float) -> None:
+    """--unknown-threshold: the share of the val photos accepted as known, in (0, 1]."""
+    if not 0 < value <= 1:
+        raise UserError(
+            f"Invalid --unknown-threshold {value}: it is the share of the val photos accepted as "
+            "known, greater than 0 and at most 1 (e.g. 0.95: 95% of them, the default)."
         )
 
 

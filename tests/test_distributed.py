@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from resnext_cli.data.loaders import EpochSampler
 from tests.conftest import invoke, make_dataset
@@ -66,6 +67,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert abs(scored - round(scored)) < 1e-4
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert d[key] == pytest.approx(s[key], abs=1e-5), key  # the stated tolerance
+    # rank 0 alone calibrates best.pt at the end, as one process would
+    assert ddp.stdout.count("Calibrated on 17 val images") == 1
+    ddp_best = torch.load(runs / "exp" / "best.pt", weights_only=True)
+    single_best = torch.load(tmp_path / "single" / "best.pt", weights_only=True)
+    assert ddp_best["temperature"] == pytest.approx(single_best["temperature"], rel=1e-3)
+    assert ddp_best["unknown"]["threshold"] == pytest.approx(single_best["unknown"]["threshold"], abs=1e-3)
 
     resumed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

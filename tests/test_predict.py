@@ -69,7 +69,7 @@ def test_unreadable_files_are_rows_with_errors(tmp_path, trained_run):
                      "--workers", "1", "--topk", "2", "--output", out])
     assert result.exit_code == 0, result.stderr
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "class", "prob", "error", "class_2", "prob_2"]
+    assert list(rows[0]) == ["path", "class", "prob", "error", "class_2", "prob_2", "unknown_score", "known"]
     by_name = {Path(r["path"]).name: r for r in rows}
     assert set(by_name) == {"a.png", "b.jpg", "c.jpg", "d.png", "e.jpg"}
     for bad in ("b.jpg", "d.png", "e.jpg"):
@@ -89,7 +89,7 @@ def test_jsonl_output(tmp_path, trained_run):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [Path(r["path"]).name for r in records] == ["a.png", "b.png", "c.png", "z.png"]
     first = records[0]
-    assert set(first) == {"path", "class", "prob", "topk", "error"} and first["error"] == ""
+    assert set(first) == {"path", "class", "prob", "topk", "error", "unknown_score", "known"} and first["error"] == ""
     assert len(first["topk"]) == 3 and first["topk"][0]["class"] == first["class"]
     assert sum(t["prob"] for t in first["topk"]) == pytest.approx(1.0, abs=1e-4)
     assert records[3]["class"] is None and records[3]["error"]

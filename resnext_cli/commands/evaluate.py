@@ -40,12 +40,15 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
 
 
 def _json_result(evaluation: Evaluation, out: Path) -> dict[str, Any]:
-    return {
+    result = {
         **evaluation.metrics(),
         "per_class": [{**vars(c), "train_images": count} for c, count in evaluation.by_training_count()],
         "unreadable_files": [{"path": p, "error": e} for p, e in evaluation.unreadable],
         "out": str(out),
     }
+    if evaluation.unknown is not None:
+        result["unknown_unreadable_files"] = [{"path": p, "error": e} for p, e in evaluation.unknown.unreadable]
+    return result
 
 
 def _print_evaluation(evaluation: Evaluation, seconds: float, out: Path) -> None:
@@ -62,9 +65,25 @@ def _print_evaluation(evaluation: Evaluation, seconds: float, out: Path) -> None
         table.add_row(c.name, f"{c.precision:.2%}", f"{c.recall:.2%}", f"{c.f1:.2%}", str(c.support))
     ui.show(table)
     unreadable = f", {len(evaluation.unreadable)} unreadable" if evaluation.unreadable else ""
-    ui.info(
-        f"Accuracy {metrics['accuracy']:.2%}{top5}, balanced accuracy {metrics['balanced_accuracy']:.2%}, "
-        f"macro-F1 {metrics['macro_f1']:.2%} on {metrics['n']} images{unreadable} ({seconds:.1f} s)."
-        f" Wrote {out}/: metrics.json, per_class.csv, confusion_matrix.csv, "
-        "confusion_matrix.png, misclassified.csv"
-    )
+    ui.info(f"Accuracy {metrics['accuracy']:.2%}{top5}, balanced accuracy {metrics['balanced_accuracy']:.2%}, "
+            f"macro-F1 {metrics['macro_f1']:.2%} on {metrics['n']} images{unreadable} ({seconds:.1f} s).")  # fmt: skip
+    for line in trust_lines(metrics):
+        ui.info(line)
+    unknown = ", unknown.csv" if evaluation.unknown is not None else ""
+    ui.info(f"Wrote {out}/: metrics.json, per_class.csv, confusion_matrix.csv, confusion_matrix.png, "
+            f"misclassified.csv, reliability.png{unknown}")  # fmt: skip
+
+
+def trust_lines(metrics: dict[str, Any]) -> list[str]:
+    """Calibration and unknown detection, as read in metrics.json."""
+    lines = [f"Calibration: temperature {metrics['temperature']:.3g}; ECE {metrics['ece_uncalibrated']:.3f} "
+             f"-> {metrics['ece']:.3f}, NLL {metrics['nll_uncalibrated']:.3f} -> {metrics['nll']:.3f} "
+             "(raw softmax -> as shown)."]  # fmt: skip
+    if "known_accepted" in metrics:
+        lines.append(f"Unknown score {metrics['unknown_score']} (threshold {metrics['unknown_threshold']:.3g}): "
+                     f"{metrics['known_accepted']:.1%} of these images accepted as known.")  # fmt: skip
+    if "unknown_auroc" in metrics:
+        lines.append(f"Unknowns ({metrics['unknown_data']}, {metrics['unknown_images']} images): AUROC "
+                     f"{metrics['unknown_auroc']:.3f}, FPR at 95% TPR {metrics['unknown_fpr95']:.1%}, "
+                     f"{metrics['unknown_rejected']:.1%} rejected at the threshold.")  # fmt: skip
+    return lines

@@ -18,15 +18,19 @@ from resnext_cli.config import ExportConfig, InferenceConfig
 from resnext_cli.data.batches import InputSpec, get_batch, pixel_batch
 from resnext_cli.data.transforms import Preprocessing, write_preprocess_json
 from resnext_cli.errors import EXIT_FAILED, UserError
-from resnext_cli.files import make_folder
+from resnext_cli.files import atomic_write, atomic_write_text, make_folder
 from resnext_cli.model.checkpoint import run_folder_lock, write_class_indices
 from resnext_cli.model.engines import (
-    InferenceModel,
+    UNKNOWN_ARRAYS,
     load_inference_model,
     onnx_session,
     require_onnx,
     run_onnx,
+    run_onnx_outputs,
+    write_calibration_files,
 )
+from resnext_cli.model.networks import WithFeatures
+from resnext_cli.model.trust import BatchOutput, Calibration
 
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -77,45 +81,72 @@ def export_into(engine: InferenceModel, cfg: ExportConfig, out_dir: Path) -> Pat
     make_folder(out_dir)
     prep = engine.preprocessing
     inputs = realistic_batch(8, prep.img_size, prep.mean, prep.std)
+    # TorchScript keeps its one output (logits), so it carries the temperature, not the unknown score
+    calibration = engine.calibration if cfg.format == "onnx" else Calibration(engine.calibration.temperature)
     with torch.inference_mode():
-        expected = engine.model(inputs).float()
+        expected = calibration.apply(engine.views(inputs))
     temporary = out_dir / f".{target.name}.tmp"
     try:
         if cfg.format == "onnx":
             _export_onnx(engine.model, inputs, temporary, cfg)
-            actual = run_onnx_file(temporary, inputs.numpy())
+            outputs = run_onnx_outputs(onnx_session(temporary), inputs.numpy())
+            actual = calibration.apply([(outputs[0], outputs[1])])
         else:
             _export_torchscript(engine.model, inputs, temporary)
-            actual = _run_torchscript_file(temporary, inputs)
-        max_diff = float((actual - expected).abs().max())
-        agreement = float((actual.argmax(1) == expected.argmax(1)).float().mean())
-        ui.info(
-            f"Parity with PyTorch on {len(inputs)} inputs: max |logit difference| {max_diff:.2e} "
-            f"(tolerance {cfg.tolerance:.0e}), top-1 agreement {agreement:.0%}."
-        )
-        if max_diff > cfg.tolerance or agreement < 1.0:
-            raise UserError(
-                f"The exported {cfg.format} model disagrees with the PyTorch model (max logit "
-                f"difference {max_diff:.2e}, top-1 agreement {agreement:.0%}); nothing was "
-                "written. Try another --opset, or report the architecture and versions.",
-                EXIT_FAILED,
-            )
+            actual = calibration.apply([(_run_torchscript_file(temporary, inputs), None)])
+        check_parity(expected, actual, cfg)
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+    write_companions(out_dir, engine, calibration, cfg)
+    return target
 
+
+def check_parity(expected: BatchOutput, actual: BatchOutput, cfg: ExportConfig) -> None:
+    """The exported model's calibrated probabilities (and unknown scores) against PyTorch's:
+    within --tolerance, and the same top class for every input, or nothing is written."""
+    prob_diff = float((actual.probs - expected.probs).abs().max())
+    agreement = float((actual.probs.argmax(1) == expected.probs.argmax(1)).float().mean())
+    score_diff = 0.0
+    if expected.unknown_score is not None and actual.unknown_score is not None:
+        relative = (actual.unknown_score - expected.unknown_score).abs() / expected.unknown_score.abs().clamp(min=1)
+        score_diff = float(relative.max())
+    scores = f", unknown score {score_diff:.2e}" if expected.unknown_score is not None else ""
+    ui.info(
+        f"Parity with PyTorch on {len(expected.probs)} inputs: max difference of the calibrated "
+        f"probabilities {prob_diff:.2e}{scores} (tolerance {cfg.tolerance:.0e}), top-1 agreement {agreement:.0%}."
+    )  # fmt: skip
+    if prob_diff > cfg.tolerance or score_diff > cfg.tolerance or agreement < 1.0:
+        raise UserError(
+            f"The exported {cfg.format} model disagrees with the PyTorch model (max probability "
+            f"difference {prob_diff:.2e}{scores}, top-1 agreement {agreement:.0%}); nothing was "
+            "written. Try another --opset, or report the architecture and versions.",
+            EXIT_FAILED,
+        )
+
+
+def write_companions(out_dir: Path, engine: Any, calibration: Calibration, cfg: ExportConfig) -> None:
+    """class_indices.json, preprocess.json and the calibration files beside the model."""
     write_class_indices(out_dir / "class_indices.json", engine.classes)
-    write_preprocess_json(out_dir / "preprocess.json", prep, {
+    outputs = ("logits, one per class of class_indices.json; probabilities: softmax(logits / the "
+               "temperature in calibration.json)")  # fmt: skip
+    if cfg.format == "onnx":
+        outputs += "; features: the pooled backbone features the unknown score needs (calibration.json)"
+    write_preprocess_json(out_dir / "preprocess.json", engine.preprocessing, {
         "arch": engine.arch,
         "format": cfg.format,
         "batch": "dynamic" if cfg.dynamic_batch else 1,
         "opset": cfg.opset if cfg.format == "onnx" else None,
-        "output": "logits, one per class of class_indices.json (apply softmax for probabilities)",
+        "output": outputs,
         "checkpoint": engine.source,
         **prior_record(engine),
     })  # fmt: skip
-    ui.info(f"Exported {target}, class_indices.json and preprocess.json to {out_dir}")
-    return target
+    written = write_calibration_files(out_dir, calibration, atomic_write_text,
+                                      lambda path, data: atomic_write(path, lambda h: h.write(data)))  # fmt: skip
+    if calibration.unknown is None:
+        (out_dir / UNKNOWN_ARRAYS).unlink(missing_ok=True)  # an earlier export's, which no longer applies
+    ui.info(f"Exported {MODEL_FILES[cfg.format]}, class_indices.json, preprocess.json and "
+            f"{', '.join(written)} to {out_dir}")  # fmt: skip
 
 
 def prior_record(engine: InferenceModel) -> dict[str, Any]:
@@ -138,8 +169,8 @@ def _export_onnx(model: Any, inputs: torch.Tensor, path: Path, cfg: ExportConfig
         with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (example,), str(path), dynamo=True, input_names=["images"],
-                output_names=["logits"], dynamic_shapes=dynamic, opset_version=cfg.opset,
+                WithFeatures(model), (example,), str(path), dynamo=True, input_names=["images"],
+                output_names=["logits", "features"], dynamic_shapes=dynamic, opset_version=cfg.opset,
                 external_data=False,
             )  # fmt: skip
     except Exception as exc:
@@ -162,4 +193,5 @@ def _run_torchscript_file(path: Path, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def run_onnx_file(path: Path, inputs: np.ndarray) -> torch.Tensor:
+    """The logits of an exported model file."""
     return run_onnx(onnx_session(path), inputs)

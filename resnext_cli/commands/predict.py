@@ -37,6 +37,7 @@ from resnext_cli.model.distributed import (
     shutdown,
 )
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model, load_onnx_model, top_k
+from resnext_cli.model.trust import BatchOutput, UnknownDetector
 from resnext_cli.outputs.heatmaps import Explained, explain_images, overlay_image
 from resnext_cli.outputs.plots import (
     explained_predictions_figure,
@@ -45,7 +46,7 @@ from resnext_cli.outputs.plots import (
     save_figure,
 )
 from resnext_cli.outputs.result_files import OutputFiles, path_key
-from resnext_cli.outputs.results import ResultRow, ResultSchema
+from resnext_cli.outputs.results import Column, ResultRow, ResultSchema
 
 # ---------------------------------------------------------------- predict
 
@@ -70,14 +71,18 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
         problems = "; ".join(f"{cfg.images[i]} ({reason})" for i, reason in batch.failures)
         raise UserError(f"Could not read the image(s): {problems}.")
     assert batch.inputs is not None
-    probs = engine.probabilities(batch.inputs)
+    output = engine.predict(batch.inputs)
+    verdicts = unknown_verdicts(output, len(cfg.images))
     results = [
         {
             "path": image,
             "topk": [{"class": c, "prob": round(p, 6)} for c, p in ranked],
             "checkpoint": engine.source,
+            "unknown_score": score,
+            "known": known,
         }
-        for image, ranked in zip(cfg.images, top_k(probs, engine.classes, cfg.topk))
+        for image, ranked, (score, known) in zip(cfg.images, top_k(output.probs, engine.classes, cfg.topk),
+                                                 verdicts)  # fmt: skip
     ]
     explained = _explain_predictions(engine, cfg.images) if cfg.explain else []
     for result, item in zip(results, explained):
@@ -85,7 +90,7 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     if cfg.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
-        _print_prediction_tables(results)
+        _print_prediction_tables(results, engine.calibration.unknown)
     _save_plot(cfg, plot_fmt, engine, results, explained)
     return results
 
@@ -115,7 +120,8 @@ def _save_plot(
         rankings = [[(e["class"], e["prob"]) for e in r["topk"]] for r in results]
         figure = explained_predictions_figure(pictures, overlays, rankings, cfg.images)
     else:
-        titles = [f"{r['topk'][0]['class']}: {r['topk'][0]['prob']:.1%}" for r in results]
+        titles = [f"{'unknown? ' if r.get('known') is False else ''}{r['topk'][0]['class']}: "
+                  f"{r['topk'][0]['prob']:.1%}" for r in results]  # fmt: skip
         figure = predictions_figure(pictures, titles)
     save_figure(target, figure, fmt or "png")
     (ui.note if cfg.json else ui.info)(f"Saved {target}")
@@ -134,15 +140,29 @@ def free_path(path: Path) -> Path:
     raise UserError(f"Too many files named like {path}; pass --plot FILE.")
 
 
-def _print_prediction_tables(results: list[dict[str, Any]]) -> None:
+def unknown_verdicts(output: BatchOutput, count: int) -> list[tuple[float | None, bool | None]]:
+    """(unknown_score rounded for output, known) per row; (None, None) without a detector."""
+    if output.unknown_score is None or output.known is None:
+        return [(None, None)] * count
+    return [(round(float(s), 6), bool(k)) for s, k in zip(output.unknown_score, output.known)]
+
+
+def _print_prediction_tables(results: list[dict[str, Any]], detector: UnknownDetector | None) -> None:
     for result in results:
-        table = Table("#", "class", "prob", title=result["path"], title_justify="left", box=None)
+        title = result["path"]
+        if result["known"] is False and detector is not None:
+            title += (f": unknown, unlike the classes it was trained on (unknown score "
+                      f"{result['unknown_score']:.2f} > {detector.threshold:.2f}); the nearest classes:")  # fmt: skip
+        table = Table("#", "class", "prob", title=title, title_justify="left", box=None)
         for rank, entry in enumerate(result["topk"], 1):
             table.add_row(str(rank), entry["class"], f"{entry['prob']:.2%}")
         ui.console().print(table)
 
 
 # ---------------------------------------------------------------- batch-predict
+
+# after every other column (issue 25): the unknown score and its verdict (empty without a detector)
+TRUST_COLUMNS = (Column("unknown_score", "float32"), Column("known", "bool"))
 
 
 def batch_predict(cfg: BatchPredictConfig) -> int:
@@ -168,11 +188,14 @@ def _batch_predict(cfg: BatchPredictConfig, ctx: DistContext, held: contextlib.E
     if refused is not None:
         return refused  # the other processes: rank 0 said why
     engine: InferenceModel | OnnxModel = (
-        load_onnx_model(cfg.onnx, cfg.class_indices, cfg.tta, cfg.prior)
+        load_onnx_model(cfg.onnx, cfg.class_indices, cfg.tta, cfg, cfg.prior)
         if cfg.onnx
         else load_inference_model(cfg)
     )
-    schema = ResultSchema(tuple(printable(c) for c in engine.classes), cfg.topk, cfg.save_probs)
+    if cfg.reject_unknown and engine.calibration.unknown is None:
+        raise UserError(f"--reject-unknown needs an unknown score, and {engine.source} has none (a "
+                        "checkpoint from before calibration existed); `resnext calibrate` fits one.")  # fmt: skip
+    schema = ResultSchema(tuple(printable(c) for c in engine.classes), cfg.topk, cfg.save_probs, TRUST_COLUMNS)
     journal = files.open_journal(schema, cfg.resume_output) if files else None
     earlier = files.earlier_rows(schema, journal, cfg.resume_output) if files and journal else {}
     share = shard(paths, ctx, block=cfg.batch_size)
@@ -181,11 +204,11 @@ def _batch_predict(cfg: BatchPredictConfig, ctx: DistContext, held: contextlib.E
     loader = make_loader(engine.dataset([(p, -1) for p in todo]), batch_size=cfg.batch_size,
                          workers=engine.decode_workers(todo, cfg.workers),
                          pin_memory=engine.pin_memory)  # fmt: skip
-    summary = BatchSummary()
+    summary = BatchSummary(cfg.reject_unknown)
     started = time.perf_counter()
     bar = ui.progress(total=len(todo), desc="predict", unit="img")
     try:
-        for rows in _predicted_rows(loader, engine, schema, todo):
+        for rows in _predicted_rows(loader, engine, schema, todo, cfg.reject_unknown):
             summary.add(rows, bar, cfg.quiet)
             if journal:
                 journal.add(rows)
@@ -270,18 +293,23 @@ class BatchSummary:
 
     SHOWN = 20  # unreadable files named in the summary
 
-    def __init__(self) -> None:
+    def __init__(self, reject_unknown: bool = False) -> None:
+        self.reject_unknown = reject_unknown
         self.per_class: Counter[str] = Counter()
         self.failures: list[tuple[str, str]] = []  # the first few, for the summary
         self.failure_count = 0
         self.earlier_predicted = False  # a resumed output already held a predicted image
+        self.unknown = 0  # predicted images whose `known` is false
 
     def add(self, rows: list[ResultRow], bar: Any, quiet: bool) -> None:
         for row in rows:
             if row.ranked:
                 self.per_class[row.ranked[0][0]] += 1
+                known = row.extra.get("known")
+                self.unknown += known is False
+                verdict = f"  unknown (score {row.extra['unknown_score']:.2f})" if known is False else ""
                 if not quiet:
-                    bar.write(f"image: {row.path}  class: {row.ranked[0][0]}  prob: {row.ranked[0][1]:.3f}")
+                    bar.write(f"image: {row.path}  class: {row.ranked[0][0]}  prob: {row.ranked[0][1]:.3f}{verdict}")
             else:
                 self.failure_count += 1
                 if len(self.failures) < self.SHOWN:
@@ -290,14 +318,15 @@ class BatchSummary:
 
     def combined(self, ctx: DistContext, earlier_predicted: bool) -> BatchSummary:
         """The counts of every process (each printed its own images as they came)."""
-        total = BatchSummary()
+        total = BatchSummary(self.reject_unknown)
         for part in gather_objects(ctx, (self.per_class, self.failures, self.failure_count,
-                                         earlier_predicted)):  # fmt: skip
-            per_class, failures, count, earlier = part
+                                         earlier_predicted, self.unknown)):  # fmt: skip
+            per_class, failures, count, earlier, unknown = part
             total.per_class.update(per_class)
             total.failures += failures[: self.SHOWN - len(total.failures)]
             total.failure_count += count
             total.earlier_predicted |= earlier
+            total.unknown += unknown
         return total
 
     def show(self, seconds: float, output: str | None) -> None:
@@ -313,6 +342,10 @@ class BatchSummary:
             for name, count in sorted(self.per_class.items(), key=lambda kv: (-kv[1], kv[0])):
                 table.add_row(name, str(count))
             console.print(table)
+        if self.unknown:
+            where = "their class left empty in the output" if self.reject_unknown else "known: false"
+            console.print(f"{self.unknown} of {predicted} image(s) look like none of the classes "
+                          f"({where}; counted above under their nearest class).", markup=False)  # fmt: skip
         if self.failures:
             shown = "\n".join(f"  {path}: {reason}" for path, reason in self.failures)
             rest = self.failure_count - len(self.failures)
@@ -323,7 +356,8 @@ class BatchSummary:
 
 
 def _predicted_rows(
-    loader: Any, engine: InferenceModel | OnnxModel, schema: ResultSchema, paths: list[str]
+    loader: Any, engine: InferenceModel | OnnxModel, schema: ResultSchema, paths: list[str],
+    reject_unknown: bool = False,
 ) -> Iterator[list[ResultRow]]:
     """One list of rows per batch, in file order, failures in their place; names that are not
     UTF-8 escaped (`files.printable`), so that no row is lost to them."""
@@ -331,9 +365,13 @@ def _predicted_rows(
         batch = get_batch(loaded, engine.spec)
         rows = {i: ResultRow(printable(paths[i]), error=printable(reason)) for i, reason in batch.failures}
         if batch.inputs is not None:
-            probs = engine.probabilities(batch.inputs)
-            ranked = top_k(probs, list(schema.classes), schema.topk)
+            output = engine.predict(batch.inputs)
+            ranked = top_k(output.probs, list(schema.classes), schema.topk)
+            verdicts = unknown_verdicts(output, len(batch.indices))
             for n, i in enumerate(batch.indices):
-                saved = probs[n].tolist() if schema.save_probs else None
-                rows[i] = ResultRow(printable(paths[i]), ranked[n], probs=saved)
+                saved = output.probs[n].tolist() if schema.save_probs else None
+                score, known = verdicts[n]
+                rows[i] = ResultRow(printable(paths[i]), ranked[n], probs=saved,
+                                    extra={"unknown_score": score, "known": known},
+                                    rejected=reject_unknown and known is False)  # fmt: skip
         yield [rows[i] for i in sorted(rows)]

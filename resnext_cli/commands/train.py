@@ -37,6 +37,15 @@ from resnext_cli.errors import EXIT_CLOSED_PIPE, EXIT_FAILED, UserError, interru
 from resnext_cli.files import exclusive_lock
 from resnext_cli.model import checkpoint as ckpt
 from resnext_cli.model import features, networks
+from resnext_cli.model.calibration import (
+    FitInputs,
+    Outputs,
+    collect_outputs,
+    fit_calibration,
+    stored_size,
+    train_subsample,
+    write_calibration,
+)
 from resnext_cli.model.device import (
     decode_on_device,
     pin_memory_for,
@@ -51,6 +60,7 @@ from resnext_cli.model.distributed import (
     process_device,
     shutdown,
 )
+from resnext_cli.model.engines import InferenceModel, adjust_for_prior, resolve_prior
 from resnext_cli.model.optimization import (
     backbone_frozen_at,
     rates_per_group,
@@ -67,8 +77,10 @@ from resnext_cli.model.steps import (
     train_one_epoch,
     wrap_for_training,
 )
+from resnext_cli.model.trust import Calibration
 from resnext_cli.outputs import run_report, tracking
 from resnext_cli.outputs.metrics import classification_report
+from resnext_cli.outputs.evaluation import calibration_summary
 from resnext_cli.outputs.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 
 RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report", "track", "track_checkpoints"}
@@ -278,6 +290,7 @@ class TrainRecipe:
             try:
                 self.setup()
                 self.train_epochs()
+                self.calibrate()
             except (KeyboardInterrupt, BrokenPipeError) as exc:  # Ctrl-C, SIGTERM, `| head` ended
                 self.end_record("interrupted")
                 if self.run_dir is None:  # nothing of this run is on disk yet
@@ -517,6 +530,45 @@ class TrainRecipe:
 
     # ------------------------------------------------------------ the end
 
+    def calibrate(self) -> None:
+        """best.pt gains its temperature and unknown score, fitted on the val split (rank 0; the
+        other processes are done). last.pt, the resume point, stays as it is. A failure warns:
+        the trained run is complete, and `resnext calibrate` can fit them later."""
+        if not self.ctx.is_main:
+            return
+        path = self.run_dir / "best.pt"
+        try:
+            best = ckpt.load_checkpoint(path)
+            self.model.load_state_dict(best["model"])
+            inputs = self.calibration_inputs(int(best["epoch"]), str(path))
+            fitted_on = f"the val split ({len(inputs.val.labels)} images), at the end of training"
+            calibration = fit_calibration(inputs, self.cfg.unknown_score, self.cfg.unknown_threshold, fitted_on)
+            write_calibration(path, calibration, best)
+        except UserError as exc:
+            ui.warn(f"best.pt was not calibrated: {exc} Try `resnext calibrate {self.run_dir}` later.")
+            return
+        ui.info(describe_calibration(calibration, inputs.val, path))
+
+    def calibration_inputs(self, best_epoch: int, source: str) -> FitInputs:
+        """The val split's logits and features, and the training images' features: from the
+        feature cache's plain view when the backbone was frozen up to the best epoch, else one
+        pass of the best weights over val and a bounded, class-balanced sample of train."""
+        cfg = self.cfg
+        prior = resolve_prior(self.class_counts, str(cfg.balance), None, source)  # predict's default
+        if self.cache is not None and backbone_frozen_at(cfg, best_epoch):
+            cache, ok = self.cache, self.cache.val_ok
+            with torch.inference_mode(), self.step.autocast():
+                logits = adjust_for_prior(self.model.fc(cache.val[ok].to(self.device)).float(), prior).cpu()
+            val = Outputs(logits, cache.val[ok], self.loaders.val_labels[ok], [])
+            return FitInputs(val, cache.train[0][cache.train_ok], self.loaders.train_labels[cache.train_ok])
+        engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, source,
+                                self.device, str(cfg.precision), cfg.channels_last,
+                                decode_on_device=cfg.decode == "gpu", prior=prior)  # fmt: skip
+        val = collect_outputs(engine, self.layout.val, cfg.batch_size, cfg.workers, "calibrate: val")
+        train = collect_outputs(engine, train_subsample(self.layout.train), cfg.batch_size, cfg.workers,
+                                "calibrate: train features")  # fmt: skip
+        return FitInputs(val, train.features, train.labels)
+
     def finish(self) -> TrainResult:
         self.plots.close()
         for problem in self.plots.errors:
@@ -678,6 +730,23 @@ def next_steps(run_dir: Path) -> str:
         f"  resnext batch-predict DIR{model} --output preds.csv    label a folder of images\n"
         f"  resnext evaluate DIR{model}    accuracy on labelled images it never saw"
     )
+
+
+def describe_calibration(calibration: Calibration, val: Outputs, path: Path) -> str:
+    """One paragraph on what calibration did, measured on the images it was fitted on."""
+    t = calibration.temperature
+    before, after = calibration_summary(val.logits, val.labels, 1.0), calibration_summary(val.logits, val.labels, t)
+    text = (f"Calibrated on {len(val.labels)} val images: temperature {t:.3g}, ECE {before['ece']:.3f} -> "
+            f"{after['ece']:.3f}, NLL {before['nll']:.3f} -> {after['nll']:.3f}.")  # fmt: skip
+    detector = calibration.unknown
+    if detector is not None:
+        text += (f" Unknown score {detector.name}: above {detector.threshold:.3g} an image is "
+                 f"`unknown` ({detector.accept:.0%} of the val images are below). Stored in {path} "
+                 f"(+{stored_size(detector) / 1e3:,.0f} KB).")  # fmt: skip
+    if len(val.labels) < 30:
+        text += (f" Only {len(val.labels)} val images: the temperature and the threshold are rough; "
+                 "`resnext calibrate RUN --data DIR` refits them on more labelled photos.")  # fmt: skip
+    return text
 
 
 def print_epoch_row(row: dict[str, Any], improved: bool, first: bool) -> None:

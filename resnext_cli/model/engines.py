@@ -7,10 +7,12 @@ predict, batch-predict, evaluate, report and export all load their model here.
 from __future__ import annotations
 
 import importlib
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from resnext_cli.model.device import (
     prepare_model,
     select_device,
 )
+from resnext_cli.model.trust import BatchOutput, Calibration
 
 EXPORT_EXTRA = "pip install 'resnext-cli[export]'  (onnx, onnxruntime, onnxscript)"
 
@@ -53,6 +56,8 @@ class InferenceModel:
     tta: bool = False  # average over the image and its mirror image
     train_digests: torch.Tensor | None = None  # its training files (checkpoint.TRAIN_DIGESTS)
     prior: Prior | None = None  # the class prior predictions assume; None: the logits as they are
+    calibration: Calibration = field(default_factory=Calibration)  # temperature, unknown detector
+    forward: Callable[[torch.Tensor], Any] | None = None  # (logits, features); None: the model's
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
@@ -76,12 +81,27 @@ class InferenceModel:
         return inference_workers(paths, requested, self.device.type, self.preprocessing.decode_min_size)
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (on the CPU) for a batch's inputs (`batches.get_batch`)."""
+        """Class probabilities (on the CPU, calibrated) for a batch's inputs (`batches.get_batch`)."""
+        return self.predict(inputs).probs
+
+    def predict(self, inputs: torch.Tensor) -> BatchOutput:
+        """Probabilities and unknown verdicts for a batch's inputs."""
+        with torch.inference_mode():
+            views = [(adjust_for_prior(logits, self.prior), features) for logits, features in self.views(inputs)]
+            return finite_output(self.calibration.apply(views), self.source)
+
+    def views(self, inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, features) in fp32 on the device, for the images and, with TTA, their mirrors."""
+        forward = self.forward or partial(networks.logits_and_features, self.model)
+        batches = [inputs, inputs.flip(-1)] if self.tta else [inputs]
         with torch.inference_mode(), autocast(self.device, self.precision):
-            probs = to_probabilities(self.model(inputs), self.prior)
-            if self.tta:
-                probs = (probs + to_probabilities(self.model(inputs.flip(-1)), self.prior)) / 2
-        return finite_probabilities(probs.cpu(), self.source)
+            return [tuple(t.float() for t in forward(batch)) for batch in batches]  # type: ignore[misc]
+
+
+def finite_output(output: BatchOutput, source: str) -> BatchOutput:
+    """A batch's output whose probabilities are numbers (`finite_probabilities`)."""
+    finite_probabilities(output.probs, source)
+    return output
 
 
 def finite_probabilities(probs: torch.Tensor, source: str) -> torch.Tensor:
@@ -138,16 +158,13 @@ def adjust_for_prior(logits: torch.Tensor, prior: Prior | None) -> torch.Tensor:
     return logits + prior.offsets.to(logits.device)
 
 
-def to_probabilities(logits: torch.Tensor, prior: Prior | None) -> torch.Tensor:
-    """Logits -> prior adjustment -> softmax: every prediction goes through here."""
-    return torch.softmax(adjust_for_prior(logits.float(), prior), dim=1)
-
 
 def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> InferenceModel:
     """A resnext checkpoint (given, or the newest runs/*/best.pt), or the tutorial's artefacts:
     a plain state dict with --arch and --class-indices."""
     device = select_device(cfg.device)
     precision = precision_for(cfg.precision, device)
+    calibration = Calibration()
     if cfg.weights:
         assert cfg.arch and cfg.class_indices
         classes = ckpt.read_class_indices(cfg.class_indices)
@@ -175,13 +192,23 @@ def load_inference_model(cfg: InferenceConfig, announce: bool = True) -> Inferen
         digests = ckpt.train_digests(checkpoint)
         prior = resolve_prior(checkpoint.get("class_counts"), str(config.get("balance", "none")),
                               cfg.prior, source)  # fmt: skip
+        calibration = Calibration.from_checkpoint(checkpoint, source)
     model.eval()
     prepare_model(model, device, cfg.channels_last)
-    if cfg.compile:
-        model = torch.compile(model)
+    forward = torch.compile(partial(networks.logits_and_features, model)) if cfg.compile else None
+    calibration = chosen_calibration(calibration, cfg, source, announce)
     return InferenceModel(model, arch, classes, preprocessing, source, device, precision,
                           cfg.channels_last, trained_on, decode_on_device(cfg.decode, device),
-                          cfg.tta, train_digests=digests, prior=prior)  # fmt: skip
+                          cfg.tta, digests, prior, calibration.to(device), forward)  # fmt: skip
+
+
+def chosen_calibration(calibration: Calibration, cfg: InferenceConfig, source: str, announce: bool) -> Calibration:
+    """The model's calibration as the flags ask (--no-calibration, --unknown-threshold); a
+    threshold for a model without an unknown score is said, not silently ignored."""
+    if announce and cfg.calibration and cfg.unknown_threshold is not None and calibration.unknown is None:
+        ui.warn(f"{source} has no unknown score, so --unknown-threshold has no effect; "
+                "`resnext calibrate` fits one.")  # fmt: skip
+    return calibration.choose(cfg.calibration, cfg.unknown_threshold)
 
 
 def _weights_only_model(
@@ -245,6 +272,7 @@ class OnnxModel:
     source: str
     tta: bool = False
     prior: Prior | None = None
+    calibration: Calibration = field(default_factory=Calibration)
 
     pin_memory = False  # onnxruntime reads host memory
 
@@ -263,16 +291,25 @@ class OnnxModel:
         return inference_workers(paths, requested, "cpu", self.preprocessing.decode_min_size)
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        probs = to_probabilities(run_onnx(self.session, inputs.numpy()), self.prior)
-        if self.tta:
-            mirrored = run_onnx(self.session, inputs.flip(-1).contiguous().numpy())
-            probs = (probs + to_probabilities(mirrored, self.prior)) / 2
-        return finite_probabilities(probs, self.source)
+        return self.predict(inputs).probs
+
+    def predict(self, inputs: torch.Tensor) -> BatchOutput:
+        """The same probabilities and unknown verdicts as the checkpoint's, from the exported
+        model's logits and features and the calibration exported beside it."""
+        batches = [inputs, inputs.flip(-1)] if self.tta else [inputs]
+        views = []
+        for batch in batches:
+            outputs = run_onnx_outputs(self.session, batch.contiguous().numpy())
+            logits = adjust_for_prior(outputs[0].float(), self.prior)
+            views.append((logits, outputs[1].float() if len(outputs) > 1 else None))
+        return finite_output(self.calibration.apply(views), self.source)
 
 
-def load_onnx_model(
-    path: str, class_indices: str | None, tta: bool = False, prior: str | None = None
-) -> OnnxModel:
+def load_onnx_model(path: str, class_indices: str | None, tta: bool = False,
+                    cfg: InferenceConfig | None = None, prior: str | None = None) -> OnnxModel:  # fmt: skip
+    """model.onnx with preprocess.json, class_indices.json and (exports since calibration
+    existed) calibration.json + unknown.npz beside it; `cfg` for --no-calibration and
+    --unknown-threshold; `prior` for --prior (default: the one the model was trained for)."""
     require_onnx("onnxruntime")
     model_file = Path(path)
     if not model_file.is_file():
@@ -286,7 +323,56 @@ def load_onnx_model(
     if isinstance(outputs, int) and outputs != len(classes):
         raise UserError(f"{path} has {outputs} outputs but the class file names {len(classes)}.")
     resolved = resolve_prior(counts, trained_with, prior, str(model_file))
-    return OnnxModel(session, classes, preprocessing, str(model_file), tta, resolved)
+    calibration = read_calibration_files(model_file.parent)
+    if calibration.unknown is not None and calibration.unknown.needs_features and len(session.get_outputs()) < 2:
+        raise UserError(f"{path} has no features output, which the unknown score in "
+                        f"{model_file.parent / CALIBRATION_JSON} needs; export the model again.")  # fmt: skip
+    if cfg is not None:
+        calibration = chosen_calibration(calibration, cfg, str(model_file), announce=True)
+    return OnnxModel(session, classes, preprocessing, str(model_file), tta, resolved, calibration)
+
+
+CALIBRATION_JSON = "calibration.json"  # beside an exported model: temperature, unknown rule
+UNKNOWN_ARRAYS = "unknown.npz"  # and the unknown score's arrays (training-set statistics)
+
+
+def write_calibration_files(folder: Path, calibration: Calibration, write_json: Callable[[Path, str], None],
+                            write_bytes: Callable[[Path, bytes], None]) -> list[str]:  # fmt: skip
+    """calibration.json (and unknown.npz when there is an unknown score) for an exported model:
+    JSON and numpy arrays, so any runtime can read them. Returns the names written."""
+    record: dict[str, Any] = {"temperature": calibration.temperature, "unknown": None}
+    written = [CALIBRATION_JSON]
+    if calibration.unknown is not None:
+        state = calibration.unknown.to_state()
+        arrays = {name: tensor.cpu().numpy() for name, tensor in state.pop("stats").items()}
+        arrays["quantiles"] = state.pop("quantiles").numpy()
+        record["unknown"] = {**state, "arrays": UNKNOWN_ARRAYS}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_bytes(folder / UNKNOWN_ARRAYS, buffer.getvalue())
+        written.append(UNKNOWN_ARRAYS)
+    write_json(folder / CALIBRATION_JSON, json.dumps(record, indent=2) + "\n")
+    return written
+
+
+def read_calibration_files(folder: Path) -> Calibration:
+    """What `write_calibration_files` wrote; an export from before it existed means T=1 and no
+    unknown score."""
+    path = folder / CALIBRATION_JSON
+    if not path.is_file():
+        return Calibration()
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        state = record.get("unknown")
+        if state is not None:
+            with np.load(folder / state["arrays"], allow_pickle=False) as arrays:
+                tensors = {name: torch.from_numpy(arrays[name].copy()) for name in arrays.files}
+            state = {**state, "quantiles": tensors.pop("quantiles"), "stats": tensors}
+        return Calibration.from_checkpoint({"temperature": record["temperature"], "unknown": state},
+                                           str(path))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} (written by `resnext export` beside the model) could not be read: "
+                        f"{exc}. Export the model again.") from None
 
 
 def require_onnx(*modules: str) -> None:
@@ -311,14 +397,20 @@ def onnx_session(path: str | Path) -> Any:
 
 
 def run_onnx(session: Any, inputs: np.ndarray) -> torch.Tensor:
-    """Logits for a float32 NCHW batch; a model with a fixed batch size gets it in chunks."""
+    """Logits for a float32 NCHW batch."""
+    return run_onnx_outputs(session, inputs)[0]
+
+
+def run_onnx_outputs(session: Any, inputs: np.ndarray) -> list[torch.Tensor]:
+    """Every output (logits, and features in exports that have them) for a float32 NCHW batch;
+    a model with a fixed batch size gets it in chunks."""
     spec = session.get_inputs()[0]
     fixed = spec.shape[0] if isinstance(spec.shape[0], int) else None
     if fixed is None:
-        return torch.from_numpy(session.run(None, {spec.name: inputs})[0])
-    outputs = []
+        return [torch.from_numpy(out) for out in session.run(None, {spec.name: inputs})]
+    chunks = []
     for start in range(0, len(inputs), fixed):
         chunk = inputs[start : start + fixed]
         padded = np.concatenate([chunk, np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(session.run(None, {spec.name: padded})[0][: len(chunk)])
-    return torch.from_numpy(np.concatenate(outputs))
+        chunks.append([out[: len(chunk)] for out in session.run(None, {spec.name: padded})])
+    return [torch.from_numpy(np.concatenate(parts)) for parts in zip(*chunks)]

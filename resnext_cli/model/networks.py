@@ -217,6 +217,24 @@ def backbone_features(model: ResNet, images: torch.Tensor) -> torch.Tensor:
     return model.avgpool(x).flatten(1)
 
 
+def logits_and_features(model: ResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the pooled features they come from, in one pass: what prediction
+    needs for the class probabilities and the unknown score (`model.trust`)."""
+    features = backbone_features(model, images)
+    return model.fc(features), features
+
+
+class WithFeatures(nn.Module):
+    """A model whose forward returns (logits, features): what `resnext export` exports."""
+
+    def __init__(self, model: ResNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_features(self.model, images)
+
+
 def _strip_prefix(key: str) -> str:
     # DataParallel / DistributedDataParallel / torch.compile wrap names
     for prefix in ("module.", "_orig_mod."):

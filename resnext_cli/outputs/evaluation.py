@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from resnext_cli.data.folders import (
     find_splits,
     find_val_folder,
     ignored_entries,
+    list_images,
     path_digests_each,
     read_split,
     split_val_in,
@@ -33,6 +35,7 @@ from resnext_cli.model.cam import require_captum
 from resnext_cli.model.checkpoint import run_folder_lock
 from resnext_cli.model.distributed import DistContext, gather_objects, shard
 from resnext_cli.model.engines import InferenceModel, OnnxModel, load_inference_model
+from resnext_cli.model.trust import BatchOutput, Calibration, apply_temperature, nll
 from resnext_cli.outputs.heatmaps import (
     explain_images,
     overlay_name,
@@ -43,10 +46,15 @@ from resnext_cli.outputs.heatmaps import (
 from resnext_cli.outputs.metrics import (
     ClassificationReport,
     ClassScores,
+    ReliabilityBin,
+    auroc,
     classification_report,
     confusion_matrix,
+    expected_calibration_error,
+    fpr_at_tpr,
+    reliability_bins,
 )
-from resnext_cli.outputs.plots import confusion_matrix_png, write_png
+from resnext_cli.outputs.plots import confusion_matrix_png, reliability_png, write_png
 
 SINGLE_PROCESS = DistContext()
 
@@ -65,6 +73,23 @@ class Prediction:
     predicted: int
     prob: float  # of the predicted class
     top5: bool  # the true class among the five most probable
+    raw_prob: float | None = None  # of the predicted class, at temperature 1
+    true_prob: float | None = None  # of the true class (NLL)
+    raw_true_prob: float | None = None
+    unknown_score: float | None = None  # None: the model has no unknown score
+    known: bool | None = None
+
+
+@dataclass
+class UnknownEvaluation:
+    """How well the unknown score tells `--unknown` photos from the evaluated ones."""
+
+    folder: str
+    rows: list[tuple[str, str, float, float, bool]]  # path, nearest class, its prob, score, known
+    unreadable: list[tuple[str, str]]
+    auroc: float
+    fpr95: float  # share of unknowns accepted when 95% of the known images are
+    rejected: float  # share of unknowns with known = false at the model's threshold
 
 
 @dataclass
@@ -77,6 +102,8 @@ class Evaluation:
     shown: list[str]  # classes present in the data or predicted, in model order
     top5: float | None  # None with 5 classes or fewer
     class_counts: list[int] | None = None  # the model's training images per class, if recorded
+    trust: dict[str, Any] = field(default_factory=dict)  # the calibration and unknown rule used
+    unknown: UnknownEvaluation | None = None  # with --unknown
 
     def by_training_count(self) -> list[tuple[ClassScores, int | None]]:
         """Per-class scores with the class's training images, the most first, so that the
@@ -91,7 +118,35 @@ class Evaluation:
         if self.top5 is not None:
             metrics["top5"] = self.top5
         metrics.update(summary, unreadable=len(self.unreadable))
+        metrics.update(self.calibration_metrics())
         return metrics
+
+    def reliability(self, calibrated: bool) -> list[ReliabilityBin]:
+        """The reliability diagram's bins, of the probabilities shown or of the raw ones."""
+        confidences = [p.prob if calibrated else _or(p.raw_prob, p.prob) for p in self.predictions]
+        return reliability_bins(confidences, [p.predicted == p.true for p in self.predictions])
+
+    def calibration_metrics(self) -> dict[str, Any]:
+        """ECE (15 bins) and NLL before (raw softmax) and after the temperature; the unknown
+        score's acceptance of these images and, with --unknown, how it tells the others."""
+        correct = [p.predicted == p.true for p in self.predictions]
+        shown = [p.prob for p in self.predictions]
+        raw = [_or(p.raw_prob, p.prob) for p in self.predictions]
+        out: dict[str, Any] = {
+            "ece": expected_calibration_error(shown, correct),
+            "nll": _mean_nll([_or(p.true_prob, 0.0) for p in self.predictions]),
+            "ece_uncalibrated": expected_calibration_error(raw, correct),
+            "nll_uncalibrated": _mean_nll([_or(p.raw_true_prob, _or(p.true_prob, 0.0)) for p in self.predictions]),
+            **self.trust,
+        }  # fmt: skip
+        verdicts = [p.known for p in self.predictions if p.known is not None]
+        if verdicts:
+            out["known_accepted"] = sum(verdicts) / len(verdicts)
+        if self.unknown is not None:
+            u = self.unknown
+            out.update(unknown_data=u.folder, unknown_images=len(u.rows), unknown_auroc=u.auroc,
+                       unknown_fpr95=u.fpr95, unknown_rejected=u.rejected)  # fmt: skip
+        return out
 
 
 @dataclass
@@ -209,7 +264,7 @@ def score(
     reported one by one). Under torchrun (`ctx`) the images are dealt out a batch at a time and
     every process gets all the predictions back, in sample order."""
     positions = shard(range(len(samples)), ctx, block=batch_size)
-    predictions, unreadable = _score_share(engine, [samples[i] for i in positions], batch_size, workers)
+    predictions, unreadable = predict_samples(engine, [samples[i] for i in positions], batch_size, workers)
     predictions, unreadable = _in_sample_order(ctx, positions, predictions, unreadable)
     if warn:
         for path, reason in unreadable:
@@ -217,15 +272,17 @@ def score(
     if not predictions:
         raise UserError("None of the images could be read (see the warnings above).", EXIT_FAILED)
     prior = engine.prior
-    return summarise(engine.classes, predictions, unreadable, prior.class_counts if prior else None)
+    evaluation = summarise(engine.classes, predictions, unreadable, prior.class_counts if prior else None)
+    evaluation.trust = trust_rule(engine.calibration)
+    return evaluation
 
 
-def _score_share(
+def predict_samples(
     engine: InferenceModel | OnnxModel, samples: list[tuple[str, int]], batch_size: int,
-    workers: int | None,
+    workers: int | None, desc: str = "evaluate",
 ) -> tuple[list[tuple[int, Prediction]], list[tuple[int, tuple[str, str]]]]:  # fmt: skip
-    """(position in `samples`, prediction) for each readable image, (position, (path, reason))
-    for each unreadable one."""
+    """(position in `samples`, prediction) for each readable image (labels -1: no true class),
+    (position, (path, reason)) for each unreadable one."""
     loader = make_loader(
         engine.dataset(samples),
         batch_size=batch_size,
@@ -234,19 +291,13 @@ def _score_share(
     )
     predictions: list[tuple[int, Prediction]] = []
     unreadable: list[tuple[int, tuple[str, str]]] = []
-    k = min(5, len(engine.classes))
-    for loaded in ui.progress(loader, desc="evaluate", unit="batch"):
+    for loaded in ui.progress(loader, desc=desc, unit="batch"):
         batch = get_batch(loaded, engine.spec)
         unreadable += [(index, (samples[index][0], reason)) for index, reason in batch.failures]
-        if batch.inputs is None:
-            continue
-        probs = engine.probabilities(batch.inputs)
-        top_probs, top_classes = torch.topk(probs, k, dim=1)
-        hits = (top_classes == batch.labels.cpu()[:, None]).any(dim=1)
-        for i, index in enumerate(batch.indices):
-            path, label = samples[index]
-            prediction = Prediction(path, label, int(top_classes[i, 0]), float(top_probs[i, 0]), bool(hits[i]))
-            predictions.append((index, prediction))
+        if batch.inputs is not None:
+            output = engine.predict(batch.inputs)
+            paths = [samples[i][0] for i in batch.indices]
+            predictions += zip(batch.indices, batch_predictions(output, paths, batch.labels.cpu()))
     return predictions, unreadable
 
 
@@ -260,6 +311,58 @@ def _in_sample_order(
     merged_predictions = sorted((item for part in everyone for item in part[0]), key=lambda t: t[0])
     merged_unreadable = sorted((item for part in everyone for item in part[1]), key=lambda t: t[0])
     return [p for _, p in merged_predictions], [u for _, u in merged_unreadable]
+
+
+def batch_predictions(output: BatchOutput, paths: list[str], labels: torch.Tensor) -> list[Prediction]:
+    """One Prediction per row of a predicted batch (labels: -1 where there is no true class)."""
+    k = min(5, output.probs.shape[1])
+    top_probs, top_classes = torch.topk(output.probs, k, dim=1)
+    hits = (top_classes == labels[:, None]).any(dim=1)
+    true = labels.clamp(min=0)[:, None]
+    true_probs, raw_true = output.probs.gather(1, true)[:, 0], output.raw_probs.gather(1, true)[:, 0]
+    raw_top = output.raw_probs.gather(1, top_classes[:, :1])[:, 0]
+    scores = output.unknown_score.tolist() if output.unknown_score is not None else [None] * len(paths)
+    known = output.known.tolist() if output.known is not None else [None] * len(paths)
+    return [
+        Prediction(path, int(labels[i]), int(top_classes[i, 0]), float(top_probs[i, 0]), bool(hits[i]),
+                   float(raw_top[i]), float(true_probs[i]), float(raw_true[i]), scores[i], known[i])
+        for i, path in enumerate(paths)
+    ]  # fmt: skip
+
+
+def trust_rule(calibration: Calibration) -> dict[str, Any]:
+    """What the probabilities and verdicts were computed with, for metrics.json."""
+    rule: dict[str, Any] = {"temperature": calibration.temperature}
+    if calibration.unknown is not None:
+        u = calibration.unknown
+        rule.update(unknown_score=u.name, unknown_threshold=u.threshold, unknown_accept=u.accept,
+                    unknown_fitted_on=u.fitted_on)  # fmt: skip
+    return rule
+
+
+def score_unknowns(
+    engine: InferenceModel | OnnxModel, folder: str, known: list[Prediction], batch_size: int,
+    workers: int | None,
+) -> UnknownEvaluation:  # fmt: skip
+    """The model on `--unknown` photos (of none of its classes): their unknown scores against
+    those of the evaluated images."""
+    if engine.calibration.unknown is None:
+        raise UserError(f"--unknown needs an unknown score, and {engine.source} has none (a checkpoint "
+                        "from before calibration existed, or --no-calibration); `resnext calibrate` "
+                        "fits one.")  # fmt: skip
+    paths = list_images(Path(folder), recursive=True)
+    if not paths:
+        raise UserError(f"No image files in --unknown {folder} (nor in its sub-folders).")
+    indexed, failed = predict_samples(engine, [(p, -1) for p in paths], batch_size, workers, desc="unknowns")
+    predictions, unreadable = [p for _, p in indexed], [u for _, u in failed]
+    if not predictions:
+        raise UserError(f"None of the images in --unknown {folder} could be read.", EXIT_FAILED)
+    rows = [(p.path, engine.classes[p.predicted], p.prob, float(p.unknown_score or 0.0), bool(p.known))
+            for p in predictions]  # fmt: skip
+    inside = [float(p.unknown_score or 0.0) for p in known]
+    outside = [row[3] for row in rows]
+    return UnknownEvaluation(folder, rows, unreadable, auroc(inside, outside), fpr_at_tpr(inside, outside),
+                             sum(not row[4] for row in rows) / len(rows))  # fmt: skip
 
 
 def summarise(
@@ -299,6 +402,12 @@ def write_evaluation(out: Path, evaluation: Evaluation, about: dict[str, str]) -
     rows += [[m.path, evaluation.classes[m.true], evaluation.classes[m.predicted], _num(m.prob)]
              for m in mistakes(evaluation)]  # fmt: skip
     atomic_write_csv(out / "misclassified.csv", rows)
+    write_png(out / "reliability.png", reliability_png(evaluation.reliability(False), evaluation.reliability(True),
+                                                       metrics["temperature"]))  # fmt: skip
+    if evaluation.unknown is not None:
+        rows = [["path", "nearest", "prob", "unknown_score", "known"]]
+        rows += [[p, c, _num(prob), _num(s), str(k).lower()] for p, c, prob, s, k in evaluation.unknown.rows]
+        atomic_write_csv(out / "unknown.csv", rows)
     # last: a metrics.json newer than the checkpoint means the whole folder is complete
     text = json.dumps({**metrics, **about}, indent=2, ensure_ascii=False)
     atomic_write_text(out / "metrics.json", text + "\n")
@@ -346,6 +455,9 @@ def evaluate_into_folder(
                     f"{engine.describe()}")  # fmt: skip
         started = time.perf_counter()
         evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet, ctx=ctx)
+        if cfg.unknown:
+            evaluation.unknown = score_unknowns(engine, cfg.unknown, evaluation.predictions, cfg.batch_size,
+                                                cfg.workers)  # fmt: skip
         seconds = time.perf_counter() - started
         about = {"checkpoint": engine.source, "data": data, "images": chosen.description,
                  "prior": engine.prior.name if engine.prior else None}  # fmt: skip
@@ -420,9 +532,11 @@ class RecordedEvaluation:
     mistakes: list[dict[str, str]]  # misclassified.csv, most confident first
     confusion_png: bytes
     heatmaps: dict[tuple[str, str], Path] = field(default_factory=dict)  # (path, class) -> overlay
+    reliability_png: bytes | None = None  # absent in folders from before calibration existed
 
 
 def read_evaluation(out: Path) -> RecordedEvaluation:
+    reliability = out / "reliability.png"
     heatmaps = {(str(e["path"]), str(e.get("class"))): out / HEATMAPS / Path(str(e["overlay"])).name
                 for e in read_explain_json(out / HEATMAPS) if e.get("overlay")}  # fmt: skip
     return RecordedEvaluation(
@@ -431,8 +545,27 @@ def read_evaluation(out: Path) -> RecordedEvaluation:
         read_csv(out / "misclassified.csv"),
         (out / "confusion_matrix.png").read_bytes(),
         heatmaps,
+        reliability.read_bytes() if reliability.is_file() else None,
     )
+
+
+def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, float]:
+    """ECE (15 bins) and NLL of softmax(logits / temperature) against the labels."""
+    probs = torch.softmax(apply_temperature(logits.double(), temperature), dim=1)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).tolist()
+    return {"ece": expected_calibration_error(confidence.tolist(), correct),
+            "nll": nll(logits, labels, temperature)}  # fmt: skip
 
 
 def _num(value: float) -> str:
     return f"{value:.6f}"
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _mean_nll(true_probs: list[float]) -> float:
+    """Mean -log p(true class), with p floored at 1e-12 (a probability that rounded to 0)."""
+    return sum(-math.log(max(p, 1e-12)) for p in true_probs) / len(true_probs) if true_probs else 0.0

@@ -3,6 +3,7 @@ by hand and computed the same way in `train`, `evaluate` and `report`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,3 +99,60 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------- calibration and unknowns
+
+
+@dataclass
+class ReliabilityBin:
+    low: float
+    high: float
+    count: int
+    confidence: float  # mean top probability of the images in the bin
+    accuracy: float  # share of them predicted right
+
+
+def reliability_bins(confidences: Sequence[float], correct: Sequence[bool], bins: int = 15) -> list[ReliabilityBin]:
+    """Equal-width confidence bins (Guo et al. 2017): (low, high], the first one [0, high]."""
+    members: list[list[int]] = [[] for _ in range(bins)]
+    for i, confidence in enumerate(confidences):
+        members[min(bins - 1, max(0, math.ceil(confidence * bins) - 1))].append(i)
+    return [
+        ReliabilityBin(b / bins, (b + 1) / bins, len(m), _mean([confidences[i] for i in m]),
+                       _mean([float(correct[i]) for i in m]))  # fmt: skip
+        for b, m in enumerate(members)
+    ]
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over the bins by their share of
+    images (15 equal-width bins, as Guo et al. report it)."""
+    total = len(confidences)
+    return sum(b.count / total * abs(b.accuracy - b.confidence)
+               for b in reliability_bins(confidences, correct, bins) if b.count)  # fmt: skip
+
+
+def auroc(known: Sequence[float], unknown: Sequence[float]) -> float:
+    """The chance that an unknown image scores higher than a known one (ties count half): the
+    area under the ROC curve of the score as a detector of unknowns (Mann-Whitney U)."""
+    ranked = sorted([(s, 0) for s in known] + [(s, 1) for s in unknown])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        average_rank = (i + j + 1) / 2  # ranks i+1 .. j, ties share their mean
+        rank_sum += average_rank * sum(flag for _, flag in ranked[i:j])
+        i = j
+    n_known, n_unknown = len(known), len(unknown)
+    return (rank_sum - n_unknown * (n_unknown + 1) / 2) / (n_known * n_unknown)
+
+
+def fpr_at_tpr(known: Sequence[float], unknown: Sequence[float], tpr: float = 0.95) -> float:
+    """The share of unknown images accepted when the threshold accepts `tpr` of the known ones
+    (FPR@95TPR, the usual out-of-distribution measure): the threshold is the smallest score
+    that accepts at least that share of the known images."""
+    ordered = sorted(known)
+    threshold = ordered[max(0, math.ceil(tpr * len(ordered)) - 1)]
+    return sum(s <= threshold for s in unknown) / len(unknown)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write, printable
-from resnext_cli.outputs.metrics import row_normalised
+from resnext_cli.outputs.metrics import ReliabilityBin, row_normalised
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -103,6 +103,37 @@ def confusion_matrix_png(matrix: list[list[int]], classes: Sequence[str], title:
                               fontsize=font - 1, color=colour)  # fmt: skip
     if title:
         figure.suptitle(title)
+    return _png(figure)
+
+
+def reliability_png(before: Sequence[ReliabilityBin], after: Sequence[ReliabilityBin], temperature: float) -> bytes:
+    """Reliability diagrams (Guo et al. 2017) of the raw and the calibrated probabilities: per
+    confidence bin, the accuracy against the mean confidence (the diagonal is perfect), with
+    the share of images in each bin below."""
+    figure = _figure(10.5, 5.2)
+    grid = figure.add_gridspec(2, 2, height_ratios=[3, 1])
+    for column, (bins, name) in enumerate(((before, "raw softmax (temperature 1)"),
+                                           (after, f"calibrated (temperature {temperature:.3g})"))):  # fmt: skip
+        axes, counts = figure.add_subplot(grid[0, column]), figure.add_subplot(grid[1, column])
+        total = sum(b.count for b in bins) or 1
+        centres = [(b.low + b.high) / 2 for b in bins]
+        width = bins[0].high - bins[0].low if bins else 1.0
+        filled = [b for b in bins if b.count]
+        axes.bar([(b.low + b.high) / 2 for b in filled], [b.accuracy for b in filled], width=width * 0.9,
+                 color="tab:blue", alpha=0.8, label="accuracy")  # fmt: skip
+        axes.plot([b.confidence for b in filled], [b.confidence for b in filled], "o", color="tab:red",
+                  markersize=4, label="mean confidence")  # fmt: skip
+        axes.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
+        ece = sum(b.count / total * abs(b.accuracy - b.confidence) for b in filled)
+        axes.set_title(f"{name}\nECE {ece:.3f}")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.set_ylabel("accuracy")
+        axes.legend(loc="upper left", fontsize=8)
+        counts.bar(centres, [b.count / total for b in bins], width=width * 0.9, color="tab:grey")
+        counts.set_xlim(0, 1)
+        counts.set_xlabel("confidence (top probability)")
+        counts.set_ylabel("share")
     return _png(figure)
 
 

@@ -53,6 +53,7 @@ class ResultRow:
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # values of ResultSchema.extra, by name
     probs: list[float] | None = None  # every class's probability, in class order (--save-probs)
+    rejected: bool = False  # `class` left empty: an unknown under --reject-unknown (prob, topk kept)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class ResultSchema:
         cells = [row.path, "", "", row.error]
         ranked = row.ranked or []
         if ranked:
-            cells[1:3] = [ranked[0][0], f"{ranked[0][1]:.6f}"]
+            cells[1:3] = ["" if row.rejected else ranked[0][0], f"{ranked[0][1]:.6f}"]
         for k in range(1, self.topk):
             cells += [ranked[k][0], f"{ranked[k][1]:.6f}"] if k < len(ranked) else ["", ""]
         return cells + [_csv_value(row.extra.get(c.name), c.kind) for c in self.extra]
@@ -94,7 +95,7 @@ class ResultSchema:
         ranked = row.ranked or []
         record: dict[str, Any] = {
             "path": row.path,
-            "class": ranked[0][0] if ranked else None,
+            "class": ranked[0][0] if ranked and not row.rejected else None,
             "prob": exact(ranked[0][1]) if ranked else None,
             "topk": [{"class": c, "prob": exact(p)} for c, p in ranked],
             "error": row.error,

@@ -59,6 +59,7 @@ class RunFiles:
     record: dict[str, Any] | None = None  # run.json: status, wall time of every session
     comparison: Comparison | None = None  # --compare OTHER
     heatmaps: dict[tuple[str, str], Path] = field(default_factory=dict)  # eval/heatmaps: (path, class)
+    reliability_png: bytes | None = None  # eval/reliability.png (calibration, issue 25)
 
 
 def write_report(cfg: ReportConfig) -> Path:
@@ -123,12 +124,14 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
     recorded = read_evaluation(out) if current else None
     if recorded is not None and cfg.data is not None and recorded.metrics.get("data") != cfg.data:
         recorded = None  # an evaluation of other data
+    if recorded is not None and cfg.unknown is not None and recorded.metrics.get("unknown_data") != cfg.unknown:
+        recorded = None  # without the unknowns asked for
     if recorded is None:
         data = cfg.data or run.config.get("data")
         evaluation = EvaluateConfig(checkpoint=str(best), data=data, out=str(out),
                                     batch_size=cfg.batch_size, workers=cfg.workers,
-                                    device=cfg.device, decode=cfg.decode,
-                                    heatmaps=cfg.gallery)  # fmt: skip
+                                    device=cfg.device, decode=cfg.decode, heatmaps=cfg.gallery,
+                                    unknown=cfg.unknown)  # fmt: skip
         try:
             evaluation.validate()
             evaluate_into_folder(evaluation, quiet=True)
@@ -143,6 +146,7 @@ def _read_evaluation(run: RunFiles, cfg: ReportConfig) -> None:
     run.mistakes = recorded.mistakes
     run.confusion_png = recorded.confusion_png
     run.heatmaps = recorded.heatmaps
+    run.reliability_png = recorded.reliability_png
 
 
 # ---------------------------------------------------------------- HTML
@@ -179,6 +183,7 @@ def render_html(run: RunFiles, gallery: int) -> str:
     parts += ['<h2 id="per-class">Per-class metrics</h2>', _per_class_table(run)]
     parts += ['<h2 id="balance">Class balance: recall by training images</h2>', _balance_section(run)]
     parts += ['<h2 id="mistakes">Most confident mistakes</h2>', _gallery(run, gallery)]
+    parts += ['<h2 id="trust">Calibration and unknown images</h2>', _trust_section(run)]
     parts += ['<h2 id="config">Config</h2>', _config_table(run.config)]
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -346,6 +351,40 @@ def _heatmaps_note(run: RunFiles) -> str:
                 "model saw, ringed: the peak.</p>")  # fmt: skip
     return ('<p class="muted">No heatmaps of these mistakes: `resnext evaluate` draws them with the '
             "[explain] extra (pip install 'resnext-cli[explain]').</p>")  # fmt: skip
+
+
+def _trust_section(run: RunFiles) -> str:
+    """The temperature with ECE and NLL before and after it, the reliability diagrams, the
+    unknown score's rule and, when evaluate had --unknown photos, how well it told them."""
+    e = run.evaluation or {}
+    if "ece" not in e:
+        return '<p class="muted">No calibration measured (see the evaluation above).</p>'
+    rows = [("temperature", f"{e['temperature']:.3g}", ""),
+            ("ECE (15 bins)", f"{e['ece_uncalibrated']:.3f}", f"{e['ece']:.3f}"),
+            ("NLL", f"{e['nll_uncalibrated']:.3f}", f"{e['nll']:.3f}")]  # fmt: skip
+    head = "<tr><th></th><th>raw softmax</th><th>calibrated</th></tr>"
+    body = "".join(f"<tr><td>{escape(a)}</td><td>{escape(b)}</td><td>{escape(c)}</td></tr>" for a, b, c in rows[1:])
+    fitted = f", fitted on {e['unknown_fitted_on']}" if e.get("unknown_fitted_on") else ""
+    parts = [f"<p>Temperature {escape(rows[0][1])}{escape(fitted)} (<code>resnext calibrate</code> refits "
+             "it on other labelled photos): the probabilities shown are softmax(logits / temperature). "
+             f"Measured on the evaluated images:</p><table>{head}{body}</table>"]  # fmt: skip
+    if run.reliability_png is not None:
+        parts.append(image_tag(run.reliability_png, "png", "reliability diagrams before and after calibration"))
+    if "unknown_score" in e:
+        parts.append(f"<p>Unknown score <b>{escape(e['unknown_score'])}</b>: an image scoring above "
+                     f"{e['unknown_threshold']:.3g} is <code>unknown</code> (the threshold accepts "
+                     f"{e['unknown_accept']:.0%} of the photos it was set on); "
+                     f"{e.get('known_accepted', 0):.1%} of the evaluated images are accepted as known.</p>")  # fmt: skip
+    else:
+        parts.append('<p class="muted">This checkpoint has no unknown score (<code>resnext calibrate</code> '
+                     "fits one).</p>")  # fmt: skip
+    if "unknown_auroc" in e:
+        cards = [("unknown photos", str(e["unknown_images"])), ("AUROC", f"{e['unknown_auroc']:.3f}"),
+                 ("FPR at 95% TPR", f"{e['unknown_fpr95']:.1%}"), ("rejected", f"{e['unknown_rejected']:.1%}")]  # fmt: skip
+        body = "".join(f'<div class="card">{escape(k)}<b>{escape(v)}</b></div>' for k, v in cards)
+        parts.append(f'<p class="muted">Photos of none of the classes: {escape(e["unknown_data"])}.</p>'
+                     f'<div class="cards">{body}</div>')  # fmt: skip
+    return "\n".join(parts)
 
 
 def _config_table(config: dict[str, Any]) -> str:
