@@ -291,13 +291,14 @@ def test_a_run_from_before_balance_resumes_as_it_trained(tmp_path, tail_data):
 
 
 def test_prior_uniform_divides_the_train_prior_out(tmp_path, tail_run, tail_data):
-    """The same model under both priors: p_uniform(c) is p_train(c) / prior(c), renormalised."""
+    """The same model under both priors: p_uniform(c) is p_train(c) / prior(c), renormalised
+    (the raw softmax: a temperature would raise the prior to 1/T)."""
     run, _ = tail_run
     image = tail_data / "val" / "gamma" / "gamma_00.png"
 
     def probs(prior: str) -> dict[str, float]:
         result = invoke(["predict", image, "--checkpoint", run / "best.pt", "--json", "--device", "cpu",
-                         "--prior", prior])  # fmt: skip
+                         "--prior", prior, "--no-calibration"])  # fmt: skip
         assert result.exit_code == 0, result.stderr
         return {e["class"]: e["prob"] for e in json.loads(result.stdout)[0]["topk"]}
 

@@ -19,6 +19,8 @@ from resnext_cli.outputs.results import Column, Encoding, Journal, ResultRow, Re
 from tests.conftest import invoke
 from tests.test_predict import image_folder
 
+HEADER = "path,class,prob,error,unknown_score,known\n"  # batch-predict's CSV header at --topk 1
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -71,7 +73,7 @@ def test_a_second_writer_of_an_output_is_refused(tmp_path, trained_run):
     folder = image_folder(tmp_path / "imgs", ["a.png", "b.png"])
     out = tmp_path / "preds.csv"
     partial = out.with_name("preds.csv.partial")
-    partial.write_text("path,class,prob,error\n")  # the first writer's rows so far
+    partial.write_text(HEADER)  # the first writer's rows so far
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time\nfrom filelock import SoftFileLock\n"
          f"lock = SoftFileLock({str(out) + '.lock'!r}, timeout=0)\nlock.acquire()\nprint('held', flush=True)\n"
@@ -85,7 +87,7 @@ def test_a_second_writer_of_an_output_is_refused(tmp_path, trained_run):
     assert result.exit_code == 2, result.stderr
     assert result.stderr.startswith("Error:") and "being written by another resnext process" in result.stderr
     assert f"pid {holder.pid}" in result.stderr
-    assert partial.read_text() == "path,class,prob,error\n" and not out.exists()
+    assert partial.read_text() == HEADER and not out.exists()
     # the holder is gone (its lock is stale): the next run takes the lock over and finishes
     assert predict(folder, trained_run, out, "--resume-output").exit_code == 0
     assert len(csv_rows(out)) == 2 and not partial.exists() and not out.with_name("preds.csv.lock").exists()
@@ -275,7 +277,7 @@ def test_parquet_output_is_typed_and_resumable(tmp_path, trained_run):
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     schema = table.schema
-    assert schema.names == ["path", "class", "prob", "topk", "error", "probs"]
+    assert schema.names == ["path", "class", "prob", "topk", "error", "unknown_score", "known", "probs"]
     assert schema.field("prob").type == pa.float32() and schema.field("path").type == pa.string()
     assert schema.field("topk").type == pa.list_(pa.struct([("class", pa.string()), ("prob", pa.float32())]))
     assert schema.field("probs").type.num_fields == 3
@@ -313,7 +315,7 @@ def test_save_probs_in_jsonl_and_its_limits(tmp_path, trained_run, monkeypatch):
     out = tmp_path / "p.jsonl"
     assert predict(folder, trained_run, out, "--save-probs").exit_code == 0
     record = json.loads(out.read_text().splitlines()[0])
-    assert list(record) == ["path", "class", "prob", "topk", "error", "probs"]
+    assert list(record) == ["path", "class", "prob", "topk", "error", "unknown_score", "known", "probs"]
     assert list(record["probs"]) == ["alpha", "beta", "gamma"]
     assert record["probs"][record["class"]] == record["prob"]
     as_csv = predict(folder, trained_run, tmp_path / "p.csv", "--save-probs")
