@@ -67,7 +67,7 @@ class TrainConfig:
     scheduler: str = "cosine"
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    balance: str = "auto"  # auto: logit adjustment on imbalanced training data, else none
+    balance: str = "auto"  # auto: BALANCE_AUTO from BALANCE_AUTO_RATIO, else none
     seed: int | None = None  # None: drawn at start and recorded in config.yaml
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32 (fp16 on old GPUs)
