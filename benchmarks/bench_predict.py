@@ -205,7 +205,7 @@ def sharding_rows(name: str, folder: Path, checkpoint: Path, batch: int, repeats
     schemes = {"a batch at a time": None, "contiguous halves": str(Path(__file__).with_name("contiguous_shards.py"))}
     for attempt in range(repeats):  # interleaved: drift on a shared machine hits both alike
         for scheme, script in schemes.items():
-            out = folder.parent / f"shard-{attempt}-{scheme[:4]}.csv"
+            out = folder.parent / f"shard-{folder.name}-{attempt}-{scheme[:4]}.csv"  # one per set: no --overwrite
             done = run_cli([*args, "--output", str(out)], processes=2, script=script)
             rows.append({"set": name, "scheme": scheme, **done})
     return rows
