@@ -25,7 +25,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded; auto: on the GPU when on CUDA
 # the unknown score's components (model/trust.py), joined with "+"; the default was measured
 UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha")
-UNKNOWN_SCORE = "msp+cknn"
+UNKNOWN_SCORE = "energy+knn"
 UNKNOWN_ACCEPT = 0.95  # share of the val photos accepted as known
 
 
