@@ -28,7 +28,7 @@ default), at the threshold stored with it: the share of known test photos accept
 unknowns rejected. A last table: every 5-class run (train on 45 of flowers5/train per class,
 val the other 15, test flowers5/val) for ECE with all classes.
 
-    python benchmarks/bench_trust.py                       # both backbones, 10 splits, ~25 min
+    python benchmarks/bench_trust.py                       # both backbones, 10 splits (2.5 h on 2 shared cores)
     python benchmarks/bench_trust.py --archs resnet18 --splits 3
 """
 

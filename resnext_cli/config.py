@@ -41,7 +41,7 @@ SELECT_AUTO_RATIO = 1.5  # --select-by auto: balanced accuracy on val classes th
 EXPLAIN_METHODS = ("gradcam", "occlusion", "integrated-gradients")  # heatmaps: model/cam.py
 # the unknown score's components (model/trust.py), joined with "+"; the default was measured
 UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha")
-UNKNOWN_SCORE = "msp+cknn"
+UNKNOWN_SCORE = "energy+knn"
 UNKNOWN_ACCEPT = 0.95  # share of the val photos accepted as known
 
 

@@ -80,6 +80,10 @@ def test_batch_predict_on_onnxruntime_matches_pytorch(tmp_path, exports, trained
     for a, b in zip(rows["onnx"], rows["torch"]):
         if a["prob"]:
             assert abs(float(a["prob"]) - float(b["prob"])) < 1e-3
+            # the unknown score from the exported features output, as PyTorch computes it
+            score = float(b["unknown_score"])
+            assert abs(float(a["unknown_score"]) - score) < 1e-3 * max(1.0, abs(score))
+            assert a["known"] == b["known"] and a["known"] in ("true", "false")
 
 
 def test_disagreement_beyond_tolerance_fails_loudly(tmp_path, trained_run):

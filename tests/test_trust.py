@@ -148,8 +148,8 @@ def test_train_stores_the_calibration_in_best_pt_only(trained_run: Path):
     assert isinstance(best["temperature"], float) and 0 < best["temperature"] < 100
     unknown = best["unknown"]
     assert unknown["score"] == trust.DEFAULT_SCORE and unknown["accept"] == 0.95
-    assert unknown["stats"]["cbank"].dtype == torch.float16  # normalised training features
-    assert unknown["stats"]["cbank"].shape == (36, 512)  # every training image (3 x 12)
+    assert unknown["stats"]["bank"].dtype == torch.float16  # normalised training features
+    assert unknown["stats"]["bank"].shape == (36, 512)  # every training image (3 x 12)
     assert "temperature" not in last and "unknown" not in last  # the resume point is as trained
     # the threshold accepts 95% of the val split it was set on
     result = invoke(["evaluate", "--checkpoint", trained_run / "best.pt", "--json", "--workers", "0",
@@ -312,7 +312,7 @@ def test_calibrate_refits_and_fits_an_old_checkpoint(tmp_path, trained_run, data
     fitted = torch.load(run / "best.pt", weights_only=True)
     assert fitted["temperature"] > 2  # softened
     assert fitted["unknown"]["score"] == trust.DEFAULT_SCORE  # computed from the run's training images
-    assert fitted["unknown"]["stats"]["cbank"].shape[0] == 36
+    assert fitted["unknown"]["stats"]["bank"].shape[0] == 36
     assert torch.equal(fitted["model"]["fc.weight"], checkpoint["model"]["fc.weight"])  # weights as they were
     evaluated = invoke(["evaluate", held_out, "--checkpoint", run / "best.pt", "--json", "--workers", "0",
                         "--out", tmp_path / "eval"])
