@@ -44,6 +44,7 @@ from resnext_cli.outputs.heatmaps import explain_images  # noqa: E402
 from tests.marks import chance, make_mark_dataset, pointing_game  # noqa: E402
 
 METHODS = ("gradcam", "occlusion", "integrated-gradients")
+BLOCKS = "gradcam, cells centred in 32-px blocks"
 
 
 def cli(*args: object) -> None:
@@ -85,10 +86,10 @@ def pointing(work: Path, seeds: int) -> dict:
                                  seconds / len(entries)))  # fmt: skip
             print(f"seed {seed} {method:22s} on the mark {rows[method][-1][0]:.1%}, within tolerance "
                   f"{rows[method][-1][1]:.1%}, {rows[method][-1][2]:.3f} s/image (whole command)", flush=True)
-        rows.setdefault("gradcam, cells centred in 32-px blocks", []).append(block_centred(run, marks))
+        blocks = rows.setdefault(BLOCKS, [])
+        blocks.append(block_centred(run, marks))
         print(f"seed {seed} chance {chance(marks):.1%}; Grad-CAM with cells centred in 32-px blocks "
-              f"(cv2.resize / align_corners=False) on the mark {rows['gradcam, cells centred in 32-px blocks'][-1][0]:.1%}",
-              flush=True)  # fmt: skip
+              f"(cv2.resize / align_corners=False) on the mark {blocks[-1][0]:.1%}", flush=True)  # fmt: skip
     return {m: {"strict": [r[0] for r in v], "tolerance": [r[1] for r in v], "s_per_image": [r[2] for r in v]}
             for m, v in rows.items()} | {"chance": chance(marks)}  # fmt: skip
 
@@ -138,7 +139,8 @@ def speed(backbones: Path | None) -> list[dict]:
                 row[method] = per_image(lambda: activation_maps(net, arch, x, target, method), 8, repeats)
             row["pytorch-grad-cam GradCAM"] = grad_cam_library(net, x)
             rows.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            print(json.dumps(shown), flush=True)
     return rows
 
 
@@ -160,7 +162,8 @@ def grad_cam_library(net: torch.nn.Module, x: torch.Tensor) -> float | None:
 def whole_command(data: Path, backbones: Path, work: Path) -> dict:
     run = work / "flowers"
     cli("train", data, "--arch", "resnet18", "--weights", backbones / "resnet18-tinyimagenet.pth",
-        "--img-size", 64, "--epochs", 3, "--device", "cpu", "--seed", 0, "--no-report", "--out", run)  # fmt: skip
+        "--img-size", 64, "--epochs", 3, "--device", "cpu", "--seed", 0, "--no-report",
+        "--out", run)  # fmt: skip
     images = sorted(p for p in (data / "val").rglob("*") if p.is_file())
     rows = {}
     for method in METHODS:
@@ -174,7 +177,8 @@ def whole_command(data: Path, backbones: Path, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--data", type=Path, help="flowers5 (train/ + val/), for (3)")
     parser.add_argument("--backbones", type=Path, help="the *-tinyimagenet.pth files, for (2) and (3)")
     parser.add_argument("--seeds", type=int, default=3)
@@ -189,11 +193,12 @@ def main() -> None:
         parts = args.parts.split(",")
         if "pointing" in parts:
             results["pointing"] = pointing(Path(tmp), args.seeds)
-            for method in [*METHODS, "gradcam, cells centred in 32-px blocks"]:
+            for method in [*METHODS, BLOCKS]:
                 p = results["pointing"][method]
-                print(f"{method:22s} on the mark {statistics.mean(p['strict']):.1%} "
-                      f"(seeds: {', '.join(f'{v:.0%}' for v in p['strict'])}), within tolerance "
-                      f"{statistics.mean(p['tolerance']):.1%}; chance {results['pointing']['chance']:.1%}")  # fmt: skip
+                seeds = ", ".join(f"{v:.0%}" for v in p["strict"])
+                print(f"{method:22s} on the mark {statistics.mean(p['strict']):.1%} (seeds: {seeds}), "
+                      f"within tolerance {statistics.mean(p['tolerance']):.1%}; "
+                      f"chance {results['pointing']['chance']:.1%}")  # fmt: skip
         if "speed" in parts:
             results["speed"] = speed(args.backbones)
         if "command" in parts and args.data and args.backbones:

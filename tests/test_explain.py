@@ -21,6 +21,7 @@ from resnext_cli.model.cam import activation_maps
 from resnext_cli.outputs.heatmaps import Explained, PhotoFrame, display_size, overlay_image, photo_frame
 from tests.conftest import invoke
 from tests.marks import chance, make_mark_dataset, pointing_game
+from tests.test_cli import help_rows
 
 METHODS = ("gradcam", "occlusion", "integrated-gradients")
 
@@ -193,6 +194,12 @@ def test_the_overlay_is_upright_and_greys_out_what_the_model_did_not_see(tmp_pat
 # ---------------------------------------------------------------- the commands
 
 
+def test_help_shows_the_heatmap_options_and_defaults():
+    rows = {cmd: help_rows(cmd) for cmd in ("predict", "evaluate")}
+    assert any(r.strip().startswith("--explain") and "[default: off]" in r for r in rows["predict"])
+    assert any(r.strip().startswith("--heatmaps") and "[default: 24]" in r for r in rows["evaluate"])
+
+
 def explain_args(trained_run: Path, *args) -> list:
     return ["explain", *args, "--checkpoint", trained_run / "best.pt", "--device", "cpu", "--workers", "0"]
 
@@ -211,7 +218,8 @@ def test_explain_writes_an_overlay_per_image_and_explain_json(tmp_path: Path, tr
     assert (first["class"], first["prob"]) == (predicted["class"], predicted["prob"])
     for entry in entries:
         assert set(entry) == {"path", "class", "prob", "method", "peak", "overlay"}
-        assert entry["method"] == "gradcam" and entry["overlay"] == f"{Path(entry['path']).stem}_{entry['class']}.png"
+        assert entry["method"] == "gradcam"
+        assert entry["overlay"] == f"{Path(entry['path']).stem}_{entry['class']}.png"
         assert entry["peak"] is None or (0 <= entry["peak"][0] < 40 and 0 <= entry["peak"][1] < 40)
         assert Image.open(out / entry["overlay"]).format == "PNG"
     assert f"Explained {len(images)} image(s)" in result.stdout
@@ -335,7 +343,8 @@ def test_evaluate_and_report_show_heatmaps_of_the_most_confident_mistakes(
         assert pair["predicted"]["class"] == predicted and pair["true"]["class"] == true
         assert pair["predicted"]["prob"] > pair["true"]["prob"]
         for entry in pair.values():
-            assert entry["overlay"].startswith(f"{rank:02d}_") and (ev / "heatmaps" / entry["overlay"]).is_file()
+            assert entry["overlay"].startswith(f"{rank:02d}_")
+            assert (ev / "heatmaps" / entry["overlay"]).is_file()
     result = invoke(["evaluate", data, "--checkpoint", trained_run / "best.pt", "--out", ev,
                      "--heatmaps", "0", "--workers", "0", "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 0 and not list((ev / "heatmaps").iterdir())  # the earlier ones went
@@ -372,9 +381,9 @@ def pointing_scores(work: Path, seed: int) -> dict[str, float]:
     assert result.exit_code == 0, result.stderr
     scores = {"chance": chance(marks)}
     for method in ("gradcam", "integrated-gradients"):
-        result = invoke(["explain", work / "marks" / "val", "--recursive", "--checkpoint", work / "run" / "best.pt",
-                         "--method", method, "--out", work / method, "--device", "cpu", "--workers", "0",
-                         "--batch-size", "16"])  # fmt: skip
+        result = invoke(["explain", work / "marks" / "val", "--recursive", "--checkpoint",
+                         work / "run" / "best.pt", "--method", method, "--out", work / method,
+                         "--device", "cpu", "--workers", "0", "--batch-size", "16"])  # fmt: skip
         assert result.exit_code == 0, result.stderr
         entries = json.loads((work / method / "explain.json").read_text(encoding="utf-8"))
         assert len(entries) == 45
