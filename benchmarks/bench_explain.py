@@ -1,7 +1,7 @@
 """Heatmaps (`resnext explain`): where the peaks fall, and what each method costs on the CPU.
 
 (1) Pointing game. tests/marks.py's synthetic set: the class (red, blue, yellow) is decided only
-    by a 30-px square of colour at a random place on a textured 116x104 photo (7% of the part
+    by a 30-px square of colour at a random place on a textured 116x104 photo (11% of the part
     the model sees); a third of the held-out photos are EXIF-turned JPEGs. resnet18 is trained
     from scratch at 96 px (4 epochs, seeds 0..N-1, as the test does), then `resnext explain`
     runs on the 60 held-out photos with each method. Per method: the share of peaks on the mark
@@ -124,11 +124,11 @@ def per_image(run, images: int, repeats: int = 3) -> float:
     return best / images
 
 
-def speed(backbones: Path | None) -> list[dict]:
+def speed(backbones: Path | None, archs: list[str], sizes: list[int]) -> list[dict]:
     rows = []
-    for arch in ("resnet18", "resnext50_32x4d"):
+    for arch in archs:
         net = model(arch, backbones)
-        for size in (64, 224):
+        for size in sizes:
             x = torch.randn(8, 3, size, size)
             target = torch.zeros(8, dtype=torch.long)
             row = {"arch": arch, "size": size}
@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--backbones", type=Path, help="the *-tinyimagenet.pth files, for (2) and (3)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--parts", default="pointing,speed,command")
+    parser.add_argument("--archs", default="resnet18,resnext50_32x4d", help="for (2)")
+    parser.add_argument("--sizes", default="64,224", help="input sizes for (2)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("RESNEXT_CACHE", tempfile.mkdtemp(prefix="resnext-bench-explain-cache-"))
@@ -200,7 +202,8 @@ def main() -> None:
                       f"within tolerance {statistics.mean(p['tolerance']):.1%}; "
                       f"chance {results['pointing']['chance']:.1%}")  # fmt: skip
         if "speed" in parts:
-            results["speed"] = speed(args.backbones)
+            sizes = [int(s) for s in args.sizes.split(",")]
+            results["speed"] = speed(args.backbones, args.archs.split(","), sizes)
         if "command" in parts and args.data and args.backbones:
             results["command"] = whole_command(args.data, args.backbones, Path(tmp))
     if args.json:
