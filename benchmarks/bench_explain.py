@@ -1,7 +1,7 @@
 """Heatmaps (`resnext explain`): where the peaks fall, and what each method costs on the CPU.
 
 (1) Pointing game. tests/marks.py's synthetic set: the class (red, blue, yellow) is decided only
-    by a 30-px square of colour at a random place on a textured 116x104 photo (7% of the part
+    by a 30-px square of colour at a random place on a textured 116x104 photo (11% of the part
     the model sees); a third of the held-out photos are EXIF-turned JPEGs. resnet18 is trained
     from scratch at 96 px (4 epochs, seeds 0..N-1, as the test does), then `resnext explain`
     runs on the 60 held-out photos with each method. Per method: the share of peaks on the mark
@@ -44,6 +44,7 @@ from resnext_cli.outputs.heatmaps import explain_images  # noqa: E402
 from tests.marks import chance, make_mark_dataset, pointing_game  # noqa: E402
 
 METHODS = ("gradcam", "occlusion", "integrated-gradients")
+BLOCKS = "gradcam, cells centred in 32-px blocks"
 
 
 def cli(*args: object) -> None:
@@ -85,10 +86,10 @@ def pointing(work: Path, seeds: int) -> dict:
                                  seconds / len(entries)))  # fmt: skip
             print(f"seed {seed} {method:22s} on the mark {rows[method][-1][0]:.1%}, within tolerance "
                   f"{rows[method][-1][1]:.1%}, {rows[method][-1][2]:.3f} s/image (whole command)", flush=True)
-        rows.setdefault("gradcam, cells centred in 32-px blocks", []).append(block_centred(run, marks))
+        blocks = rows.setdefault(BLOCKS, [])
+        blocks.append(block_centred(run, marks))
         print(f"seed {seed} chance {chance(marks):.1%}; Grad-CAM with cells centred in 32-px blocks "
-              f"(cv2.resize / align_corners=False) on the mark {rows['gradcam, cells centred in 32-px blocks'][-1][0]:.1%}",
-              flush=True)  # fmt: skip
+              f"(cv2.resize / align_corners=False) on the mark {blocks[-1][0]:.1%}", flush=True)  # fmt: skip
     return {m: {"strict": [r[0] for r in v], "tolerance": [r[1] for r in v], "s_per_image": [r[2] for r in v]}
             for m, v in rows.items()} | {"chance": chance(marks)}  # fmt: skip
 
@@ -123,11 +124,11 @@ def per_image(run, images: int, repeats: int = 3) -> float:
     return best / images
 
 
-def speed(backbones: Path | None) -> list[dict]:
+def speed(backbones: Path | None, archs: list[str], sizes: list[int]) -> list[dict]:
     rows = []
-    for arch in ("resnet18", "resnext50_32x4d"):
+    for arch in archs:
         net = model(arch, backbones)
-        for size in (64, 224):
+        for size in sizes:
             x = torch.randn(8, 3, size, size)
             target = torch.zeros(8, dtype=torch.long)
             row = {"arch": arch, "size": size}
@@ -138,7 +139,8 @@ def speed(backbones: Path | None) -> list[dict]:
                 row[method] = per_image(lambda: activation_maps(net, arch, x, target, method), 8, repeats)
             row["pytorch-grad-cam GradCAM"] = grad_cam_library(net, x)
             rows.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            print(json.dumps(shown), flush=True)
     return rows
 
 
@@ -160,7 +162,8 @@ def grad_cam_library(net: torch.nn.Module, x: torch.Tensor) -> float | None:
 def whole_command(data: Path, backbones: Path, work: Path) -> dict:
     run = work / "flowers"
     cli("train", data, "--arch", "resnet18", "--weights", backbones / "resnet18-tinyimagenet.pth",
-        "--img-size", 64, "--epochs", 3, "--device", "cpu", "--seed", 0, "--no-report", "--out", run)  # fmt: skip
+        "--img-size", 64, "--epochs", 3, "--device", "cpu", "--seed", 0, "--no-report",
+        "--out", run)  # fmt: skip
     images = sorted(p for p in (data / "val").rglob("*") if p.is_file())
     rows = {}
     for method in METHODS:
@@ -174,11 +177,14 @@ def whole_command(data: Path, backbones: Path, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--data", type=Path, help="flowers5 (train/ + val/), for (3)")
     parser.add_argument("--backbones", type=Path, help="the *-tinyimagenet.pth files, for (2) and (3)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--parts", default="pointing,speed,command")
+    parser.add_argument("--archs", default="resnet18,resnext50_32x4d", help="for (2)")
+    parser.add_argument("--sizes", default="64,224", help="input sizes for (2)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("RESNEXT_CACHE", tempfile.mkdtemp(prefix="resnext-bench-explain-cache-"))
@@ -189,13 +195,15 @@ def main() -> None:
         parts = args.parts.split(",")
         if "pointing" in parts:
             results["pointing"] = pointing(Path(tmp), args.seeds)
-            for method in [*METHODS, "gradcam, cells centred in 32-px blocks"]:
+            for method in [*METHODS, BLOCKS]:
                 p = results["pointing"][method]
-                print(f"{method:22s} on the mark {statistics.mean(p['strict']):.1%} "
-                      f"(seeds: {', '.join(f'{v:.0%}' for v in p['strict'])}), within tolerance "
-                      f"{statistics.mean(p['tolerance']):.1%}; chance {results['pointing']['chance']:.1%}")  # fmt: skip
+                seeds = ", ".join(f"{v:.0%}" for v in p["strict"])
+                print(f"{method:22s} on the mark {statistics.mean(p['strict']):.1%} (seeds: {seeds}), "
+                      f"within tolerance {statistics.mean(p['tolerance']):.1%}; "
+                      f"chance {results['pointing']['chance']:.1%}")  # fmt: skip
         if "speed" in parts:
-            results["speed"] = speed(args.backbones)
+            sizes = [int(s) for s in args.sizes.split(",")]
+            results["speed"] = speed(args.backbones, args.archs.split(","), sizes)
         if "command" in parts and args.data and args.backbones:
             results["command"] = whole_command(args.data, args.backbones, Path(tmp))
     if args.json:

@@ -37,7 +37,8 @@ def make_mark_dataset(
     rng = np.random.default_rng(seed)
     width, height = size
     x0, y0, x1, y1 = centre_crop_box(width, height, img_size, resize_size(img_size))
-    low_x, low_y, high_x, high_y = int(np.ceil(x0)) + 1, int(np.ceil(y0)) + 1, int(x1) - mark - 1, int(y1) - mark - 1
+    low_x, low_y = int(np.ceil(x0)) + 1, int(np.ceil(y0)) + 1
+    high_x, high_y = int(x1) - mark - 1, int(y1) - mark - 1
     marks: dict[str, list[int]] = {}
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for name, colour in MARK_COLOURS.items():

@@ -59,9 +59,11 @@ def explain(cfg: ExplainConfig) -> int:
         writer.close()
     if cfg.json:
         print(json.dumps(writer.new, indent=2, ensure_ascii=False))
-    (ui.note if cfg.json else ui.info)(f"Explained {len({e['path'] for e in writer.new})} image(s) ({len(writer.new)} heatmap(s)), "
-            f"{unreadable} unreadable, in {time.perf_counter() - started:.1f} s. Wrote {out}/: "
-            f"{EXPLAIN_JSON} and the overlays.")  # fmt: skip
+    images, seconds = len({e["path"] for e in writer.new}), time.perf_counter() - started
+    (ui.note if cfg.json else ui.info)(
+        f"Explained {images} image(s) ({len(writer.new)} heatmap(s)), {unreadable} unreadable, in "
+        f"{seconds:.1f} s. Wrote {out}/: {EXPLAIN_JSON} and the overlays."
+    )
     return EXIT_OK if writer.new else EXIT_FAILED
 
 

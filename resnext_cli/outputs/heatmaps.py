@@ -28,7 +28,7 @@ from resnext_cli.data.images import describe_failure, load_rgb, read_header
 from resnext_cli.data.loaders import make_loader
 from resnext_cli.data.transforms import Box, Preprocessing, centre_crop_box
 from resnext_cli.files import atomic_write, atomic_write_text
-from resnext_cli.model.cam import ActivationMaps, activation_maps
+from resnext_cli.model.cam import activation_maps
 from resnext_cli.model.engines import InferenceModel
 
 DISPLAY_MIN, DISPLAY_MAX = 384, 1024  # an overlay's longer side: small photos grow, large shrink
@@ -76,12 +76,15 @@ class Explained:
         return (heat / top if top > 0 else heat).clamp(0, 1)  # NaN stays NaN
 
     def _interpolate(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """Bicubic between the cells' centres (constant beyond the outer ones), unclamped: a
+        """Bicubic between the cells' centres (constant beyond the outer ones), its values unclamped: a
         clamp would flatten the top into a plateau whose first pixel is not the peak."""
         x0, y0, x1, y1 = self.frame.box
         fx = ((xs - x0) * self.frame.crop / (x1 - x0) - self.offset) / self.stride
         fy = ((ys - y0) * self.frame.crop / (y1 - y0) - self.offset) / self.stride
         h, w = self.cells.shape
+        # clamped here: grid_sample's border padding clamps bicubic's taps, not the position, so
+        # beyond the last centre it would overshoot (a false peak a third of a cell outside it)
+        fx, fy = fx.clamp(0, max(w - 1, 0)), fy.clamp(0, max(h - 1, 0))
         gx = 2 * fx / (w - 1) - 1 if w > 1 else torch.zeros_like(fx)
         gy = 2 * fy / (h - 1) - 1 if h > 1 else torch.zeros_like(fy)
         grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].float()
@@ -134,36 +137,32 @@ def explain_images(
             yield [], failures
             continue
         probs = engine.probabilities(batch.inputs)
-        rows, classes = [], []
-        for row, index in enumerate(batch.indices):
-            wanted = samples[index][1] or [int(probs[row].argmax())]
-            rows += [row] * len(wanted)
-            classes += wanted
-        maps = activation_maps(engine.model, engine.arch, batch.inputs[rows], torch.tensor(classes),
-                               method)  # fmt: skip
-        yield _explained(engine, paths, batch.indices, probs, rows, classes, maps, method, failures), failures
+        pairs = [(row, cls) for row, index in enumerate(batch.indices)
+                 for cls in samples[index][1] or [int(probs[row].argmax())]]  # fmt: skip
+        rows, classes = [row for row, _ in pairs], [cls for _, cls in pairs]
+        maps = activation_maps(engine.model, engine.arch, batch.inputs[rows], torch.tensor(classes), method)
+        frames = _frames([paths[i] for i in batch.indices], engine.preprocessing, failures)
+        explained = [
+            Explained(path, engine.classes[cls], float(probs[row, cls]), method, frames[path],
+                      maps.maps[k], maps.stride, maps.offset)
+            for k, (row, cls) in enumerate(pairs)
+            if (path := paths[batch.indices[row]]) in frames
+        ]  # fmt: skip
+        yield explained, failures
 
 
-def _explained(
-    engine: InferenceModel, paths: list[str], indices: list[int], probs: torch.Tensor,
-    rows: list[int], classes: list[int], maps: ActivationMaps, method: str,
-    failures: list[tuple[str, str]],
-) -> list[Explained]:  # fmt: skip
-    frames: dict[str, PhotoFrame | None] = {}
-    out = []
-    for k, (row, cls) in enumerate(zip(rows, classes)):
-        path = paths[indices[row]]
-        if path not in frames:
-            try:
-                frames[path] = photo_frame(path, engine.preprocessing)
-            except Exception as exc:  # noqa: BLE001 - the file changed since it was decoded
-                frames[path] = None
-                failures.append((path, describe_failure(exc)))
-        frame = frames[path]
-        if frame is not None:
-            out.append(Explained(path, engine.classes[cls], float(probs[row, cls]), method, frame,
-                                 maps.maps[k], maps.stride, maps.offset))  # fmt: skip
-    return out
+def _frames(
+    paths: list[str], preprocessing: Preprocessing, failures: list[tuple[str, str]]
+) -> dict[str, PhotoFrame]:
+    """Each photo's frame; one that can no longer be read (changed since it was decoded) is
+    added to `failures`."""
+    frames = {}
+    for path in paths:
+        try:
+            frames[path] = photo_frame(path, preprocessing)
+        except Exception as exc:  # noqa: BLE001 - reported like any unreadable file
+            failures.append((path, describe_failure(exc)))
+    return frames
 
 
 # ---------------------------------------------------------------- overlays
@@ -229,7 +228,7 @@ def _corner_label(draw: ImageDraw.ImageDraw, text: str, width: int) -> None:
 
 def overlay_png(explained: Explained, label: str | None = None) -> bytes:
     buffer = io.BytesIO()
-    overlay_image(explained, label).save(buffer, format="PNG", optimize=True)
+    overlay_image(explained, label).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
