@@ -298,7 +298,7 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "track": ("Log to experiment trackers, comma-separated: tensorboard (RUN/tb/), mlflow "
               "(./mlruns, or $MLFLOW_TRACKING_URI). Each needs its extra.", "none"),
     "track_checkpoints": "With --track mlflow: best.pt among the run's artifacts too.",
-    "unknown_score": "How unknowns are told: components joined with '+' (README: Unknown images).",
+    "unknown_score": "How unknowns are told: components joined with '+' (README: When not to trust a prediction).",
     "unknown_threshold": "Share of the val photos accepted as known: sets the unknown threshold.",
 }  # fmt: skip
 

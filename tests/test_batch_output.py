@@ -160,10 +160,12 @@ ODD_NAMES = ["carriage\rreturn.png", "line\u2028sep.png", "next\x85line.png", "f
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_odd_names_are_quoted_and_resumed(tmp_path, trained_run, suffix):
     """Issue 24 item 15: "\\r" was not quoted in the CSV, and "\\u2028", "\\x85" or "\\x0c" made
-    --resume-output refuse the tool's own file."""
+    --resume-output refuse the tool's own file. (--no-calibration: the unknown score's sixth
+    decimal follows the batch's make-up in bf16, and a resume batches the images left
+    differently; the probabilities do not.)"""
     folder = image_folder(tmp_path / "imgs", ODD_NAMES)
     out = tmp_path / f"preds{suffix}"
-    assert predict(folder, trained_run, out, "--topk", "2").exit_code == 0
+    assert predict(folder, trained_run, out, "--topk", "2", "--no-calibration").exit_code == 0
     complete = out.read_bytes()
     if suffix == ".csv":
         names = [Path(r["path"]).name for r in csv_rows(out)]
@@ -172,7 +174,7 @@ def test_odd_names_are_quoted_and_resumed(tmp_path, trained_run, suffix):
     assert names == sorted(ODD_NAMES)
     for kept in range(len(ODD_NAMES)):  # interrupted after every possible row, torn or not
         interrupted(out, kept, torn=kept % 2 == 0)
-        result = predict(folder, trained_run, out, "--topk", "2", "--resume-output")
+        result = predict(folder, trained_run, out, "--topk", "2", "--no-calibration", "--resume-output")
         assert result.exit_code == 0, result.stderr
         assert f"{kept} image(s) already there" in result.stderr or kept == 0
         assert out.read_bytes() == complete

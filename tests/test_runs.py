@@ -134,18 +134,18 @@ def test_runs_compare_shows_config_differences_and_metrics_side_by_side(tmp_path
     a = copy_run(trained_run, tmp_path / "runs" / "a")
     b = copy_run(trained_run, tmp_path / "runs" / "b")
     config = (b / "config.yaml").read_text()
-    (b / "config.yaml").write_text(config.replace("lr: 0.02", "lr: 0.05") + "select_by: val_balanced_acc\n")
+    (b / "config.yaml").write_text(config.replace("lr: 0.02", "lr: 0.05") + "notes: second try\n")
     metrics = (b / "metrics.csv").read_text().splitlines()
     (b / "metrics.csv").write_text("\n".join(metrics[:3]) + "\n")
     result = invoke(["runs", "--compare", "a", "b"], cwd=tmp_path)
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert re.search(r"^lr\s+0\.02\s+0\.05\s*$", out, re.M)
-    assert re.search(r"^select_by\s+\(absent\)\s+val_balanced_acc", out, re.M)
+    assert re.search(r"^notes\s+\(absent\)\s+second try", out, re.M)
     assert "2 config difference(s)" in out and re.search(r"^epochs\s+6/6\s+2/6", out, re.M)
     as_json = json.loads(invoke(["runs", "--compare", a, b, "--json"]).stdout)
     assert as_json["config_differences"] == {"lr": {"a": 0.02, "b": 0.05},
-                                             "select_by": {"b": "val_balanced_acc"}}
+                                             "notes": {"b": "second try"}}
     assert [r["epochs_done"] for r in as_json["runs"]] == [6, 2]
     missing = invoke(["runs", "--compare", "a", "nope"], cwd=tmp_path)
     assert missing.exit_code == 2 and "nope is not a run folder" in missing.stderr

@@ -33,7 +33,8 @@ def test_end_to_end_run_folder(trained_run: Path):
     }
     rows = list(csv.DictReader((trained_run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
-    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                             "val_balanced_acc", "val_macro_f1"]
     assert max(float(r["val_acc"]) for r in rows) == pytest.approx(best["val_acc"])
     assert best["val_acc"] >= 0.9  # colour is enough to separate the classes
 
