@@ -132,7 +132,20 @@ def train_one_epoch(
         if tally.stop_now(step):
             break
         bar.set_postfix(tally.progress(time.perf_counter() - started))
+    report_failures(left_out_failures(loader), loader.dataset.samples, failures)
     return tally.result(step)
+
+
+def left_out_failures(loader: DataLoader) -> list[tuple[int, str]]:
+    """The unreadable files among the images `drop_last` left out of this epoch (a lone last
+    image, which batch norm cannot train on): read here so that they are reported like every
+    other unreadable file, even in a one-epoch run. Keyed draws: no RNG is disturbed."""
+    if not loader.drop_last or loader.batch_size is None:
+        return []
+    keys = list(loader.sampler)
+    left_out = keys[len(keys) - len(keys) % loader.batch_size :]
+    samples = [loader.dataset[key] for key in left_out]
+    return [(s.index, s.failure) for s in samples if s.failure is not None]
 
 
 class Diverged(UserError):
@@ -186,7 +199,9 @@ class TrainTally:
             raise Diverged("training loss", value, at)
         if seen == 0:
             raise UserError(
-                "No training image could be read in this epoch (see the warnings above).",
+                "No training step could be taken in this epoch: no training image could be read, or "
+                "only one per batch (batch norm needs two to train on; see the warnings above). Add "
+                "readable training images.",
                 EXIT_FAILED,
             )
         return loss_sum / seen, correct / seen
