@@ -28,8 +28,11 @@ def metrics_rows(run: Path) -> list[dict[str, str]]:
 
 
 def start_training(args: list, cwd: Path) -> subprocess.Popen:
+    """The training process, with Ctrl-C's default: a suite run in the background (`cmd &` in a
+    script) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt."""
     return subprocess.Popen([sys.executable, "-m", "resnext_cli", "train", *map(str, args)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for_epochs(run: Path, process: subprocess.Popen, epochs: int) -> None:
