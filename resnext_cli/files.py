@@ -102,12 +102,6 @@ def escaped_utf8(text: str) -> bytes:
     return text.encode("utf-8", errors="backslashreplace")
 
 
-def printable(name: str) -> str:
-    """A file name as `atomic_write_text` writes it, for text that must stay encodable (messages,
-    tables): undecodable bytes as `\\udcXX`."""
-    return escaped_utf8(name).decode("utf-8")
-
-
 def printable(text: str) -> str:
     """`text` as UTF-8 can carry it: a file name whose bytes are not UTF-8 (Python keeps them as
     lone surrogates, which no UTF-8 file or terminal takes) gets those bytes as `\\xNN` escapes.
