@@ -128,6 +128,22 @@ def make_folder(path: Path) -> None:
         raise UserError(f"Cannot create the folder {path}: {exc.strerror or exc}.") from None
 
 
+def next_free_folder(root: Path, stem: str, what: str, too_many: str) -> Path:
+    """ROOT/STEM, ROOT/STEM2, ...: the first that does not exist, created here (so two processes
+    never get the same one). `what` names it in an error; `too_many` is the error past 99,999."""
+    make_folder(root)
+    for i in range(1, 100_000):
+        folder = root / (stem if i == 1 else f"{stem}{i}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"Cannot create the {what} {folder}: {exc.strerror}.") from None
+    raise UserError(too_many)
+
+
 def atomic_write_csv(path: Path, rows: list[list[str]]) -> None:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)

@@ -16,7 +16,7 @@ from resnext_cli import ui
 from resnext_cli.config import ExplainConfig
 from resnext_cli.data.folders import list_images
 from resnext_cli.errors import EXIT_FAILED, EXIT_OK, UserError
-from resnext_cli.files import make_folder
+from resnext_cli.files import make_folder, next_free_folder
 from resnext_cli.model.cam import require_captum
 from resnext_cli.model.engines import load_inference_model
 from resnext_cli.outputs.heatmaps import (
@@ -97,17 +97,7 @@ def output_folder(out: str | None, root: str = "runs") -> Path:
     if out:
         make_folder(Path(out))
         return Path(out)
-    make_folder(Path(root))
-    for i in range(1, 100_000):
-        folder = Path(root) / ("explain" if i == 1 else f"explain{i}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise UserError(f"Cannot create the folder {folder}: {exc.strerror}.") from None
-    raise UserError(f"Too many explain folders in {root}; pass --out.")
+    return next_free_folder(Path(root), "explain", "folder", f"Too many explain folders in {root}; pass --out.")
 
 
 def earlier_entries(out: Path) -> list[dict[str, Any]]:

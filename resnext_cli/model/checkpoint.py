@@ -34,6 +34,7 @@ from resnext_cli.files import (
     atomic_write_text,
     exclusive_lock,
     make_folder,
+    next_free_folder,
     printable,
     read_csv,
 )
@@ -261,17 +262,7 @@ def make_run_dir(out: str | None, name: str | None, root: str = "runs") -> Path:
         run_dir = Path(out) if out else Path(root) / str(name)
         make_folder(run_dir)
         return run_dir
-    make_folder(Path(root))
-    for i in range(1, 100_000):
-        run_dir = Path(root) / ("exp" if i == 1 else f"exp{i}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise UserError(f"Cannot create the run folder {run_dir}: {exc.strerror}.") from None
-    raise UserError(f"Too many runs in {root}; pass --name or --out.")
+    return next_free_folder(Path(root), "exp", "run folder", f"Too many runs in {root}; pass --name or --out.")
 
 
 LATEST = "latest"  # in the runs root: a pointer to the newest run that finished (LATEST_FORMAT)
