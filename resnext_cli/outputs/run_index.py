@@ -220,14 +220,15 @@ def config_text(value: Any) -> str:
     return str(value)
 
 
-def duration(seconds: float) -> str:
-    """12s, 3m05s, 2h07m."""
+def duration(seconds: float, spaced: bool = False) -> str:
+    """12s, 3m05s, 2h07m (a table's column); `spaced`: 12 s, 3 min 05 s, 2 h 07 min (prose)."""
     whole = round(seconds)
+    s, m, h = (" s", " min ", " h ") if spaced else ("s", "m", "h")
     if whole < 60:
-        return f"{whole}s"
+        return f"{whole}{s}"
     if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+        return f"{whole // 60}{m}{whole % 60:02d}{s}"
+    return f"{whole // 3600}{h}{whole % 3600 // 60:02d}{m.rstrip()}"
 
 
 # ---------------------------------------------------------------- as people read it

@@ -27,6 +27,7 @@ from resnext_cli.outputs.run_index import (
     RunSummary,
     config_differences,
     config_text,
+    duration,
     read_summary,
     resolve_run,
     side_by_side,
@@ -211,26 +212,16 @@ def _training_time(run: RunFiles) -> tuple[str, str]:
     """The run's time as a user waited for it: run.json's wall clock over every session (setup
     and feature caching included, which the epochs' own seconds leave out); for a run from
     before run.json, the epochs' seconds, saying so. Returns the card's value and a note."""
-    epochs = sum(float(r["seconds"]) for r in run.metrics)
+    epochs = duration(sum(float(r["seconds"]) for r in run.metrics), spaced=True)
     wall = (run.record or {}).get("wall_seconds")
     if not isinstance(wall, (int, float)) or wall <= 0:
-        return _duration(epochs), (
-            f"Training time: {_duration(epochs)}, the epochs alone (this run has no run.json, "
-            "which times setup and feature caching too).")  # fmt: skip
+        return epochs, (f"Training time: {epochs}, the epochs alone (this run has no run.json, "
+                        "which times setup and feature caching too).")  # fmt: skip
     sessions = int((run.record or {}).get("sessions") or 1)
     over = f" over {sessions} sessions" if sessions > 1 else ""
-    return _duration(wall), (
-        f"Training time: {_duration(wall)} of wall clock{over} (run.json: setup and feature "
-        f"caching included); the epochs themselves took {_duration(epochs)}.")  # fmt: skip
-
-
-def _duration(seconds: float) -> str:
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60:02d} s"
-    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+    clock = duration(wall, spaced=True)
+    return clock, (f"Training time: {clock} of wall clock{over} (run.json: setup and feature caching "
+                   f"included); the epochs themselves took {epochs}.")  # fmt: skip
 
 
 def _comparison(run: RunFiles) -> str:
