@@ -455,7 +455,7 @@ def evaluate_into_folder(
                     f"{engine.describe()}")  # fmt: skip
         started = time.perf_counter()
         evaluation = score(engine, chosen.samples, cfg.batch_size, cfg.workers, warn=not quiet, ctx=ctx)
-        if cfg.unknown:
+        if cfg.unknown and ctx.is_main:  # only rank 0 writes what it finds
             evaluation.unknown = score_unknowns(engine, cfg.unknown, evaluation.predictions, cfg.batch_size,
                                                 cfg.workers)  # fmt: skip
         seconds = time.perf_counter() - started
