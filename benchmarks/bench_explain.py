@@ -43,7 +43,7 @@ from resnext_cli.model.networks import apply_state_dict, build_model, read_state
 from resnext_cli.outputs.heatmaps import explain_images  # noqa: E402
 from tests.marks import chance, make_mark_dataset, pointing_game  # noqa: E402
 
-METHODS = ("gradcam", "occlusion", "integrated-gradients")
+METHODS = ("gradcam-fine", "gradcam", "occlusion", "integrated-gradients")
 BLOCKS = "gradcam, cells centred in 32-px blocks"
 
 
@@ -124,7 +124,7 @@ def per_image(run, images: int, repeats: int = 3) -> float:
     return best / images
 
 
-def speed(backbones: Path | None, archs: list[str], sizes: list[int]) -> list[dict]:
+def speed(backbones: Path | None, archs: list[str], sizes: list[int], methods: list[str]) -> list[dict]:
     rows = []
     for arch in archs:
         net = model(arch, backbones)
@@ -134,8 +134,8 @@ def speed(backbones: Path | None, archs: list[str], sizes: list[int]) -> list[di
             row = {"arch": arch, "size": size}
             with torch.inference_mode():
                 row["forward"] = per_image(lambda: net(x), 8)
-            for method in METHODS:
-                repeats = 1 if method != "gradcam" else 3
+            for method in methods:
+                repeats = 3 if method.startswith("gradcam") else 1
                 row[method] = per_image(lambda: activation_maps(net, arch, x, target, method), 8, repeats)
             row["pytorch-grad-cam GradCAM"] = grad_cam_library(net, x)
             rows.append(row)
@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--parts", default="pointing,speed,command")
     parser.add_argument("--archs", default="resnet18,resnext50_32x4d", help="for (2)")
     parser.add_argument("--sizes", default="64,224", help="input sizes for (2)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods for (2)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("RESNEXT_CACHE", tempfile.mkdtemp(prefix="resnext-bench-explain-cache-"))
@@ -203,7 +204,7 @@ def main() -> None:
                       f"chance {results['pointing']['chance']:.1%}")  # fmt: skip
         if "speed" in parts:
             sizes = [int(s) for s in args.sizes.split(",")]
-            results["speed"] = speed(args.backbones, args.archs.split(","), sizes)
+            results["speed"] = speed(args.backbones, args.archs.split(","), sizes, args.methods.split(","))
         if "command" in parts and args.data and args.backbones:
             results["command"] = whole_command(args.data, args.backbones, Path(tmp))
     if args.json:

@@ -29,8 +29,8 @@ from resnext_cli.config import (
     EXPLAIN_METHODS,
     OPTIMIZERS,
     PRECISIONS,
-    RUN_SORTS,
     PRIORS,
+    RUN_SORTS,
     SCHEDULERS,
     SELECT_AUTO_RATIO,
     SELECT_BY,
@@ -392,7 +392,7 @@ def predict(
                                  "the format (.png, .jpg, .pdf, .svg ...).", metavar="FILE"),
     tta: Optional[bool] = TTA,
     prior: Optional[str] = PRIOR,
-    explain: Optional[bool] = option("Also a Grad-CAM heatmap of the predicted class (needs the "
+    explain: Optional[bool] = option("Also a heatmap of the predicted class (needs the "
                                      "[explain] extra), drawn beside the probabilities in --plot "
                                      "FILE; without --plot, into explain.png (explain2.png, ... if "
                                      "taken).", "--explain", default=False),
@@ -516,9 +516,10 @@ def explain(
                                        show_default=False),
     class_: Optional[List[str]] = option("Explain this class (repeat for several).", "--class",
                                          default="the predicted class", metavar="NAME"),
-    method: Optional[str] = option(f"{' | '.join(EXPLAIN_METHODS)}: Grad-CAM on the last stage (fast), "
-                                   "hiding squares (model-agnostic, ~200 passes), or integrated "
-                                   "gradients (per pixel, 32 passes).", default=_X.method, metavar="M"),
+    method: Optional[str] = option(f"{' | '.join(EXPLAIN_METHODS)}: Grad-CAM of the last stage x the "
+                                   "one before (16-px cells); of the last only; hiding squares; "
+                                   "per pixel.",
+                                   default=_X.method, metavar="M"),
     out: Optional[str] = option("Output folder (an earlier explain's may be added to).",
                                 default="runs/explain, runs/explain2, ...", metavar="DIR"),
     recursive: Optional[bool] = option("Include the sub-folders of a folder.", "--recursive",

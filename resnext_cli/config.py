@@ -38,7 +38,8 @@ PRIORS = ("uniform", "train")  # the class prior predictions assume
 BALANCE_AUTO = "sampler"  # --balance auto on training classes at least this far apart:
 BALANCE_AUTO_RATIO = 3.0  # largest / smallest class
 SELECT_AUTO_RATIO = 1.5  # --select-by auto: balanced accuracy on val classes this far apart
-EXPLAIN_METHODS = ("gradcam", "occlusion", "integrated-gradients")  # heatmaps: model/cam.py
+EXPLAIN_METHODS = ("gradcam-fine", "gradcam", "occlusion", "integrated-gradients")  # heatmaps: model/cam.py
+EXPLAIN_DEFAULT = EXPLAIN_METHODS[0]  # explain, predict --explain, evaluate's heatmaps (measured: design.md)
 # the unknown score's components (model/trust.py), joined with "+"; the default was measured
 UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha")
 UNKNOWN_SCORE = "energy+knn"
@@ -266,7 +267,7 @@ class EvaluateConfig(InferenceConfig):
 class ExplainConfig(InferenceConfig):
     images: list[str] = field(default_factory=list)  # image files and folders of images
     classes: list[str] = field(default_factory=list)  # --class NAME (repeatable); none: the predicted
-    method: str = "gradcam"
+    method: str = EXPLAIN_DEFAULT
     out: str | None = None  # None: runs/explain, runs/explain2, ...
     recursive: bool = False
     batch_size: int = 8

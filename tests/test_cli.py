@@ -37,7 +37,7 @@ HELP_DEFAULTS = {
     "check-data": [("--min-size", "32"), ("--imbalance-ratio", "5.0"), ("--workers", "every core")],
     "export": [("--format", "onnx"), ("--opset", "18"), ("--tolerance", "0.001"),
                ("--dynamic-batch", "batch 1")],
-    "explain": [("--method", "gradcam"), ("--class", "the predicted class"), ("--out", "runs/explain"),
+    "explain": [("--method", "gradcam-fine"), ("--class", "the predicted class"), ("--out", "runs/explain"),
                 ("--batch-size", "8"), ("--recursive", "off"), ("--checkpoint", "the latest finished run")],
 }  # fmt: skip
 

@@ -22,6 +22,7 @@ from resnext_cli.files import atomic_write, atomic_write_text, make_folder
 from resnext_cli.model.checkpoint import run_folder_lock, write_class_indices
 from resnext_cli.model.engines import (
     UNKNOWN_ARRAYS,
+    InferenceModel,
     load_inference_model,
     onnx_session,
     require_onnx,

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from rich.table import Table
 
 from resnext_cli import ui
-from resnext_cli.config import BatchPredictConfig, PredictConfig
+from resnext_cli.config import EXPLAIN_DEFAULT, BatchPredictConfig, PredictConfig
 from resnext_cli.data.batches import get_batch
 from resnext_cli.data.folders import list_images
 from resnext_cli.data.images import load_rgb
@@ -96,9 +96,9 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
 
 
 def _explain_predictions(engine: InferenceModel, images: list[str]) -> list[Explained]:
-    """The Grad-CAM heatmap of each image's predicted class, in the images' order."""
+    """The default heatmap of each image's predicted class, in the images' order."""
     found = {}
-    for explained, _ in explain_images(engine, [(image, None) for image in images], "gradcam",
+    for explained, _ in explain_images(engine, [(image, None) for image in images], EXPLAIN_DEFAULT,
                                        batch_size=len(images), workers=0):  # fmt: skip
         found.update({item.path: item for item in explained})
     return [found[image] for image in images]

@@ -79,8 +79,8 @@ from resnext_cli.model.steps import (
 )
 from resnext_cli.model.trust import Calibration
 from resnext_cli.outputs import run_report, tracking
-from resnext_cli.outputs.metrics import classification_report
 from resnext_cli.outputs.evaluation import calibration_summary
+from resnext_cli.outputs.metrics import classification_report
 from resnext_cli.outputs.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 
 RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report", "track", "track_checkpoints"}

@@ -20,6 +20,9 @@ class ArchSpec:
     # the classifier pools; its cell (i, j) is centred on input pixel (stride * i, stride * j)
     cam_layer: str = "layer4"
     cam_stride: int = 32
+    # the stage before it, twice as fine: `gradcam-fine` sharpens the last stage's map with it
+    cam_fine_layer: str = "layer3"
+    cam_fine_stride: int = 16
 
 
 ARCHS: dict[str, ArchSpec] = {

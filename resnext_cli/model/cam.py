@@ -1,8 +1,8 @@
 """Class-activation maps: where in its input crop a model found the evidence for a class.
 
 The maps come from captum (the optional `[explain]` extra), never from hooks of our own:
-Grad-CAM on the architecture's last stage (`archs.ArchSpec.cam_layer`), occlusion, or
-integrated gradients. Whatever precision and memory layout the model predicts in, the maps are
+Grad-CAM on the architecture's last stage (`archs.ArchSpec.cam_layer`), the same sharpened by
+the stage before (`gradcam-fine`, the default), occlusion, or integrated gradients. Whatever precision and memory layout the model predicts in, the maps are
 computed in fp32 with autocast off: bf16 keeps 8 bits of mantissa, too few for gradients and
 their weighted sums, and fp32 gives the same map on every machine. Channels-last needs nothing:
 the methods index tensors logically, whatever their strides. The model is left as it was:
@@ -38,7 +38,8 @@ class ActivationMaps:
     position (offset + stride * j, offset + stride * i), in pixel-edge coordinates (input pixel
     u spans u..u+1). Grad-CAM's cells are the last stage's, centred on the pixels its receptive
     fields are centred on (stride 32, offset 0.5 for every ResNet: the grid is aligned with the
-    top-left corner, not centred in 32-pixel blocks); the other methods give one cell per pixel."""
+    top-left corner, not centred in 32-pixel blocks); `gradcam-fine`'s are the stage before's
+    (stride 16, offset 0.5 likewise); the other methods give one cell per pixel."""
 
     maps: torch.Tensor  # N x h x w, float32 on the CPU, >= 0: evidence for the class
     stride: float
@@ -70,16 +71,50 @@ def activation_maps(
         warnings.simplefilter("ignore", UserWarning)  # captum's notes on what it made require grad
         x = inputs.detach().float().clone()  # an ordinary tensor even if made in inference mode
         target = targets.to(x.device)
-        if method == "gradcam":
-            spec = ARCHS[arch]
-            layer = net.get_submodule(spec.cam_layer)
-            maps = attr.LayerGradCam(net, layer).attribute(x, target=target, relu_attributions=True)
-            return ActivationMaps(_on_cpu(maps[:, 0]), float(spec.cam_stride), 0.5)
+        spec = ARCHS[arch]
+        if method.startswith("gradcam"):
+            maps = _gradcam(attr, net, spec.cam_layer, x, target)
+            if method == "gradcam":
+                return ActivationMaps(_on_cpu(maps), float(spec.cam_stride), 0.5)
+            fine = _gradcam(attr, net, spec.cam_fine_layer, x, target)
+            return ActivationMaps(_on_cpu(_sharpened(maps, fine)), float(spec.cam_fine_stride), 0.5)
         if method == "occlusion":
             maps = _occlusion(attr, net, x, target)
         else:
             maps = _integrated_gradients(attr, net, x, target)
     return ActivationMaps(_on_cpu(maps), 1.0, 0.5)
+
+
+def _gradcam(attr: Any, net: torch.nn.Module, layer: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """captum's Grad-CAM of one stage, ReLU'd: N x h x w."""
+    grad_cam = attr.LayerGradCam(net, net.get_submodule(layer))
+    return grad_cam.attribute(x, target=target, relu_attributions=True)[:, 0]
+
+
+def _sharpened(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    """The last stage's map (what the classifier pools: class-specific, 32-px cells) times the
+    map of the stage before (16-px cells), each scaled to a maximum of 1, on the finer grid.
+    Both grids start at the crop's top-left pixel, so fine cell i lies at coarse position i / 2
+    (interpolated bilinearly, constant beyond the last centre). Where the product holds no
+    evidence at all but the last stage does, the last stage's map (resampled) is the answer."""
+    h, w = fine.shape[-2:]
+    ys = (torch.arange(h, dtype=torch.float32) / 2).clamp(max=coarse.shape[-2] - 1)
+    xs = (torch.arange(w, dtype=torch.float32) / 2).clamp(max=coarse.shape[-1] - 1)
+    gy = 2 * ys / max(coarse.shape[-2] - 1, 1) - 1
+    gx = 2 * xs / max(coarse.shape[-1] - 1, 1) - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).to(coarse)
+    grid = grid[None].expand(len(coarse), -1, -1, -1)
+    upsampled = torch.nn.functional.grid_sample(coarse[:, None], grid, mode="bilinear",
+                                                align_corners=True)[:, 0]  # fmt: skip
+    product = _unit_max(upsampled) * _unit_max(fine)
+    silent = product.flatten(1).amax(1) <= 0
+    return torch.where(silent[:, None, None], upsampled, product)
+
+
+def _unit_max(maps: torch.Tensor) -> torch.Tensor:
+    """Each map divided by its maximum (an all-zero map stays zero)."""
+    top = maps.flatten(1).amax(1).clamp(min=torch.finfo(maps.dtype).tiny)
+    return maps / top[:, None, None]
 
 
 def _occlusion(attr: Any, net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

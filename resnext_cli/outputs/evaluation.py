@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from resnext_cli import ui
-from resnext_cli.config import EvaluateConfig
+from resnext_cli.config import EXPLAIN_DEFAULT, EvaluateConfig
 from resnext_cli.data.batches import get_batch
 from resnext_cli.data.folders import (
     ClassFolders,
@@ -513,7 +513,7 @@ def write_mistake_heatmaps(
     samples = [(m.path, [m.predicted, m.true]) for m in shown]
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
-    for explained, _ in explain_images(engine, samples, "gradcam", cfg.batch_size, 0):
+    for explained, _ in explain_images(engine, samples, EXPLAIN_DEFAULT, cfg.batch_size, 0):
         for item in explained:
             role = "predicted" if item.class_name == names[item.path][0] else "true"
             name = overlay_name(item.path, item.class_name, taken, prefix=f"{rank[item.path]:02d}_")
