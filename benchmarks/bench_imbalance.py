@@ -20,7 +20,9 @@ Strategies: the five of `--balance` (none is today's training, auto the default:
 data it must equal none), plus two candidates that are not flags, measured by setting
 `data/balance.py`'s knobs for the run:
   weights (effective number): Cui et al.'s (1 - beta^n) / (1 - beta) with beta 0.99 instead of
-      inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class.
+      inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class;
+  sampler (repeats share the view): on cached features, every draw of an image in an epoch gets
+      the view's one feature (as before SAMPLER_FEATURE_REPEATS), not its own augmentation.
 
     python benchmarks/bench_imbalance.py                       # flowers5 + data/sample, ~40 min
     python benchmarks/bench_imbalance.py --datasets flowers5 --archs resnet18 --ratios 1 10 --seeds 0
@@ -62,6 +64,7 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "weights (effective number)": ("weights", {"EFFECTIVE_NUMBER_BETA": 0.99}),
     "sampler": ("sampler", {}),
     "sampler (square root)": ("sampler", {"SAMPLER_POWER": 0.5}),
+    "sampler (repeats share the view)": ("sampler", {"SAMPLER_FEATURE_REPEATS": 0}),
     "logit-adjust": ("logit-adjust", {}),
 }
 RECIPES = {"default": {}, "plain": {"cache_features": False},
