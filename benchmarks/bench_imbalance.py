@@ -172,14 +172,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--json", help="also write every run's numbers here")
+    parser.add_argument("--work", help="scratch folder (default: a new one); reusing one reuses its cached "
+                                       "features, which are keyed by the linked paths")  # fmt: skip
     args = parser.parse_args()
     DATASETS["flowers5"] = Path(args.flowers5)
 
-    work = Path(tempfile.mkdtemp(prefix="issue26-imbalance-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="issue26-imbalance-bench-"))
     os.environ.setdefault("RESNEXT_CACHE", str(work / "cache"))  # shared by the strategies of a cut
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, native bf16: {cpu_has_native_bf16()}, "
           f"torch {torch.__version__}; recipe {args.recipe}, {args.epochs} epochs at 64 px; seeds "
           f"{args.seeds}; scratch {work}", flush=True)  # fmt: skip
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))  # new runs, also in a reused scratch folder
     results: dict = {}
     for name in args.datasets:
         for arch in args.archs:
@@ -189,7 +192,7 @@ def main() -> None:
                     data, test, order = long_tail(DATASETS[name], ratio, seed, args.test_per_class,
                                                   work / "data")  # fmt: skip
                     for strategy in args.strategies:
-                        out = work / "runs" / f"{name}_{arch}_r{ratio:g}_s{seed}_{list(STRATEGIES).index(strategy)}"
+                        out = runs / f"{name}_{arch}_r{ratio:g}_s{seed}_{list(STRATEGIES).index(strategy)}"
                         run = run_one(data, test, order, arch, weights, seed, strategy, RECIPES[args.recipe],
                                       out, args.epochs)  # fmt: skip
                         results.setdefault((name, arch, ratio), {}).setdefault(strategy, []).append(run)
