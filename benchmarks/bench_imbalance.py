@@ -20,7 +20,9 @@ Strategies: the five of `--balance` (none is today's training, auto the default:
 data it must equal none), plus two candidates that are not flags, measured by setting
 `data/balance.py`'s knobs for the run:
   weights (effective number): Cui et al.'s (1 - beta^n) / (1 - beta) with beta 0.99 instead of
-      inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class.
+      inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class;
+  sampler (repeats share the view): on cached features, every draw of an image in an epoch gets
+      the view's one feature (as before SAMPLER_FEATURE_REPEATS), not its own augmentation.
 
     python benchmarks/bench_imbalance.py                       # flowers5 + data/sample, ~40 min
     python benchmarks/bench_imbalance.py --datasets flowers5 --archs resnet18 --ratios 1 10 --seeds 0
@@ -62,6 +64,7 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "weights (effective number)": ("weights", {"EFFECTIVE_NUMBER_BETA": 0.99}),
     "sampler": ("sampler", {}),
     "sampler (square root)": ("sampler", {"SAMPLER_POWER": 0.5}),
+    "sampler (repeats share the view)": ("sampler", {"SAMPLER_FEATURE_REPEATS": 0}),
     "logit-adjust": ("logit-adjust", {}),
 }
 RECIPES = {"default": {}, "plain": {"cache_features": False},
@@ -169,14 +172,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--json", help="also write every run's numbers here")
+    parser.add_argument("--work", help="scratch folder (default: a new one); reusing one reuses its cached "
+                                       "features, which are keyed by the linked paths")  # fmt: skip
     args = parser.parse_args()
     DATASETS["flowers5"] = Path(args.flowers5)
 
-    work = Path(tempfile.mkdtemp(prefix="issue26-imbalance-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="issue26-imbalance-bench-"))
     os.environ.setdefault("RESNEXT_CACHE", str(work / "cache"))  # shared by the strategies of a cut
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, native bf16: {cpu_has_native_bf16()}, "
           f"torch {torch.__version__}; recipe {args.recipe}, {args.epochs} epochs at 64 px; seeds "
           f"{args.seeds}; scratch {work}", flush=True)  # fmt: skip
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))  # new runs, also in a reused scratch folder
     results: dict = {}
     for name in args.datasets:
         for arch in args.archs:
@@ -186,7 +192,7 @@ def main() -> None:
                     data, test, order = long_tail(DATASETS[name], ratio, seed, args.test_per_class,
                                                   work / "data")  # fmt: skip
                     for strategy in args.strategies:
-                        out = work / "runs" / f"{name}_{arch}_r{ratio:g}_s{seed}_{list(STRATEGIES).index(strategy)}"
+                        out = runs / f"{name}_{arch}_r{ratio:g}_s{seed}_{list(STRATEGIES).index(strategy)}"
                         run = run_one(data, test, order, arch, weights, seed, strategy, RECIPES[args.recipe],
                                       out, args.epochs)  # fmt: skip
                         results.setdefault((name, arch, ratio), {}).setdefault(strategy, []).append(run)

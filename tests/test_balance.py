@@ -19,6 +19,7 @@ from resnext_cli.commands.train import RunHistory
 from resnext_cli.data import balance
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset
 from resnext_cli.data.transforms import Preprocessing
+from resnext_cli.model import features
 from resnext_cli.model.checkpoint import describe_run
 from resnext_cli.outputs.metrics import classification_report
 from tests.conftest import CLASS_COLOURS, TINY_TRAIN, draw_image, invoke
@@ -168,6 +169,57 @@ def test_each_repeat_of_an_image_gets_its_own_augmentation(tmp_path):
     assert torch.equal(first, plain)  # an image drawn once keeps EpochSampler's augmentation
     assert not torch.equal(first, second)
     assert torch.equal(second, dataset[(3, 0, 1)].image)  # and a repeat's is keyed, not random
+
+
+
+def test_repeated_draws_are_listed_per_view_and_capped(monkeypatch):
+    labels = [0] * 30 + [1] * 1  # the lone image of class 1 is drawn ~15 times an epoch
+    sampler = balance.ClassBalancedSampler(labels, seed=0)
+    draws = sampler.repeated_draws([1, 2, 3, 4, 5, 6], views=4)
+    for epoch in (2, 6):  # both train on view 1
+        most = max(r for _, i, r in sampler.draws(epoch) if i == 30)
+        assert {(1, 30, r) for r in range(1, min(most, balance.SAMPLER_FEATURE_REPEATS) + 1)} <= set(draws)
+    assert {view for view, _, _ in draws} == {0, 1, 2, 3} and all(r >= 1 for _, _, r in draws)
+    assert max(r for _, _, r in draws) == balance.SAMPLER_FEATURE_REPEATS  # 15 draws an epoch, capped
+    monkeypatch.setattr(balance, "SAMPLER_FEATURE_REPEATS", 3)
+    assert max(r for _, _, r in sampler.repeated_draws([1, 2], views=4)) == 3
+    assert [balance.feature_repeat(r) for r in range(8)] == [0, 1, 2, 3, 1, 2, 3, 1]  # in turn
+    monkeypatch.setattr(balance, "SAMPLER_FEATURE_REPEATS", 0)
+    assert sampler.repeated_draws([1, 2], views=4) == [] and balance.feature_repeat(5) == 0
+
+
+def test_feature_cache_serves_a_repeated_draw_its_own_feature():
+    train = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)  # 2 views, 3 images
+    repeats = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])
+    cache = features.FeatureCache(train, torch.ones(3, dtype=torch.bool), torch.zeros(0, 2),
+                                  torch.zeros(0, dtype=torch.bool), repeats, {(1, 2, 1): 0, (1, 2, 2): 1})
+    keys = [(5, 0, 0), (5, 2, 0), (5, 2, 1), (5, 2, 2), (5, 1, 1)]  # (epoch, image, repeat)
+    assert cache.batch(1, keys).tolist() == [train[1][0].tolist(), train[1][2].tolist(), [-1.0, -1.0],
+                                             [-2.0, -2.0], train[1][1].tolist()]  # no repeat stored: the view's
+    assert torch.equal(cache.batch(0, keys), train[0][[0, 2, 2, 2, 1]])  # view 0 holds none
+    plain = features.FeatureCache(train, torch.ones(3, dtype=torch.bool), torch.zeros(0, 2),
+                                  torch.zeros(0, dtype=torch.bool))  # fmt: skip
+    assert torch.equal(plain.batch(1, [(1, 2), (1, 0)]), train[1][[2, 0]])  # EpochSampler's keys
+
+
+def test_cached_training_gives_each_repeated_draw_its_own_augmentation(tmp_path, tail_data, monkeypatch):
+    """The sampler draws gamma's 2 images (of 24) ~4 times each an epoch. On cached features
+    each draw past an image's first gets its own augmented feature, computed once and cached,
+    instead of the view's one feature again (SAMPLER_FEATURE_REPEATS 0, as before: another run)."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    train(tail_data, tmp_path / "own", "--epochs", "2", "--balance", "sampler")
+    parts = {e.about["view"]: torch.load(e.path, weights_only=True) for e in features.cache_entries()}
+    assert set(parts) == {0, 1, 2, 3, "repeats"}
+    labels = [0] * 16 + [1] * 6 + [2] * 2  # the layout's order: by class, then file
+    draws = balance.ClassBalancedSampler(labels, seed=0).repeated_draws([1, 2], views=4)
+    repeats = parts["repeats"]["train"]
+    assert len(repeats) == len(draws) and {22, 23} <= {i for _, i, _ in draws}
+    assert len(torch.unique(repeats, dim=0)) == len(repeats)  # every row another augmentation
+    for row, (view, index, _) in enumerate(draws):
+        assert not torch.allclose(repeats[row], parts[view]["train"][index])
+    monkeypatch.setattr(balance, "SAMPLER_FEATURE_REPEATS", 0)
+    train(tail_data, tmp_path / "shared", "--epochs", "2", "--balance", "sampler")
+    assert [r["train_loss"] for r in rows(tmp_path / "own")] != [r["train_loss"] for r in rows(tmp_path / "shared")]
 
 
 # ---------------------------------------------------------------- training

@@ -53,10 +53,12 @@ def list_cache(cfg: CacheConfig) -> None:
 
 def view_name(entry: CacheEntry) -> str:
     """Which view of the images an entry holds: view 0 is the plain one (with the val images),
-    views 1..K-1 augmented crops (`--feature-views`)."""
+    views 1..K-1 augmented crops (`--feature-views`), "repeats" the balanced sampler's repeated draws."""
     view = entry.about.get("view")
     if view == 0:
         return "plain+val"
+    if view == "repeats":  # the balanced sampler's repeated draws, each its own augmentation
+        return "repeats"
     return f"aug {view}" if isinstance(view, int) else "?"
 
 

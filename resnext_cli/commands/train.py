@@ -472,7 +472,16 @@ class TrainRecipe:
     def setup_cache(self) -> features.FeatureCache:
         report = partial(report_failures, seen=self.failures)
         return features.prepare_cache(self.model, self.layout, self.cfg, self.step, self.ctx,
-                                      pin_memory_for(self.device), report)  # fmt: skip
+                                      pin_memory_for(self.device), report, self.repeated_draws())  # fmt: skip
+
+    def repeated_draws(self) -> list[features.Draw] | None:
+        """With the balanced sampler (and augmentation): the draws of an image beyond its first in
+        an epoch, over every epoch the cache serves, each to get its own augmented feature."""
+        sampler, cfg = self.loaders.train.sampler, self.cfg
+        if not isinstance(sampler, balance.ClassBalancedSampler) or not cfg.augment:
+            return None
+        epochs = [e for e in range(1, cfg.epochs + 1) if backbone_frozen_at(cfg, e)]
+        return sampler.repeated_draws(epochs, cfg.feature_views)
 
     # ------------------------------------------------------------ epochs
 

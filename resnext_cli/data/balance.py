@@ -20,6 +20,9 @@ from resnext_cli.data.loaders import mix_seed
 # candidates the benchmark measures beside the chosen ones (see benchmarks/bench_imbalance.py)
 EFFECTIVE_NUMBER_BETA: float | None = None  # None: inverse frequency; else Cui et al.'s beta
 SAMPLER_POWER = 0.0  # an image drawn with probability ~ n_class^(power - 1): 0 balanced, 0.5 sqrt
+# on cached features: distinct augmentations per image and view for the sampler's repeated draws
+# (a draw past it reuses them in turn); 0: every draw of an epoch gets the view's one feature
+SAMPLER_FEATURE_REPEATS = 16
 
 SELECTION_COLUMNS = {"acc": "val_acc", "balanced_acc": "val_balanced_acc", "macro_f1": "val_macro_f1"}
 SELECTION_NAMES = {"acc": "accuracy", "balanced_acc": "balanced accuracy", "macro_f1": "macro-F1"}
@@ -124,18 +127,40 @@ class ClassBalancedSampler:
         return -(-len(self.labels) // self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return iter(self.draws(self.epoch)[self.rank :: self.world_size])
+
+    def draws(self, epoch: int) -> list[tuple[int, int, int]]:
+        """Epoch `epoch`'s (epoch, position, repeat) keys, of all processes together."""
         if not self.labels:
-            return iter([])
+            return []
         generator = torch.Generator()
-        generator.manual_seed(mix_seed(self.seed, self.epoch, -2))
+        generator.manual_seed(mix_seed(self.seed, epoch, -2))
         draws = torch.multinomial(self.weights, len(self) * self.world_size, replacement=True,
                                   generator=generator).tolist()  # fmt: skip
         seen: dict[int, int] = {}
         keyed = []
         for index in draws:
-            keyed.append((self.epoch, index, seen.get(index, 0)))
+            keyed.append((epoch, index, seen.get(index, 0)))
             seen[index] = seen.get(index, 0) + 1
-        return iter(keyed[self.rank :: self.world_size])
+        return keyed
+
+    def repeated_draws(self, epochs: Sequence[int], views: int) -> list[tuple[int, int, int]]:
+        """The (view, position, repeat) features a cached-feature run needs beyond its views, so
+        that an image drawn several times an epoch gets a different augmentation each time, as
+        on the image path: epoch e trains on view (e - 1) % views, and its draw of an image
+        with `repeat` r >= 1 on that image's repeat `feature_repeat(r)` of the view. At most
+        `SAMPLER_FEATURE_REPEATS` per image and view, so the extra forward passes stay
+        proportional to the oversampling, not to the epochs."""
+        needed = {(int(e - 1) % views, index, feature_repeat(repeat))
+                  for e in epochs for _, index, repeat in self.draws(e) if repeat > 0}  # fmt: skip
+        return sorted(key for key in needed if key[2] > 0)
+
+
+def feature_repeat(repeat: int) -> int:
+    """Which of an image's stored repeat features a draw with this `repeat` uses: 0 (the view's
+    own feature) for the first draw, else 1..SAMPLER_FEATURE_REPEATS in turn."""
+    cap = SAMPLER_FEATURE_REPEATS
+    return 0 if repeat == 0 or cap <= 0 else 1 + (repeat - 1) % cap
 
 
 # ---------------------------------------------------------------- predictions

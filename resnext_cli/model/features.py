@@ -18,7 +18,8 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +28,9 @@ from torch.utils.data import DataLoader
 
 from resnext_cli import ui
 from resnext_cli.config import TrainConfig
+from resnext_cli.data.balance import feature_repeat
 from resnext_cli.data.folders import DatasetLayout
-from resnext_cli.data.loaders import EpochSampler, ImageListDataset, image_dataset, make_loader
+from resnext_cli.data.loaders import EpochSampler, ImageListDataset, Sample, image_dataset, make_loader
 from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write_text, make_folder
@@ -38,20 +40,36 @@ from resnext_cli.model.networks import backbone_features
 from resnext_cli.model.steps import Step, TrainTally, Validation, ValidationTally
 
 Reporter = Callable[[list[tuple[int, str]], list[tuple[str, int]]], None]
+Draw = tuple[int, int, int]  # (view, train image, repeat >= 1): a repeated draw's own augmentation
 
 
 @dataclass
 class FeatureCache:
-    """train: [views, N, D]; val: [M, D]; *_ok marks the images that decoded."""
+    """train: [views, N, D]; val: [M, D]; *_ok marks the images that decoded. With the balanced
+    sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`."""
 
     train: torch.Tensor
     train_ok: torch.Tensor
     val: torch.Tensor
     val_ok: torch.Tensor
+    repeats: torch.Tensor | None = None
+    repeat_rows: dict[Draw, int] = field(default_factory=dict)
 
     @property
     def views(self) -> int:
         return int(self.train.shape[0])
+
+    def batch(self, view: int, keys: list[tuple[int, ...]]) -> torch.Tensor:
+        """The features of the sampler's draws `keys` ((epoch, image[, repeat])) in `view`: a
+        repeated draw's own augmentation where one was computed, else the view's feature."""
+        features = self.train[view][torch.tensor([key[1] for key in keys], dtype=torch.long)]
+        if self.repeats is None:
+            return features
+        for k, key in enumerate(keys):
+            row = self.repeat_rows.get((view, key[1], feature_repeat(key[2]))) if len(key) > 2 else None
+            if row is not None:
+                features[k] = self.repeats[row]
+        return features
 
 
 def cache_root() -> Path:
@@ -259,10 +277,12 @@ def _feature_settings(cfg: TrainConfig, preprocessing: Preprocessing) -> dict[st
 
 def load_or_compute(
     layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing,
-    compute: Callable[[int], dict[str, torch.Tensor]],
+    compute: Callable[[int], dict[str, torch.Tensor]], draws: list[Draw] | None = None,
+    compute_draws: Callable[[list[Draw]], dict[str, torch.Tensor]] | None = None,
 ) -> FeatureCache:  # fmt: skip
     """Each part read from the cache if it is there, else computed by `compute(view)` and
-    stored (atomically): view 0 with the val features, then the augmented views 1..K-1."""
+    stored (atomically): view 0 with the val features, then the augmented views 1..K-1, then
+    the balanced sampler's repeated `draws` (by `compute_draws`)."""
     cache_limit_bytes()  # a bad $RESNEXT_CACHE_MAX_GB is said before the work, not after it
     views = cfg.feature_views if cfg.augment else 1  # without augmentation every view is view 0
     keys = cache_keys(layout, cfg, preprocessing, views)
@@ -270,7 +290,39 @@ def load_or_compute(
              for view, key in enumerate(keys)]  # fmt: skip
     train = torch.stack([parts[v % views]["train"] for v in range(cfg.feature_views)])
     train_ok = torch.stack([part["train_ok"] for part in parts]).all(dim=0)
-    return FeatureCache(train, train_ok, parts[0]["val"], parts[0]["val_ok"])
+    cache = FeatureCache(train, train_ok, parts[0]["val"], parts[0]["val_ok"])
+    if draws and compute_draws is not None:
+        part = _load_or_compute_repeats(layout, cfg, preprocessing, keys[0], draws, compute_draws)
+        cache.repeats, cache.repeat_rows = part["train"], {draw: row for row, draw in enumerate(draws)}
+        cache.train_ok &= _ok_everywhere(part["train_ok"], draws, len(layout.train))
+    return cache
+
+
+def _ok_everywhere(ok: torch.Tensor, draws: list[Draw], images: int) -> torch.Tensor:
+    """Per train image: False where one of its repeated draws failed to decode."""
+    result = torch.ones(images, dtype=torch.bool)
+    for row, (_, index, _) in enumerate(draws):
+        result[index] &= bool(ok[row])
+    return result
+
+
+def _load_or_compute_repeats(
+    layout: DatasetLayout, cfg: TrainConfig, preprocessing: Preprocessing, plain_key: str,
+    draws: list[Draw], compute: Callable[[list[Draw]], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The repeated draws' part, keyed by the plain view's key (the files and the backbone's
+    input), the seed and the draws themselves."""
+    digest = hashlib.sha256(f"{plain_key}|repeats|{cfg.seed}|{draws}".encode()).hexdigest()[:32]
+    path = cache_root() / f"{digest}.pt"
+    about = {"data": os.path.abspath(cfg.data or ""), "view": "repeats", "images": len(draws),
+             "train_images": len(layout.train), "val_images": 0, **_feature_settings(cfg, preprocessing),
+             "augmented_with_seed": cfg.seed, "created": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    stored = _reuse(path, partial(_fits_rows, sizes={"train": len(draws), "train_ok": len(draws)}), about)
+    if stored is not None:
+        return stored
+    part = compute(draws)
+    _store(path, part, about)
+    return part
 
 
 def _load_or_compute_part(
@@ -281,10 +333,16 @@ def _load_or_compute_part(
              "images": len(layout.train) + (len(layout.val) if view == 0 else 0),
              "train_images": len(layout.train), "val_images": len(layout.val) if view == 0 else 0,
              **_feature_settings(cfg, preprocessing), "created": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
-    stored = _reuse(path, layout, view, about)
+    stored = _reuse(path, partial(_fits, layout=layout, view=view), about)
     if stored is not None:
         return stored
     part = compute(view)
+    _store(path, part, about)
+    return part
+
+
+def _store(path: Path, part: dict[str, torch.Tensor], about: dict[str, Any]) -> None:
+    """A computed part into the cache; training goes on (without the reuse) when it cannot."""
     try:
         store_entry(path, part, about)
         ui.info(f"Features: cached in {path} ({path.stat().st_size / 1e6:.1f} MB; `resnext cache "
@@ -296,11 +354,10 @@ def _load_or_compute_part(
                     f"{cache_limit_bytes() / 1e9:g} GB ($RESNEXT_CACHE_MAX_GB).")
     except Exception as exc:  # training goes on; only the reuse is lost
         ui.warn(f"could not store the feature cache in {path}: {exc}")
-    return part
 
 
 def _reuse(
-    path: Path, layout: DatasetLayout, view: int, about: dict[str, Any]
+    path: Path, fits: Callable[[Any], bool], about: dict[str, Any]
 ) -> dict[str, torch.Tensor] | None:
     """The stored part, if there is one that fits these images. An entry of an earlier resnext
     (no sidecar of this format) that fits is adopted: its digest name says it holds exactly these
@@ -309,7 +366,7 @@ def _reuse(
         return None
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        if not _fits(stored, layout, view):
+        if not fits(stored):
             raise ValueError("it does not hold a feature vector per image")
         os.utime(path)  # recently used: the last to go when the cache outgrows its limit
         if owned_entry(path) is None:
@@ -339,6 +396,10 @@ def _fits(stored: Any, layout: DatasetLayout, view: int) -> bool:
     sizes = {"train": len(layout.train), "train_ok": len(layout.train)}
     if view == 0:
         sizes.update(val=len(layout.val), val_ok=len(layout.val))
+    return _fits_rows(stored, sizes)
+
+
+def _fits_rows(stored: Any, sizes: dict[str, int]) -> bool:
     return isinstance(stored, dict) and all(
         isinstance(stored.get(k), torch.Tensor) and stored[k].shape[:1] == (n,) for k, n in sizes.items()
     )
@@ -362,6 +423,35 @@ def compute_part(
     return {"train": train, "train_ok": train_ok, "val": val, "val_ok": val_ok}
 
 
+def compute_draws(
+    model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: Step, workers: int,
+    pin_memory: bool, report_failures: Reporter, draws: list[Draw],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The balanced sampler's repeated draws (`ClassBalancedSampler.repeated_draws`): each
+    train image augmented with the crop keyed by (seed, view, image, repeat), one row a draw."""
+    extractor = _Extractor(model, cfg, step, workers, pin_memory, report_failures)
+    images = image_dataset(layout.train, step.spec.preprocessing, train=True, augment_seed=cfg.seed,
+                           on_device=step.spec.decode_on_device)  # fmt: skip
+    train, train_ok = extractor.run(DrawImages(images, draws), 0, f"features of {len(draws)} repeated draws")
+    return {"train": train, "train_ok": train_ok}
+
+
+class DrawImages:
+    """The images of `draws`, each augmented as its (view, image, repeat) says, indexed by the
+    draw's row (the `Sample`'s index too, so a batch's features land in their rows)."""
+
+    def __init__(self, images: ImageListDataset, draws: list[Draw]) -> None:
+        self.images, self.draws = images, draws
+        self.samples = [images.samples[index] for _, index, _ in draws]
+
+    def __len__(self) -> int:
+        return len(self.draws)
+
+    def __getitem__(self, key: int | tuple[int, ...]) -> Sample:
+        row = key[1] if isinstance(key, tuple) else key
+        return self.images[self.draws[row]]._replace(index=row)
+
+
 @dataclass
 class _Extractor:
     """Runs the frozen backbone over a dataset once, in file order."""
@@ -373,7 +463,8 @@ class _Extractor:
     pin_memory: bool
     report_failures: Reporter
 
-    def run(self, dataset: ImageListDataset, view: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, dataset: ImageListDataset | DrawImages, view: int,
+            label: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         sampler = EpochSampler(len(dataset), self.cfg.seed, shuffle=False, pad=False)
         sampler.set_epoch(view)  # keys the augmentation of this view
         loader = make_loader(dataset, batch_size=self.cfg.batch_size, workers=self.workers,
@@ -400,18 +491,18 @@ class _Extractor:
 
 def prepare_cache(
     model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: Step, ctx: DistContext,
-    pin: bool, report_failures: Reporter,
+    pin: bool, report_failures: Reporter, draws: list[Draw] | None = None,
 ) -> FeatureCache:  # fmt: skip
-    """Rank 0 computes (or finds) the cache; under torchrun the others then read it."""
-
-    def compute(view: int) -> dict[str, torch.Tensor]:
-        return compute_part(model, layout, cfg, step, cfg.workers or 0, pin, report_failures, view)
-
+    """Rank 0 computes (or finds) the cache; under torchrun the others then read it. `draws`:
+    the balanced sampler's repeated draws, each to get its own augmentation."""
+    run = (model, layout, cfg, step, cfg.workers or 0, pin, report_failures)
+    compute, computed_draws = partial(compute_part, *run), partial(compute_draws, *run)
     preprocessing = step.spec.preprocessing
-    cache = load_or_compute(layout, cfg, preprocessing, compute) if ctx.is_main else None
+    load = partial(load_or_compute, layout, cfg, preprocessing, compute, draws, computed_draws)
+    cache = load() if ctx.is_main else None
     barrier(ctx)
     if not ctx.is_main:
-        cache = load_or_compute(layout, cfg, preprocessing, compute)
+        cache = load()
     assert cache is not None
     return cache
 
@@ -428,19 +519,21 @@ def train_head_epoch(
     step: Step,
 ) -> tuple[float, float]:
     """The head's epoch on cached features, in the batches the image loader would have made
-    (same sampler order, batch size and drop_last; a balanced sampler's repeats included)."""
-    order = [key[1] for key in loader.sampler]
+    (same sampler order, batch size and drop_last; a balanced sampler's repeated draws each on its
+    own augmentation where the cache holds one, `FeatureCache.batch`)."""
+    keys = list(loader.sampler)
     size = loader.batch_size or 1
-    batches = [order[k : k + size] for k in range(0, len(order), size)]
+    batches = [keys[k : k + size] for k in range(0, len(keys), size)]
     if loader.drop_last and batches and len(batches[-1]) < size:
         batches.pop()
     model.fc.train()
     tally = TrainTally()
-    for positions in batches:
-        index = torch.tensor([i for i in positions if cache.train_ok[i]], dtype=torch.long)
-        if len(index) == 0:
+    for drawn in batches:
+        drawn = [key for key in drawn if cache.train_ok[key[1]]]
+        if not drawn:
             continue
-        features = cache.train[view][index].to(step.device)
+        index = torch.tensor([key[1] for key in drawn], dtype=torch.long)
+        features = cache.batch(view, drawn).to(step.device)
         targets = labels[index].to(step.device)
         with step.autocast():
             logits = model.fc(features)
