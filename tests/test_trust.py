@@ -96,6 +96,22 @@ def test_a_val_split_all_right_does_not_make_every_prediction_certain():
     assert mean_top <= 31 / 32 + 1e-6  # Laplace: (right + 1) / (n + 2)
 
 
+def test_one_mistake_keeps_the_nll_minimum():
+    """29 of 30 right with wide margins, one wrong by a hair: the NLL has its minimum at a
+    sharp T, which stays (Laplace's guard, (right + 1) / (n + 2), is for a split with no
+    mistake, whose NLL has none: applying it here too softened calibrated probabilities)."""
+    logits = torch.zeros(30, 3)
+    logits[:, 0] = 4.0
+    labels = torch.zeros(30, dtype=torch.long)
+    labels[0] = 1
+    logits[0, 1] = 3.9  # the mistake: class 0 by 0.1
+    t = trust.fit_temperature(logits, labels)
+    grid = torch.linspace(0.05, 3.0, 2000)
+    best = grid[torch.tensor([trust.nll(logits, labels, float(g)) for g in grid]).argmin()]
+    assert t == pytest.approx(float(best), rel=0.01)
+    assert float(torch.softmax(logits / t, 1).max(1).values.mean()) > 30 / 32  # beyond the guard's cap
+
+
 def test_the_score_ranks_far_away_features_above_the_training_ones():
     torch.manual_seed(0)
     centres = torch.randn(3, 64) * 3

@@ -563,6 +563,7 @@ class TrainRecipe:
                 logits = adjust_for_prior(self.model.fc(cache.val[ok].to(self.device)).float(), prior).cpu()
             val = Outputs(logits, cache.val[ok], self.loaders.val_labels[ok], [])
             return FitInputs(val, cache.train[0][cache.train_ok], self.loaders.train_labels[cache.train_ok])
+        self.model.eval()  # BatchNorm on its running statistics, as prediction runs it (training is over)
         engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, source,
                                 self.device, str(cfg.precision), cfg.channels_last,
                                 decode_on_device=cfg.decode == "gpu", prior=prior)  # fmt: skip

@@ -62,10 +62,12 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The one scalar T minimising the NLL of softmax(logits / T) on held-out labelled images
-    (LBFGS on log T, so T stays positive), kept within TEMPERATURE_RANGE and never so low that
-    the mean top probability claims more than Laplace's estimate of the accuracy, (right + 1) /
-    (n + 2): a small val split the model gets entirely right would otherwise drive T towards 0
-    and make every prediction 100% sure."""
+    (LBFGS on log T, so T stays positive), kept within TEMPERATURE_RANGE. When the model gets
+    every one of them right the NLL has no minimum (it falls as T -> 0, making every prediction
+    100% sure); then T is the lowest at which the mean top probability claims no more than
+    Laplace's estimate of the accuracy, (n + 1) / (n + 2). With a single mistake the NLL has
+    its minimum and it is kept: raising T there too made the probabilities of the bench's runs
+    and of the quick start less calibrated (docs/benchmarks.md)."""
     logits, labels = logits.detach().double(), labels.detach().long()
     if len(labels) == 0:
         return 1.0
@@ -83,8 +85,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     value = float(log_t.detach().clamp(low, high).exp())
     if not math.isfinite(value):
         value = 1.0
-    right = int((logits.argmax(1) == labels).sum())
-    return max(value, _temperature_for_confidence(logits, (right + 1) / (len(labels) + 2)))
+    if int((logits.argmax(1) == labels).sum()) < len(labels):
+        return value
+    return max(value, _temperature_for_confidence(logits, (len(labels) + 1) / (len(labels) + 2)))
 
 
 def _temperature_for_confidence(logits: torch.Tensor, confidence: float) -> float:
