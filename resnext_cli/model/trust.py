@@ -67,7 +67,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     100% sure); then T is the lowest at which the mean top probability claims no more than
     Laplace's estimate of the accuracy, (n + 1) / (n + 2). With a single mistake the NLL has
     its minimum and it is kept: raising T there too made the probabilities of the bench's runs
-    and of the quick start less calibrated (docs/benchmarks.md)."""
+    less calibrated (docs/benchmarks.md)."""
     logits, labels = logits.detach().double(), labels.detach().long()
     if len(labels) == 0:
         return 1.0
