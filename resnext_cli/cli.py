@@ -298,7 +298,8 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "track": ("Log to experiment trackers, comma-separated: tensorboard (RUN/tb/), mlflow "
               "(./mlruns, or $MLFLOW_TRACKING_URI). Each needs its extra.", "none"),
     "track_checkpoints": "With --track mlflow: best.pt among the run's artifacts too.",
-    "unknown_score": "How unknowns are told: components joined with '+' (README: When not to trust a prediction).",
+    "unknown_score": "How unknowns are told: components joined with '+', optionally weighted as in 2*style "
+                     "(README: When not to trust a prediction).",
     "unknown_threshold": "Share of the val photos accepted as known: sets the unknown threshold.",
 }  # fmt: skip
 
@@ -610,7 +611,8 @@ def calibrate(
                                             metavar="RUN", show_default=False),
     data: Optional[str] = option("Labelled photos the run did not train on: DIR/<class>/*, or a dataset "
                                  "root (its val split).", default="the run's val split", metavar="DIR"),
-    unknown_score: Optional[str] = option("How unknowns are told: components joined with '+'.",
+    unknown_score: Optional[str] = option("How unknowns are told: components joined with '+', optionally "
+                                          "weighted as in 2*style.",
                                           default=f"the checkpoint's, else {UNKNOWN_SCORE}", metavar="NAME"),
     unknown_threshold: Optional[float] = option("Share of these photos accepted as known: sets the "
                                                 "unknown threshold.", default="the checkpoint's (0.95)",

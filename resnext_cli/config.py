@@ -41,8 +41,8 @@ SELECT_AUTO_RATIO = 1.5  # --select-by auto: balanced accuracy on val classes th
 EXPLAIN_METHODS = ("gradcam-fine", "gradcam", "occlusion", "integrated-gradients")  # heatmaps: model/cam.py
 EXPLAIN_DEFAULT = EXPLAIN_METHODS[0]  # explain, predict --explain, evaluate's heatmaps (measured: design.md)
 # the unknown score's components (model/trust.py), joined with "+"; the default was measured
-UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha")
-UNKNOWN_SCORE = "energy+knn"
+UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha", "style")
+UNKNOWN_SCORE = "energy+2*style"
 UNKNOWN_ACCEPT = 0.95  # share of the val photos accepted as known
 
 
@@ -460,12 +460,16 @@ def check_img_size(size: int, what: str = "--img-size") -> None:
 
 
 def check_unknown_score(name: str) -> None:
-    """--unknown-score: components of UNKNOWN_COMPONENTS joined with '+', each at most once."""
-    parts = [p.strip() for p in name.split("+")]
-    if not all(parts) or any(p not in UNKNOWN_COMPONENTS for p in parts) or len(set(parts)) != len(parts):
+    """--unknown-score: components of UNKNOWN_COMPONENTS joined with '+', each at most once and
+    each optionally weighted by a whole number (`2*style` counts twice in the mean)."""
+    parts = [p.strip().rpartition("*") for p in name.split("+")]
+    names = [p[2].strip() for p in parts]
+    weights_ok = all(not star or (w.strip().isdigit() and 1 <= int(w) <= 9) for w, star, _ in parts)
+    if not weights_ok or any(n not in UNKNOWN_COMPONENTS for n in names) or len(set(names)) != len(names):
         raise UserError(
             f"Invalid --unknown-score {name!r}: components joined with '+', each one of "
-            f"{', '.join(UNKNOWN_COMPONENTS)} (the default is {UNKNOWN_SCORE})."
+            f"{', '.join(UNKNOWN_COMPONENTS)}, optionally weighted 1-9 as in `2*style` (the default "
+            f"is {UNKNOWN_SCORE})."
         )
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from resnext_cli.config import InferenceConfig
 from resnext_cli.data.batches import get_batch
 from resnext_cli.data.loaders import collate_skipping_failures
+from resnext_cli.errors import UserError
 from resnext_cli.model import networks, trust
 from resnext_cli.model.engines import load_inference_model
 from resnext_cli.outputs.metrics import auroc, expected_calibration_error, fpr_at_tpr, reliability_bins
@@ -95,6 +96,22 @@ def test_a_val_split_all_right_does_not_make_every_prediction_certain():
     assert mean_top <= 31 / 32 + 1e-6  # Laplace: (right + 1) / (n + 2)
 
 
+def test_one_mistake_keeps_the_nll_minimum():
+    """29 of 30 right with wide margins, one wrong by a hair: the NLL has its minimum at a
+    sharp T, which stays (Laplace's guard, (right + 1) / (n + 2), is for a split with no
+    mistake, whose NLL has none: applying it here too softened calibrated probabilities)."""
+    logits = torch.zeros(30, 3)
+    logits[:, 0] = 4.0
+    labels = torch.zeros(30, dtype=torch.long)
+    labels[0] = 1
+    logits[0, 1] = 3.9  # the mistake: class 0 by 0.1
+    t = trust.fit_temperature(logits, labels)
+    grid = torch.linspace(0.05, 3.0, 2000)
+    best = grid[torch.tensor([trust.nll(logits, labels, float(g)) for g in grid]).argmin()]
+    assert t == pytest.approx(float(best), rel=0.01)
+    assert float(torch.softmax(logits / t, 1).max(1).values.mean()) > 30 / 32  # beyond the guard's cap
+
+
 def test_the_score_ranks_far_away_features_above_the_training_ones():
     torch.manual_seed(0)
     centres = torch.randn(3, 64) * 3
@@ -118,6 +135,57 @@ def test_the_score_ranks_far_away_features_above_the_training_ones():
             # the state a checkpoint stores gives the same scores after the round trip
             state = trust.UnknownDetector.from_state(detector.to_state(), "x")
             assert torch.allclose(state.score(head(far), far, 1.0), far_scores, rtol=1e-4), name
+
+
+def test_style_sees_what_the_pooled_features_do_not():
+    """Rows whose pooled features and logits are the training images' own, but whose second
+    stage's channel spread is unlike theirs (a drawing of a flower, a texture): only `style`,
+    the default's feature component, ranks them above every training image; energy+knn, the
+    default before it, does not."""
+    torch.manual_seed(0)
+    centres, spread_centres = torch.randn(3, 64) * 3, torch.rand(3, 16) + 0.5
+    labels, val_labels = torch.arange(300) % 3, torch.arange(60) % 3
+    pooled = (centres[labels] + torch.randn(300, 64)).relu()
+    spread = spread_centres[labels] + 0.05 * torch.randn(300, 16)
+    val = torch.cat([(centres[val_labels] + torch.randn(60, 64)).relu(),
+                     spread_centres[val_labels] + 0.05 * torch.randn(60, 16)], 1)  # fmt: skip
+    train = torch.cat([pooled, spread], 1)
+    odd = torch.cat([pooled[:20], torch.rand(20, 16) * 2], 1)  # same pooled part, other spread
+    head = torch.nn.Linear(64, 3)
+    with torch.no_grad():
+        head.weight.copy_(centres)
+        head.bias.zero_()
+    logits = {name: head(x[:, :64]).detach() for name, x in (("train", train), ("val", val), ("odd", odd))}
+    verdicts = {}
+    for name in (trust.DEFAULT_SCORE, "energy+knn"):
+        components = trust.parse_score(name)
+        stats, k = trust.fit_statistics(components, train, labels, pooled=64)
+        detector = trust.fit_detector(components, stats, k, logits["val"], val, 1.0)
+        verdicts[name] = bool(detector.score(logits["odd"], odd, 1.0).min()
+                              > detector.score(logits["train"], train, 1.0).max())  # fmt: skip
+    assert verdicts == {trust.DEFAULT_SCORE: True, "energy+knn": False}
+    assert trust.DEFAULT_SCORE == "energy+2*style" and trust.parse_score("energy+2*style") == \
+        ("energy", "style", "style")
+    assert trust.UnknownDetector(("energy", "style", "style"), {}).name == "energy+2*style"
+
+
+def test_pooled_components_ignore_the_trailing_spread_columns():
+    """A checkpoint fitted on the pooled features alone (every one before `style` existed)
+    scores the same rows the same when the model now also returns the channel spread."""
+    torch.manual_seed(1)
+    train, val, labels = torch.randn(60, 32).relu(), torch.randn(30, 32).relu(), torch.arange(60) % 3
+    for name in ("energy+knn", "msp+cknn", "energy+mahalanobis", "rawmaha"):
+        components = trust.parse_score(name)
+        stats, k = trust.fit_statistics(components, train, labels)
+        detector = trust.fit_detector(components, stats, k, val[:, :3], val, 1.0)
+        wide = torch.cat([val, torch.rand(30, 8)], 1)
+        assert torch.equal(detector.score(val[:, :3], wide, 1.0), detector.score(val[:, :3], val, 1.0)), name
+
+
+@pytest.mark.parametrize("name", ["style+style", "0*style", "10*style", "x*style", "2*nope", "energy+"])
+def test_invalid_weighted_scores_are_refused(name):
+    with pytest.raises(UserError, match="Invalid --unknown-score"):
+        trust.parse_score(name)
 
 
 def test_known_flips_at_the_threshold():
@@ -148,8 +216,10 @@ def test_train_stores_the_calibration_in_best_pt_only(trained_run: Path):
     assert isinstance(best["temperature"], float) and 0 < best["temperature"] < 100
     unknown = best["unknown"]
     assert unknown["score"] == trust.DEFAULT_SCORE and unknown["accept"] == 0.95
-    assert unknown["stats"]["bank"].dtype == torch.float16  # normalised training features
-    assert unknown["stats"]["bank"].shape == (36, 512)  # every training image (3 x 12)
+    # the second stage's class means and whitening (resnet18: 128 channels), whatever the training set's size
+    assert unknown["stats"]["style_means"].shape == (3, 128)
+    assert unknown["stats"]["style_whiten"].shape == (128, 128)
+    assert unknown["stats"]["style_whiten"].dtype == torch.float32
     assert "temperature" not in last and "unknown" not in last  # the resume point is as trained
     # the threshold accepts 95% of the val split it was set on
     result = invoke(["evaluate", "--checkpoint", trained_run / "best.pt", "--json", "--workers", "0",
@@ -312,7 +382,9 @@ def test_calibrate_refits_and_fits_an_old_checkpoint(tmp_path, trained_run, data
     fitted = torch.load(run / "best.pt", weights_only=True)
     assert fitted["temperature"] > 2  # softened
     assert fitted["unknown"]["score"] == trust.DEFAULT_SCORE  # computed from the run's training images
-    assert fitted["unknown"]["stats"]["bank"].shape[0] == 36
+    trained = torch.load(trained_run / "best.pt", weights_only=True)["unknown"]["stats"]
+    for key in ("style_means", "style_whiten"):  # the same 36 training images, the same backbone
+        assert torch.allclose(fitted["unknown"]["stats"][key], trained[key], atol=1e-3), key
     assert torch.equal(fitted["model"]["fc.weight"], checkpoint["model"]["fc.weight"])  # weights as they were
     evaluated = invoke(["evaluate", held_out, "--checkpoint", run / "best.pt", "--json", "--workers", "0",
                         "--out", tmp_path / "eval"])

@@ -132,7 +132,8 @@ def write_companions(out_dir: Path, engine: Any, calibration: Calibration, cfg: 
     outputs = ("logits, one per class of class_indices.json; probabilities: softmax(logits / the "
                "temperature in calibration.json)")  # fmt: skip
     if cfg.format == "onnx":
-        outputs += "; features: the pooled backbone features the unknown score needs (calibration.json)"
+        outputs += ("; features: what the unknown score (calibration.json) reads: the pooled backbone "
+                    "features that feed the head, then each layer2 channel's standard deviation")  # fmt: skip
     write_preprocess_json(out_dir / "preprocess.json", engine.preprocessing, {
         "arch": engine.arch,
         "format": cfg.format,

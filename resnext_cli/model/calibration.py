@@ -34,9 +34,10 @@ class Outputs:
     """A model's raw outputs on labelled images (the readable ones, in order)."""
 
     logits: torch.Tensor  # fp32, CPU
-    features: torch.Tensor
+    features: torch.Tensor  # networks.logits_and_features': pooled, then the channel spread
     labels: torch.Tensor
     unreadable: list[tuple[str, str]]
+    pooled: int | None = None  # how many leading feature columns are pooled (None: all)
 
 
 def collect_outputs(
@@ -62,7 +63,8 @@ def collect_outputs(
         labels.append(batch.labels.cpu())
     if not logits:
         raise UserError(f"None of the {len(samples)} images for {desc} could be read.", EXIT_FAILED)
-    return Outputs(torch.cat(logits), torch.cat(features), torch.cat(labels), unreadable)
+    return Outputs(torch.cat(logits), torch.cat(features), torch.cat(labels), unreadable,
+                   engine.model.fc.in_features)  # fmt: skip
 
 
 def train_subsample(samples: list[tuple[str, int]], limit: int = BANK_LIMIT) -> list[tuple[str, int]]:
@@ -81,6 +83,7 @@ class FitInputs:
     train_features: torch.Tensor | None  # the training images' features (None: keep `stats`)
     train_labels: torch.Tensor | None
     stats: tuple[dict[str, torch.Tensor], int] | None = None  # fitted already (recalibrating)
+    pooled: int | None = None  # leading columns of train_features that are pooled (None: all)
 
 
 def fit_calibration(inputs: FitInputs, score: str, accept: float, fitted_on: str) -> Calibration:
@@ -94,7 +97,7 @@ def fit_calibration(inputs: FitInputs, score: str, accept: float, fitted_on: str
         stats, k = inputs.stats
     else:
         assert inputs.train_features is not None and inputs.train_labels is not None
-        stats, k = fit_statistics(components, inputs.train_features, inputs.train_labels)
+        stats, k = fit_statistics(components, inputs.train_features, inputs.train_labels, pooled=inputs.pooled)
     detector = fit_detector(components, stats, k, val.logits, val.features, temperature, accept)
     return Calibration(temperature, replace(detector, fitted_on=fitted_on))
 

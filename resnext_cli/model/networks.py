@@ -217,11 +217,21 @@ def backbone_features(model: ResNet, images: torch.Tensor) -> torch.Tensor:
     return model.avgpool(x).flatten(1)
 
 
+def channel_spread(activations: torch.Tensor) -> torch.Tensor:
+    """Each channel's standard deviation over the image (N, C, H, W -> N, C), in fp32: the
+    diagonal of the centred Gram matrix, a statistic of texture and style (Gatys et al. 2016)
+    that the unknown score's `style` component compares with the training images'."""
+    return activations.float().flatten(2).std(2, correction=0)
+
+
 def logits_and_features(model: ResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits and the pooled features they come from, in one pass: what prediction
-    needs for the class probabilities and the unknown score (`model.trust`)."""
-    features = backbone_features(model, images)
-    return model.fc(features), features
+    """The model's logits and, in one pass, what the unknown score (`model.trust`) reads: the
+    pooled features that feed `fc` (the first fc.in_features columns) followed by the channel
+    spread of the second stage (`layer2`, the last model.layer2 width columns)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+    middle = model.layer2(model.layer1(x))
+    pooled = model.avgpool(model.layer4(model.layer3(middle))).flatten(1)
+    return model.fc(pooled), torch.cat([pooled.float(), channel_spread(middle)], 1)
 
 
 class WithFeatures(nn.Module):

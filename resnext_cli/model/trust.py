@@ -13,7 +13,16 @@ typical val photo, 1: one standard deviation less like the training classes) and
 - `mahalanobis`: the smallest Mahalanobis distance to a class mean, one shared covariance
   shrunk towards a scaled identity (Lee et al. 2018; Ledoit & Wolf 2004), on L2-normalised
   features; `relmaha` subtracts the distance to one Gaussian of all training features (Ren et
-  al. 2021).
+  al. 2021);
+- `style`: the same Mahalanobis distance on the L2-normalised standard deviation of each
+  channel of the backbone's second stage over the image (`networks.channel_spread`): texture
+  and style statistics that the pooled last stage has mostly pooled away (Gatys et al. 2016;
+  the earlier-layer feature ensemble of Lee et al. 2018, Gram matrices of Sastry & Oore 2020).
+
+A score is components joined with "+", each optionally weighted (`energy+2*style`: the style
+distance counts twice in the mean). The model's features (`networks.logits_and_features`) are
+the pooled last stage followed by the second stage's channel spread; the pooled components
+read the leading columns, `style` the trailing ones, each as wide as its own statistics.
 
 The checkpoint stores the detector as a plain dict of tensors and numbers (`to_state`), loaded
 with `weights_only=True` like the rest; docs/benchmarks.md measures the candidates.
@@ -36,7 +45,7 @@ DEFAULT_SCORE = UNKNOWN_SCORE  # chosen by benchmarks/bench_trust.py (docs/bench
 DEFAULT_ACCEPT = UNKNOWN_ACCEPT  # share of the val photos accepted as known
 BANK_LIMIT = 8192  # training features kept for `knn` at most, class-balanced
 COMPONENTS = UNKNOWN_COMPONENTS
-FEATURE_COMPONENTS = ("knn", "cknn", "mahalanobis", "rawmaha")
+FEATURE_COMPONENTS = ("knn", "cknn", "mahalanobis", "rawmaha", "style")
 BANKS = ("bank", "cbank")  # normalised training features, stored in fp16
 QUANTILES = 1001  # val score quantiles stored, so that --unknown-threshold needs no refit
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -53,10 +62,12 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The one scalar T minimising the NLL of softmax(logits / T) on held-out labelled images
-    (LBFGS on log T, so T stays positive), kept within TEMPERATURE_RANGE and never so low that
-    the mean top probability claims more than Laplace's estimate of the accuracy, (right + 1) /
-    (n + 2): a small val split the model gets entirely right would otherwise drive T towards 0
-    and make every prediction 100% sure."""
+    (LBFGS on log T, so T stays positive), kept within TEMPERATURE_RANGE. When the model gets
+    every one of them right the NLL has no minimum (it falls as T -> 0, making every prediction
+    100% sure); then T is the lowest at which the mean top probability claims no more than
+    Laplace's estimate of the accuracy, (n + 1) / (n + 2). With a single mistake the NLL has
+    its minimum and it is kept: raising T there too made the probabilities of the bench's runs
+    less calibrated (docs/benchmarks.md)."""
     logits, labels = logits.detach().double(), labels.detach().long()
     if len(labels) == 0:
         return 1.0
@@ -74,8 +85,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     value = float(log_t.detach().clamp(low, high).exp())
     if not math.isfinite(value):
         value = 1.0
-    right = int((logits.argmax(1) == labels).sum())
-    return max(value, _temperature_for_confidence(logits, (right + 1) / (len(labels) + 2)))
+    if int((logits.argmax(1) == labels).sum()) < len(labels):
+        return value
+    return max(value, _temperature_for_confidence(logits, (len(labels) + 1) / (len(labels) + 2)))
 
 
 def _temperature_for_confidence(logits: torch.Tensor, confidence: float) -> float:
@@ -180,7 +192,9 @@ class UnknownDetector:
 
     @property
     def name(self) -> str:
-        return "+".join(self.components)
+        """The score as written: `energy+2*style` for the components (energy, style, style)."""
+        counts = {c: self.components.count(c) for c in self.components}
+        return "+".join(c if n == 1 else f"{n}*{c}" for c, n in counts.items())
 
     @property
     def needs_features(self) -> bool:
@@ -189,10 +203,11 @@ class UnknownDetector:
     def raw(self, logits: torch.Tensor, features: torch.Tensor | None,
             temperature: float) -> dict[str, torch.Tensor]:  # fmt: skip
         """Each component's unstandardised score (higher: less like the training classes)."""
-        return {c: component_score(c, self, logits, features, temperature) for c in self.components}
+        return {c: component_score(c, self, logits, features, temperature) for c in dict.fromkeys(self.components)}
 
     def score(self, logits: torch.Tensor, features: torch.Tensor | None, temperature: float) -> torch.Tensor:
-        """The unknown score of each row: the mean of the standardised components."""
+        """The unknown score of each row: the mean of the standardised components (a weighted
+        component appears that many times)."""
         parts = self.raw(logits, features, temperature)
         return torch.stack([(parts[c] - self.centre[c]) / self.scale[c] for c in self.components]).mean(0)
 
@@ -220,7 +235,7 @@ class UnknownDetector:
             raise UserError(f"{source} has an `unknown` entry this version cannot read; refit it "
                             "with `resnext calibrate`.")  # fmt: skip
         stats = {k: v.float() for k, v in state["stats"].items()}  # the bank is stored in fp16
-        return cls(tuple(state["score"].split("+")), stats, int(state["k"]),
+        return cls(_components(state["score"]), stats, int(state["k"]),
                    {k: float(v) for k, v in state["centre"].items()},
                    {k: float(v) for k, v in state["scale"].items()}, float(state["accept"]),
                    float(state["threshold"]), state["quantiles"].float(), int(state["val_images"]),
@@ -243,7 +258,12 @@ def component_score(
     if features is None:
         raise UserError(f"The unknown score `{name}` needs the model's features, which this model "
                         "does not provide (an ONNX file exported before features were).")  # fmt: skip
-    x, stats = normalised(features), detector.stats
+    stats = detector.stats
+    if name == "style":  # the trailing columns: the second stage's channel spread
+        spread = features[:, features.shape[1] - len(stats["style_whiten"]):]
+        return _nearest_mean(normalised(spread) @ stats["style_whiten"], stats["style_means"])
+    features = features[:, : pooled_width(stats)]  # the leading columns: the pooled features
+    x = normalised(features)
     if name in ("knn", "cknn"):
         bank = stats["bank"] if name == "knn" else stats["cbank"]
         if name == "cknn":
@@ -257,6 +277,15 @@ def component_score(
     raise UserError(f"Unknown score component {name!r}; choose from {', '.join(COMPONENTS)}.")
 
 
+def pooled_width(stats: dict[str, torch.Tensor]) -> int:
+    """How many leading feature columns the pooled components were fitted on (the width of the
+    pooled features, whatever follows them)."""
+    for key, axis in (("bank", 1), ("cbank", 1), ("whiten", 0), ("raw_whiten", 0)):
+        if key in stats:
+            return stats[key].shape[axis]
+    return 0
+
+
 def _nearest_mean(projected: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """Squared distance of each row to its nearest mean (all whitened)."""
     distances = (projected.pow(2).sum(1, keepdim=True) - 2 * projected @ means.T
@@ -265,9 +294,14 @@ def _nearest_mean(projected: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 
 
 def parse_score(name: str) -> tuple[str, ...]:
-    """`msp+cknn` -> ("msp", "cknn"), each checked."""
+    """`msp+cknn` -> ("msp", "cknn"), `energy+2*style` -> ("energy", "style", "style"), checked."""
     check_unknown_score(name)
-    return tuple(p.strip() for p in name.split("+"))
+    return _components(name)
+
+
+def _components(name: str) -> tuple[str, ...]:
+    parts = [p.strip().rpartition("*") for p in name.split("+")]
+    return tuple(c.strip() for weight, _, c in parts for _ in range(int(weight) if weight.strip() else 1))
 
 
 STATISTICS = {  # what each feature component keeps from the training set
@@ -275,17 +309,26 @@ STATISTICS = {  # what each feature component keeps from the training set
     "cknn": ("centre", "cbank"),
     "mahalanobis": ("whiten", "means"),
     "rawmaha": ("raw_whiten", "raw_means"),
+    "style": ("style_whiten", "style_means"),
 }
 
 
 def fit_statistics(
     components: tuple[str, ...], train_features: torch.Tensor, train_labels: torch.Tensor,
-    bank_limit: int = BANK_LIMIT,
+    bank_limit: int = BANK_LIMIT, pooled: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:  # fmt: skip
-    """What the feature components need from the training set, and the k of the kNN ones."""
+    """What the feature components need from the training set, and the k of the kNN ones.
+    `pooled`: how many leading columns are the pooled features (None: all of them, and no
+    channel spread follows, as in the feature cache)."""
     stats: dict[str, torch.Tensor] = {}
     chosen = balanced_subsample(train_labels, bank_limit)
-    features = train_features.float()
+    pooled = train_features.shape[1] if pooled is None else pooled
+    features, spread = train_features[:, :pooled].float(), train_features[:, pooled:].float()
+    if "style" in components:
+        if spread.shape[1] == 0:
+            raise UserError("The unknown score `style` needs the backbone's second-stage features, "
+                            "which these training features do not include.")  # fmt: skip
+        stats["style_whiten"], stats["style_means"] = fit_gaussians(normalised(spread), train_labels)
     if "knn" in components:
         # stored in fp16 (half the bytes); rounded now, so val scores match the stored bank's
         stats["bank"] = normalised(features[chosen]).half().float()
