@@ -408,3 +408,23 @@ def test_train_without_the_cache_calibrates_from_a_pass_over_the_data(tmp_path, 
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["unknown"]["score"] == "msp+knn" and best["unknown"]["accept"] == 0.9
     assert best["unknown"]["stats"]["bank"].shape == (36, 512)
+
+
+@pytest.mark.parametrize("case", ["identical", "constant channel", "fewer images than dimensions"])
+def test_gaussians_fit_on_training_images_that_barely_vary(case):
+    """Identical photos (a folder of copies), a channel that never changes, or 3 images in 64
+    dimensions: the shared covariance is singular, yet the fit gives finite distances that
+    still rank a different feature above the training ones (it used to stop train with
+    linalg.inv's error)."""
+    torch.manual_seed(0)
+    features = torch.randn(3 if case.startswith("fewer") else 12, 64)
+    if case == "identical":
+        features = features[:1].repeat(12, 1)
+    if case == "constant channel":
+        features[:, 5] = 0.25
+    labels = torch.arange(len(features)) % 2
+    whiten, means = trust.fit_gaussians(features, labels)
+    near = ((features @ whiten)[:, None] - means[None]).pow(2).sum(-1).min(1).values
+    far = ((torch.full((1, 64), 3.0) @ whiten)[:, None] - means[None]).pow(2).sum(-1).min(1).values
+    assert torch.isfinite(whiten).all() and torch.isfinite(near).all()
+    assert far.item() > near.max().item()

@@ -150,8 +150,16 @@ def shrunk_covariance(centred: torch.Tensor) -> torch.Tensor:
 
 
 def whitening(covariance: torch.Tensor) -> torch.Tensor:
-    """W with (x W)(x W)^T = x covariance^-1 x^T: the Cholesky factor of the precision."""
-    precision = torch.linalg.inv(covariance)
+    """W with (x W)(x W)^T = x covariance^-1 x^T: the Cholesky factor of the precision. A ridge
+    of 1e-6 of the mean variance keeps it invertible when the training images barely vary
+    (identical photos, a constant channel, fewer images than dimensions with no shrinkage);
+    with no variance at all the distance is the plain Euclidean one."""
+    p = covariance.shape[0]
+    mean_variance = float(torch.trace(covariance)) / p
+    if not mean_variance > 0:
+        return torch.eye(p, dtype=torch.float32)
+    ridged = covariance + 1e-6 * mean_variance * torch.eye(p, dtype=covariance.dtype)
+    precision = torch.linalg.inv(ridged)
     return torch.linalg.cholesky((precision + precision.T) / 2).float()
 
 
