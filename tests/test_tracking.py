@@ -102,6 +102,9 @@ def test_a_killed_run_resumed_continues_the_same_tracker_runs(tmp_path: Path):
     process = start_training([data, *TRACKED, "--epochs", "5", "--track", "tensorboard,mlflow",
                               "--out", run], tmp_path)  # fmt: skip
     wait_for_epochs(run, process, 2)
+    while not (run / "tracking.json").exists():  # the trackers open in their own thread, which a
+        assert process.poll() is None, process.communicate()  # loaded machine can hold back
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = torch.load(run / "last.pt", weights_only=True)["epoch"]
