@@ -462,7 +462,7 @@ def check_img_size(size: int, what: str = "--img-size") -> None:
 def check_unknown_score(name: str) -> None:
     """--unknown-score: components of UNKNOWN_COMPONENTS joined with '+', each at most once and
     each optionally weighted by a whole number (`2*style` counts twice in the mean)."""
-    parts = [p.strip().rpartition("*") for p in name.split("+")]
+    parts = _weighted_parts(name)
     names = [p[2].strip() for p in parts]
     weights_ok = all(not star or (w.strip().isdigit() and 1 <= int(w) <= 9) for w, star, _ in parts)
     if not weights_ok or any(n not in UNKNOWN_COMPONENTS for n in names) or len(set(names)) != len(names):
@@ -471,6 +471,17 @@ def check_unknown_score(name: str) -> None:
             f"{', '.join(UNKNOWN_COMPONENTS)}, optionally weighted 1-9 as in `2*style` (the default "
             f"is {UNKNOWN_SCORE})."
         )
+
+
+def _weighted_parts(name: str) -> list[tuple[str, str, str]]:
+    """`energy+2*style` -> [("", "", "energy"), ("2", "*", "style")]."""
+    return [p.strip().rpartition("*") for p in name.split("+")]
+
+
+def score_components(name: str) -> tuple[str, ...]:
+    """A score's components, a weighted one repeated: `energy+2*style` -> (energy, style, style)."""
+    return tuple(c.strip() for weight, _, c in _weighted_parts(name)
+                 for _ in range(int(weight) if weight.strip() else 1))  # fmt: skip
 
 
 def check_accept_share(value: float) -> None:

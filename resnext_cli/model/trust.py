@@ -37,7 +37,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from resnext_cli.config import UNKNOWN_ACCEPT, UNKNOWN_COMPONENTS, UNKNOWN_SCORE, check_unknown_score
+from resnext_cli.config import (
+    UNKNOWN_ACCEPT,
+    UNKNOWN_COMPONENTS,
+    UNKNOWN_SCORE,
+    check_unknown_score,
+    score_components,
+)
 from resnext_cli.errors import UserError
 
 UNKNOWN_FORMAT = 1
@@ -243,7 +249,7 @@ class UnknownDetector:
             raise UserError(f"{source} has an `unknown` entry this version cannot read; refit it "
                             "with `resnext calibrate`.")  # fmt: skip
         stats = {k: v.float() for k, v in state["stats"].items()}  # the bank is stored in fp16
-        return cls(_components(state["score"]), stats, int(state["k"]),
+        return cls(score_components(state["score"]), stats, int(state["k"]),
                    {k: float(v) for k, v in state["centre"].items()},
                    {k: float(v) for k, v in state["scale"].items()}, float(state["accept"]),
                    float(state["threshold"]), state["quantiles"].float(), int(state["val_images"]),
@@ -304,12 +310,7 @@ def _nearest_mean(projected: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 def parse_score(name: str) -> tuple[str, ...]:
     """`msp+cknn` -> ("msp", "cknn"), `energy+2*style` -> ("energy", "style", "style"), checked."""
     check_unknown_score(name)
-    return _components(name)
-
-
-def _components(name: str) -> tuple[str, ...]:
-    parts = [p.strip().rpartition("*") for p in name.split("+")]
-    return tuple(c.strip() for weight, _, c in parts for _ in range(int(weight) if weight.strip() else 1))
+    return score_components(name)
 
 
 STATISTICS = {  # what each feature component keeps from the training set
