@@ -410,6 +410,31 @@ def test_train_without_the_cache_calibrates_from_a_pass_over_the_data(tmp_path, 
     assert best["unknown"]["stats"]["bank"].shape == (36, 512)
 
 
+def test_train_on_cached_features_calibrates_the_default_score_without_another_pass(tmp_path, dataset, monkeypatch):
+    """The feature cache's plain view keeps the second stage's channel spread, so the default
+    score (`style` reads it) is fitted from the cache: no pass of best.pt over val and train at
+    the end of training; the statistics are the ones such a pass gives (`resnext calibrate`)."""
+    from resnext_cli.commands import train as train_command
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over the images at the end of training")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(train_command, "collect_outputs", no_pass)
+        result = invoke(["train", dataset, *TINY_TRAIN, "--weights", "none", "--freeze", "--epochs", "1",
+                         "--seed", "0", "--out", out, "--precision", "fp32"])
+    assert result.exit_code == 0, result.stderr
+    assert "not calibrated" not in result.stdout + result.stderr
+    cached = torch.load(out / "best.pt", weights_only=True)["unknown"]
+    assert cached["score"] == trust.DEFAULT_SCORE and cached["val_images"] == 18
+    assert invoke(["calibrate", out, "--workers", "0", "--device", "cpu", "--precision", "fp32"]).exit_code == 0
+    passed = torch.load(out / "best.pt", weights_only=True)["unknown"]
+    for key in ("style_means", "style_whiten"):
+        assert torch.allclose(cached["stats"][key], passed["stats"][key], atol=1e-4), key
+    assert cached["threshold"] == pytest.approx(passed["threshold"], rel=1e-3)
+
+
 @pytest.mark.parametrize("case", ["identical", "constant channel", "fewer images than dimensions"])
 def test_gaussians_fit_on_training_images_that_barely_vary(case):
     """Identical photos (a folder of copies), a channel that never changes, or 3 images in 64

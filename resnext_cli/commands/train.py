@@ -77,7 +77,7 @@ from resnext_cli.model.steps import (
     train_one_epoch,
     wrap_for_training,
 )
-from resnext_cli.model.trust import Calibration, parse_score
+from resnext_cli.model.trust import Calibration
 from resnext_cli.outputs import run_report, tracking
 from resnext_cli.outputs.evaluation import calibration_summary
 from resnext_cli.outputs.metrics import classification_report
@@ -560,18 +560,18 @@ class TrainRecipe:
 
     def calibration_inputs(self, best_epoch: int, source: str) -> FitInputs:
         """The val split's logits and features, and the training images' features: from the
-        feature cache's plain view when the backbone was frozen up to the best epoch, else one
-        pass of the best weights over val and a bounded, class-balanced sample of train (also
-        when the score reads the second stage's channel spread, which the cache does not keep)."""
+        feature cache's plain view (which keeps the second stage's channel spread too) when the
+        backbone was frozen up to the best epoch, else one pass of the best weights over val and
+        a bounded, class-balanced sample of train."""
         cfg = self.cfg
         prior = resolve_prior(self.class_counts, str(cfg.balance), None, source)  # predict's default
-        cached = "style" not in parse_score(cfg.unknown_score)
-        if self.cache is not None and backbone_frozen_at(cfg, best_epoch) and cached:
-            cache, ok = self.cache, self.cache.val_ok
+        if self.cache is not None and backbone_frozen_at(cfg, best_epoch):
+            cache, ok, pooled = self.cache, self.cache.val_ok, self.model.fc.in_features
             with torch.inference_mode(), self.step.autocast():
                 logits = adjust_for_prior(self.model.fc(cache.val[ok].to(self.device)).float(), prior).cpu()
-            val = Outputs(logits, cache.val[ok], self.loaders.val_labels[ok], [])
-            return FitInputs(val, cache.train[0][cache.train_ok], self.loaders.train_labels[cache.train_ok])
+            val = Outputs(logits, cache.plain("val")[ok], self.loaders.val_labels[ok], [], pooled)
+            return FitInputs(val, cache.plain("train")[cache.train_ok], self.loaders.train_labels[cache.train_ok],
+                             pooled=pooled)  # fmt: skip
         self.model.eval()  # BatchNorm on its running statistics, as prediction runs it (training is over)
         engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, source,
                                 self.device, str(cfg.precision), cfg.channels_last,

@@ -36,7 +36,7 @@ from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write_text, make_folder
 from resnext_cli.model.checkpoint import save_torch
 from resnext_cli.model.distributed import DistContext, barrier
-from resnext_cli.model.networks import backbone_features
+from resnext_cli.model.networks import backbone_features, pooled_and_spread
 from resnext_cli.model.steps import Step, TrainTally, Validation, ValidationTally
 
 Reporter = Callable[[list[tuple[int, str]], list[tuple[str, int]]], None]
@@ -46,7 +46,9 @@ Draw = tuple[int, int, int]  # (view, train image, repeat >= 1): a repeated draw
 @dataclass
 class FeatureCache:
     """train: [views, N, D]; val: [M, D]; *_ok marks the images that decoded. With the balanced
-    sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`."""
+    sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`.
+    The plain view and val also keep the second stage's channel spread ([N, S], [M, S]): what
+    the unknown score's `style` reads, so that calibrating needs no pass of its own."""
 
     train: torch.Tensor
     train_ok: torch.Tensor
@@ -54,10 +56,18 @@ class FeatureCache:
     val_ok: torch.Tensor
     repeats: torch.Tensor | None = None
     repeat_rows: dict[Draw, int] = field(default_factory=dict)
+    train_spread: torch.Tensor | None = None
+    val_spread: torch.Tensor | None = None
 
     @property
     def views(self) -> int:
         return int(self.train.shape[0])
+
+    def plain(self, split: str) -> torch.Tensor:
+        """The plain view's features of "train" or "val" laid out as prediction's are (pooled,
+        then the channel spread: `networks.logits_and_features`)."""
+        pooled, spread = (self.train[0], self.train_spread) if split == "train" else (self.val, self.val_spread)
+        return pooled if spread is None else torch.cat([pooled, spread], 1)
 
     def batch(self, view: int, keys: list[tuple[int, ...]]) -> torch.Tensor:
         """The features of the sampler's draws `keys` ((epoch, image[, repeat])) in `view`: a
@@ -271,7 +281,7 @@ def _feature_settings(cfg: TrainConfig, preprocessing: Preprocessing) -> dict[st
         "precision": cfg.precision,
         "decode": cfg.decode,  # the device path resizes a little differently from Pillow
         "seed": cfg.seed if cfg.weights == "none" else None,  # random weights depend on it
-        "format": 3,
+        "format": 4,  # 4: the plain view keeps layer2's channel spread
     }
 
 
@@ -290,7 +300,9 @@ def load_or_compute(
              for view, key in enumerate(keys)]  # fmt: skip
     train = torch.stack([parts[v % views]["train"] for v in range(cfg.feature_views)])
     train_ok = torch.stack([part["train_ok"] for part in parts]).all(dim=0)
-    cache = FeatureCache(train, train_ok, parts[0]["val"], parts[0]["val_ok"])
+    plain = parts[0]
+    cache = FeatureCache(train, train_ok, plain["val"], plain["val_ok"], train_spread=plain["train_spread"],
+                         val_spread=plain["val_spread"])  # fmt: skip
     if draws and compute_draws is not None:
         part = _load_or_compute_repeats(layout, cfg, preprocessing, keys[0], draws, compute_draws)
         cache.repeats, cache.repeat_rows = part["train"], {draw: row for row, draw in enumerate(draws)}
@@ -395,7 +407,8 @@ def _fits(stored: Any, layout: DatasetLayout, view: int) -> bool:
     """A part as `compute_part` makes it, for these images: one row per train (and val) image."""
     sizes = {"train": len(layout.train), "train_ok": len(layout.train)}
     if view == 0:
-        sizes.update(val=len(layout.val), val_ok=len(layout.val))
+        sizes.update(val=len(layout.val), val_ok=len(layout.val), train_spread=len(layout.train),
+                     val_spread=len(layout.val))  # fmt: skip
     return _fits_rows(stored, sizes)
 
 
@@ -409,18 +422,19 @@ def compute_part(
     model: torch.nn.Module, layout: DatasetLayout, cfg: TrainConfig, step: Step, workers: int,
     pin_memory: bool, report_failures: Reporter, view: int,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """View 0: the deterministic val transform, with the val features. Views 1..K-1: seeded
-    random augmentations (the same crops a normal run would draw for epochs 1..K-1)."""
+    """View 0: the deterministic val transform, with the val features, and for both the second
+    stage's channel spread. Views 1..K-1: seeded random augmentations (the same crops a normal
+    run would draw for epochs 1..K-1)."""
     extractor = _Extractor(model, cfg, step, workers, pin_memory, report_failures)
     prep, on_device = step.spec.preprocessing, step.spec.decode_on_device
     dataset = image_dataset(layout.train, prep, train=view > 0, augment_seed=cfg.seed,
                             on_device=on_device)  # fmt: skip
-    train, train_ok = extractor.run(dataset, view, f"features {view + 1}/{cfg.feature_views}")
+    train = extractor.run(dataset, view, f"features {view + 1}/{cfg.feature_views}", spread=view == 0)
     if view > 0:
-        return {"train": train, "train_ok": train_ok}
-    val, val_ok = extractor.run(image_dataset(layout.val, prep, on_device=on_device), 0,
-                                "features val")  # fmt: skip
-    return {"train": train, "train_ok": train_ok, "val": val, "val_ok": val_ok}
+        return {"train": train.features, "train_ok": train.ok}
+    val = extractor.run(image_dataset(layout.val, prep, on_device=on_device), 0, "features val", spread=True)
+    return {"train": train.features, "train_ok": train.ok, "val": val.features, "val_ok": val.ok,
+            "train_spread": train.spread, "val_spread": val.spread}  # fmt: skip
 
 
 def compute_draws(
@@ -432,8 +446,8 @@ def compute_draws(
     extractor = _Extractor(model, cfg, step, workers, pin_memory, report_failures)
     images = image_dataset(layout.train, step.spec.preprocessing, train=True, augment_seed=cfg.seed,
                            on_device=step.spec.decode_on_device)  # fmt: skip
-    train, train_ok = extractor.run(DrawImages(images, draws), 0, f"features of {len(draws)} repeated draws")
-    return {"train": train, "train_ok": train_ok}
+    drawn = extractor.run(DrawImages(images, draws), 0, f"features of {len(draws)} repeated draws")
+    return {"train": drawn.features, "train_ok": drawn.ok}
 
 
 class DrawImages:
@@ -453,6 +467,13 @@ class DrawImages:
 
 
 @dataclass
+class Extracted:
+    features: torch.Tensor  # [N, D] pooled
+    ok: torch.Tensor  # [N] decoded
+    spread: torch.Tensor | None  # [N, S] the second stage's channel spread, when asked for
+
+
+@dataclass
 class _Extractor:
     """Runs the frozen backbone over a dataset once, in file order."""
 
@@ -463,14 +484,15 @@ class _Extractor:
     pin_memory: bool
     report_failures: Reporter
 
-    def run(self, dataset: ImageListDataset | DrawImages, view: int,
-            label: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def run(self, dataset: ImageListDataset | DrawImages, view: int, label: str,
+            spread: bool = False) -> Extracted:  # fmt: skip
         sampler = EpochSampler(len(dataset), self.cfg.seed, shuffle=False, pad=False)
         sampler.set_epoch(view)  # keys the augmentation of this view
         loader = make_loader(dataset, batch_size=self.cfg.batch_size, workers=self.workers,
                              sampler=sampler, pin_memory=self.pin_memory)  # fmt: skip
-        features = torch.zeros(len(dataset), self.model.fc.in_features)
-        ok = torch.zeros(len(dataset), dtype=torch.bool)
+        out = Extracted(torch.zeros(len(dataset), self.model.fc.in_features),
+                        torch.zeros(len(dataset), dtype=torch.bool),
+                        torch.zeros(len(dataset), _spread_width(self.model)) if spread else None)  # fmt: skip
         self.model.eval()
         with torch.inference_mode():
             for loaded in ui.progress(loader, desc=label, unit="batch"):
@@ -478,12 +500,21 @@ class _Extractor:
                 self.report_failures(batch.failures, dataset.samples)
                 if batch.inputs is None:
                     continue
-                with self.step.autocast():
-                    out = backbone_features(self.model, batch.inputs).float().cpu()
                 index = torch.tensor(batch.indices)
-                features[index] = out
-                ok[index] = True
-        return features, ok
+                with self.step.autocast():
+                    if out.spread is None:
+                        out.features[index] = backbone_features(self.model, batch.inputs).float().cpu()
+                    else:
+                        pooled, spreads = pooled_and_spread(self.model, batch.inputs)
+                        out.features[index], out.spread[index] = pooled.float().cpu(), spreads.cpu()
+                out.ok[index] = True
+        return out
+
+
+def _spread_width(model: torch.nn.Module) -> int:
+    """Channels of the second stage's output (its last block's last BatchNorm)."""
+    norms = [m for m in model.layer2[-1].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return norms[-1].num_features
 
 
 # ---------------------------------------------------------------- training on the cache

@@ -224,14 +224,19 @@ def channel_spread(activations: torch.Tensor) -> torch.Tensor:
     return activations.float().flatten(2).std(2, correction=0)
 
 
-def logits_and_features(model: ResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits and, in one pass, what the unknown score (`model.trust`) reads: the
-    pooled features that feed `fc` (the first fc.in_features columns) followed by the channel
-    spread of the second stage (`layer2`, the last model.layer2 width columns)."""
+def pooled_and_spread(model: ResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In one pass, the pooled features that feed `fc` and the channel spread of the second
+    stage (`layer2`): what the unknown score (`model.trust`) reads."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
     middle = model.layer2(model.layer1(x))
-    pooled = model.avgpool(model.layer4(model.layer3(middle))).flatten(1)
-    return model.fc(pooled), torch.cat([pooled.float(), channel_spread(middle)], 1)
+    return model.avgpool(model.layer4(model.layer3(middle))).flatten(1), channel_spread(middle)
+
+
+def logits_and_features(model: ResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and its features: the pooled features (the first fc.in_features
+    columns) followed by the second stage's channel spread (the last model.layer2 width)."""
+    pooled, spread = pooled_and_spread(model, images)
+    return model.fc(pooled), torch.cat([pooled.float(), spread], 1)
 
 
 class WithFeatures(nn.Module):
