@@ -194,7 +194,8 @@ def escape_undecodable_names() -> None:
 def sigterm_as_interrupt() -> Iterator[None]:
     """While a command runs, SIGTERM (kill, schedulers, containers) raises `Terminated` in the
     main thread, a KeyboardInterrupt, so that it is cleaned up exactly as Ctrl-C is. Once: a
-    second SIGTERM during that cleanup ends the process at once, as the default would."""
+    second SIGTERM during that cleanup ends the process at once, as the default would. A process
+    forked meanwhile (a worker pool's) gets the default back (`_fork_hooks`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -203,11 +204,51 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated()
 
+    _install_fork_hooks()
     previous = signal.signal(signal.SIGTERM, terminate)
+    _fork_hooks.active += 1
     try:
         yield
     finally:
+        _fork_hooks.active -= 1
         signal.signal(signal.SIGTERM, previous)
+
+
+class _fork_hooks:
+    """SIGTERM in a forked child while `sigterm_as_interrupt` is on. The child inherits the
+    Python-level handler, and Python drops a signal that arrives between fork() and the end of
+    its after-fork work (it clears the flags the C handler set). A pool terminated right after
+    it started (cleanlab's and check-data's `with Pool(...)` on small data) then sent its
+    SIGTERM into that gap: the worker lived on, waiting for a task, and the parent waited for it
+    forever. So SIGTERM is blocked across fork() and, in the child, set back to the default
+    before it is unblocked: a SIGTERM sent meanwhile stays pending and then ends the child."""
+
+    active = 0
+    installed = False
+
+    @staticmethod
+    def before() -> None:
+        if _fork_hooks.active:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    @staticmethod
+    def in_parent() -> None:
+        if _fork_hooks.active:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    @staticmethod
+    def in_child() -> None:
+        if _fork_hooks.active:
+            _fork_hooks.active = 0
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _install_fork_hooks() -> None:
+    if not _fork_hooks.installed and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_fork_hooks.before, after_in_parent=_fork_hooks.in_parent,
+                            after_in_child=_fork_hooks.in_child)  # fmt: skip
+        _fork_hooks.installed = True
 
 
 def stdout_closed() -> bool:

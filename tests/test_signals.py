@@ -138,3 +138,32 @@ def test_a_closed_stdout_ends_quietly(tmp_path: Path, trained_run: Path, dataset
         assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
     else:
         assert "Error" not in stderr, stderr
+
+
+def _sleep_in_child() -> None:
+    time.sleep(60)
+
+
+def test_a_pool_terminated_as_soon_as_it_starts_does_not_hang():
+    """A process forked while a command runs (cleanlab's and check-data's worker pools) ends on
+    SIGTERM at once, however early it comes. Before, the child inherited the command's handler
+    and Python dropped a SIGTERM that arrived before its after-fork work was done: `with
+    Pool(...)` on small data terminated its workers right after starting them, one lived on and
+    the command (a whole test suite once) waited for it forever. Many tries, because the gap is
+    short: each child must end by the signal itself (-15), not by the handler's exception (1)."""
+    import multiprocessing
+
+    from resnext_cli.cli import sigterm_as_interrupt
+
+    fork = multiprocessing.get_context("fork")
+    with sigterm_as_interrupt():
+        for _ in range(30):
+            child = fork.Process(target=_sleep_in_child)
+            child.start()
+            child.terminate()
+            child.join(10)
+            if child.exitcode is None:
+                child.kill()
+            assert child.exitcode == -signal.SIGTERM
+        with fork.Pool(2) as pool:  # what cleanlab does, on a task that is done at once
+            assert pool.map(abs, [-1, 2]) == [1, 2]
