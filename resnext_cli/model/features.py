@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from resnext_cli import ui
 from resnext_cli.config import TrainConfig
+from resnext_cli.data import balance
 from resnext_cli.data.balance import feature_repeat
 from resnext_cli.data.folders import DatasetLayout
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset, Sample, image_dataset, make_loader
@@ -46,7 +47,8 @@ Draw = tuple[int, int, int]  # (view, train image, repeat >= 1): a repeated draw
 @dataclass
 class FeatureCache:
     """train: [views, N, D]; val: [M, D]; *_ok marks the images that decoded. With the balanced
-    sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`."""
+    sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`,
+    and `spread` (`balance.BorrowedSpread`), which moves each repeated draw by a borrowed deviation."""
 
     train: torch.Tensor
     train_ok: torch.Tensor
@@ -54,6 +56,7 @@ class FeatureCache:
     val_ok: torch.Tensor
     repeats: torch.Tensor | None = None
     repeat_rows: dict[Draw, int] = field(default_factory=dict)
+    spread: balance.BorrowedSpread | None = None
 
     @property
     def views(self) -> int:
@@ -63,13 +66,12 @@ class FeatureCache:
         """The features of the sampler's draws `keys` ((epoch, image[, repeat])) in `view`: a
         repeated draw's own augmentation where one was computed, else the view's feature."""
         features = self.train[view][torch.tensor([key[1] for key in keys], dtype=torch.long)]
-        if self.repeats is None:
-            return features
-        for k, key in enumerate(keys):
-            row = self.repeat_rows.get((view, key[1], feature_repeat(key[2]))) if len(key) > 2 else None
-            if row is not None:
-                features[k] = self.repeats[row]
-        return features
+        if self.repeats is not None:
+            for k, key in enumerate(keys):
+                row = self.repeat_rows.get((view, key[1], feature_repeat(key[2]))) if len(key) > 2 else None
+                if row is not None:
+                    features[k] = self.repeats[row]
+        return features if self.spread is None else self.spread.add(features, view, keys)
 
 
 def cache_root() -> Path:
@@ -522,6 +524,11 @@ def train_head_epoch(
     (same sampler order, batch size and drop_last; a balanced sampler's repeated draws each on its
     own augmentation where the cache holds one, `FeatureCache.batch`)."""
     keys = list(loader.sampler)
+    sampler = loader.sampler
+    if isinstance(sampler, balance.ClassBalancedSampler) and cache.spread is None and balance.BORROWED_SPREAD > 0:
+        cache.spread = balance.BorrowedSpread(cache.train, cache.train_ok, labels, sampler.seed,
+                                              balance.BORROWED_SPREAD, balance.SPREAD_NEIGHBOURS,
+                                              balance.SPREAD_PREDICTIVE)  # fmt: skip
     size = loader.batch_size or 1
     batches = [keys[k : k + size] for k in range(0, len(keys), size)]
     if loader.drop_last and batches and len(batches[-1]) < size:
