@@ -17,18 +17,16 @@ macro-F1 and the tail recall: the mean recall of the two classes with the fewest
 images.
 
 Strategies: the five of `--balance` (none is today's training, auto the default: on balanced
-data it must equal none), plus two candidates that are not flags, measured by setting
+data it must equal none), plus candidates that are not flags, measured by setting
 `data/balance.py`'s knobs for the run:
   weights (effective number): Cui et al.'s (1 - beta^n) / (1 - beta) with beta 0.99 instead of
       inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class;
   sampler (repeats share the view): on cached features, every draw of an image in an epoch gets
-      the view's one feature (as before SAMPLER_FEATURE_REPEATS), not its own augmentation, and no
-      borrowed spread (the sampler of the first measurements);
-  sampler (no borrowed spread): repeated draws not moved by another class's within-class
-      deviation (BORROWED_SPREAD 0, the sampler before it);
-  sampler (borrowed spread, 2 nearest classes): deviations borrowed only from the 2 classes
-      whose mean is nearest (SPREAD_NEIGHBOURS 2);
-      predictive scale: times sqrt(2 / n) for a class of n images, SPREAD_PREDICTIVE);
+      the view's one feature (as before SAMPLER_FEATURE_REPEATS), not its own augmentation;
+  sampler (borrowed spread): on cached features, each repeated draw moved by the within-class
+      deviation of an image of another class (BORROWED_SPREAD 1); with "2 nearest classes" the
+      donors are only the 2 classes whose mean is nearest (SPREAD_NEIGHBOURS 2), with "predictive
+      scale" the deviation is scaled by sqrt(2 / n) for a class of n images (SPREAD_PREDICTIVE);
   sampler (tau-normalised head): the sampler's best.pt with each class's head row scaled to norm
       1 and the bias dropped before evaluation (Kang et al., ICLR 2020, tau = 1).
 
@@ -72,8 +70,8 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "weights (effective number)": ("weights", {"EFFECTIVE_NUMBER_BETA": 0.99}),
     "sampler": ("sampler", {}),
     "sampler (square root)": ("sampler", {"SAMPLER_POWER": 0.5}),
-    "sampler (repeats share the view)": ("sampler", {"SAMPLER_FEATURE_REPEATS": 0, "BORROWED_SPREAD": 0.0}),
-    "sampler (no borrowed spread)": ("sampler", {"BORROWED_SPREAD": 0.0}),
+    "sampler (repeats share the view)": ("sampler", {"SAMPLER_FEATURE_REPEATS": 0}),
+    "sampler (borrowed spread)": ("sampler", {"BORROWED_SPREAD": 1.0}),
     "logit-adjust": ("logit-adjust", {}),
     "sampler (borrowed spread, 2 nearest classes)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_NEIGHBOURS": 2}),
     "sampler (borrowed spread, predictive scale)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_PREDICTIVE": True}),
