@@ -17,12 +17,18 @@ macro-F1 and the tail recall: the mean recall of the two classes with the fewest
 images.
 
 Strategies: the five of `--balance` (none is today's training, auto the default: on balanced
-data it must equal none), plus two candidates that are not flags, measured by setting
+data it must equal none), plus candidates that are not flags, measured by setting
 `data/balance.py`'s knobs for the run:
   weights (effective number): Cui et al.'s (1 - beta^n) / (1 - beta) with beta 0.99 instead of
       inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class;
   sampler (repeats share the view): on cached features, every draw of an image in an epoch gets
-      the view's one feature (as before SAMPLER_FEATURE_REPEATS), not its own augmentation.
+      the view's one feature (as before SAMPLER_FEATURE_REPEATS), not its own augmentation;
+  sampler (borrowed spread): on cached features, each repeated draw moved by the within-class
+      deviation of an image of another class (BORROWED_SPREAD 1); with "2 nearest classes" the
+      donors are only the 2 classes whose mean is nearest (SPREAD_NEIGHBOURS 2), with "predictive
+      scale" the deviation is scaled by sqrt(2 / n) for a class of n images (SPREAD_PREDICTIVE);
+  sampler (tau-normalised head): the sampler's best.pt with each class's head row scaled to norm
+      1 and the bias dropped before evaluation (Kang et al., ICLR 2020, tau = 1).
 
     python benchmarks/bench_imbalance.py                       # flowers5 + data/sample, ~40 min
     python benchmarks/bench_imbalance.py --datasets flowers5 --archs resnet18 --ratios 1 10 --seeds 0
@@ -65,8 +71,13 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "sampler": ("sampler", {}),
     "sampler (square root)": ("sampler", {"SAMPLER_POWER": 0.5}),
     "sampler (repeats share the view)": ("sampler", {"SAMPLER_FEATURE_REPEATS": 0}),
+    "sampler (borrowed spread)": ("sampler", {"BORROWED_SPREAD": 1.0}),
     "logit-adjust": ("logit-adjust", {}),
+    "sampler (borrowed spread, 2 nearest classes)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_NEIGHBOURS": 2}),
+    "sampler (borrowed spread, predictive scale)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_PREDICTIVE": True}),
+    "sampler (tau-normalised head)": ("sampler", {}),  # best.pt's head rows scaled to norm 1, no bias
 }
+TAU_NORMALISED = {"sampler (tau-normalised head)"}  # Kang et al. (ICLR 2020), tau 1, after training
 RECIPES = {"default": {}, "plain": {"cache_features": False},
            "unfreeze": {"unfreeze_after": 3, "cache_features": False}}  # fmt: skip
 
@@ -123,6 +134,11 @@ def run_one(data: Path, test: Path, order: list[str], arch: str, weights: Path, 
         result = train(config)
     seconds = time.perf_counter() - started
     engine = load_inference_model(EvaluateConfig(checkpoint=str(out / "best.pt")), announce=False)
+    if strategy in TAU_NORMALISED:
+        with torch.no_grad():
+            fc = engine.model.fc
+            fc.weight.div_(fc.weight.norm(dim=1, keepdim=True))
+            fc.bias.zero_()
     samples = evaluation_samples(str(test), engine.classes, None).samples
     evaluation = score(engine, samples, 32, None, warn=False)
     recall = {c.name: c.recall for c in evaluation.report.per_class}
@@ -178,6 +194,7 @@ def main() -> None:
     DATASETS["flowers5"] = Path(args.flowers5)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="issue26-imbalance-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RESNEXT_CACHE", str(work / "cache"))  # shared by the strategies of a cut
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, native bf16: {cpu_has_native_bf16()}, "
           f"torch {torch.__version__}; recipe {args.recipe}, {args.epochs} epochs at 64 px; seeds "

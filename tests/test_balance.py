@@ -202,6 +202,27 @@ def test_feature_cache_serves_a_repeated_draw_its_own_feature():
     assert torch.equal(plain.batch(1, [(1, 2), (1, 0)]), train[1][[2, 0]])  # EpochSampler's keys
 
 
+def test_borrowed_spread_moves_only_repeated_draws_by_another_class_deviation():
+    """A repeated draw of a rare image is moved by an image of another class minus that class's
+    mean (Bessel-scaled); first draws and EpochSampler's keys stay as they are."""
+    train = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [4.0, 0.0], [10.0, 10.0], [10.0, 12.0], [-5.0, -5.0]]])
+    labels, ok = torch.tensor([0, 0, 0, 1, 1, 2]), torch.ones(6, dtype=torch.bool)
+    spread = balance.BorrowedSpread(train, ok, labels, seed=3, scale=1.0)
+    assert [d.tolist() for d in spread.donors] == [[3, 4], [0, 1, 2], [0, 1, 2, 3, 4]]  # never its own
+    borrowed = {tuple(round(v, 4) for v in spread.deviation(0, i).tolist()) for i in range(5)}
+    assert borrowed == {(round(-2 * math.sqrt(1.5), 4), 0.0), (0.0, 0.0), (round(2 * math.sqrt(1.5), 4), 0.0),
+                        (0.0, round(-math.sqrt(2), 4)), (0.0, round(math.sqrt(2), 4))}  # fmt: skip
+    keys = [(1, 5, 0), (1, 5, 1), (1, 5, 2), (1, 5, 3), (1, 0), (2, 5, 1)]
+    moved = spread.add(train[0][[5, 5, 5, 5, 0, 5]].clone(), 0, keys)
+    assert moved[0].tolist() == [-5.0, -5.0] and moved[4].tolist() == [0.0, 0.0]
+    for row in (1, 2, 3, 5):
+        assert tuple(round(v, 4) for v in (moved[row] - train[0][5]).tolist()) in borrowed
+    assert len({tuple(moved[row].tolist()) for row in (1, 2, 3, 5)}) > 1  # donors drawn per draw
+    assert torch.equal(spread.add(train[0][[5, 5, 5, 5, 0, 5]].clone(), 0, keys), moved)  # keyed, not random
+    nearest = balance.BorrowedSpread(train, ok, labels, seed=3, scale=1.0, neighbours=1)
+    assert nearest.donors[2].tolist() == [0, 1, 2]  # class 0's mean is nearer to class 2's than class 1's
+
+
 def test_cached_training_gives_each_repeated_draw_its_own_augmentation(tmp_path, tail_data, monkeypatch):
     """The sampler draws gamma's 2 images (of 24) ~4 times each an epoch. On cached features
     each draw past an image's first gets its own augmented feature, computed once and cached,
@@ -220,6 +241,24 @@ def test_cached_training_gives_each_repeated_draw_its_own_augmentation(tmp_path,
     monkeypatch.setattr(balance, "SAMPLER_FEATURE_REPEATS", 0)
     train(tail_data, tmp_path / "shared", "--epochs", "2", "--balance", "sampler")
     assert [r["train_loss"] for r in rows(tmp_path / "own")] != [r["train_loss"] for r in rows(tmp_path / "shared")]
+
+
+def test_cached_sampler_borrows_spread_for_repeated_draws_and_resumes_exactly(tmp_path, tail_data, monkeypatch):
+    """With BORROWED_SPREAD (a measured candidate, off by default) the sampler's repeated draws
+    of gamma's 2 images on cached features are moved by other classes' deviations: other losses
+    than the default's; keyed by seed, epoch, image and repeat, so a run stopped after epoch 2
+    and resumed equals a straight one."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    common = ["--balance", "sampler", "--scheduler", "none"]
+    train(tail_data, tmp_path / "unmoved", "--epochs", "3", *common)
+    monkeypatch.setattr(balance, "BORROWED_SPREAD", 1.0)
+    train(tail_data, tmp_path / "straight", "--epochs", "3", *common)
+    train(tail_data, tmp_path / "split", "--epochs", "2", *common)
+    resumed = invoke(["train", "--resume", tmp_path / "split", "--epochs", "3"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert without_seconds(tmp_path / "split") == without_seconds(tmp_path / "straight")
+    moved, unmoved = rows(tmp_path / "straight"), rows(tmp_path / "unmoved")
+    assert all(a["train_loss"] != b["train_loss"] for a, b in zip(moved, unmoved, strict=True))
 
 
 # ---------------------------------------------------------------- training

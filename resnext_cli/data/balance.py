@@ -23,6 +23,14 @@ SAMPLER_POWER = 0.0  # an image drawn with probability ~ n_class^(power - 1): 0 
 # on cached features: distinct augmentations per image and view for the sampler's repeated draws
 # (a draw past it reuses them in turn); 0: every draw of an epoch gets the view's one feature
 SAMPLER_FEATURE_REPEATS = 16
+# on cached features: a repeated draw's feature plus this many times the within-class deviation of
+# an image of another class (`BorrowedSpread`); 0: off. Measured, not the default: +3.5 points of
+# tail recall with resnext50 at 50x, none with resnet18, a point less balanced accuracy at 10x
+# (docs/benchmarks.md, class imbalance, second follow-up). SPREAD_NEIGHBOURS: borrow from the k
+# classes whose mean is nearest (None: from every other class with 2 images or more)
+BORROWED_SPREAD = 0.0
+SPREAD_NEIGHBOURS: int | None = None
+SPREAD_PREDICTIVE = False  # True: scale a class of n images' deviations by sqrt(2 / n) (see BorrowedSpread)
 
 SELECTION_COLUMNS = {"acc": "val_acc", "balanced_acc": "val_balanced_acc", "macro_f1": "val_macro_f1"}
 SELECTION_NAMES = {"acc": "accuracy", "balanced_acc": "balanced accuracy", "macro_f1": "macro-F1"}
@@ -161,6 +169,62 @@ def feature_repeat(repeat: int) -> int:
     own feature) for the first draw, else 1..SAMPLER_FEATURE_REPEATS in turn."""
     cap = SAMPLER_FEATURE_REPEATS
     return 0 if repeat == 0 or cap <= 0 else 1 + (repeat - 1) % cap
+
+
+class BorrowedSpread:
+    """A rare class's few photos say where the class is, not how far it reaches: a head trained
+    on them (however often the sampler repeats them) draws a tight region around those points.
+    Here each repeated draw of an image (`repeat` >= 1, i.e. only of the classes the sampler
+    oversamples) is moved by the within-class deviation (feature minus its class mean) of an
+    image of another class: the rare class borrows the spread of classes that have enough images
+    to show one, its samples stay centred on its own photos. The feature-space form of
+    "distribution calibration" (Yang et al., ICLR 2021) and of feature transfer (Yin et al., CVPR
+    2019), on the cached features of a frozen backbone; donors drawn per (seed, epoch, image,
+    repeat), so a resumed epoch is the same epoch."""
+
+    def __init__(self, train: torch.Tensor, ok: torch.Tensor, labels: torch.Tensor, seed: int,
+                 scale: float, neighbours: int | None = None, predictive: bool = False) -> None:  # fmt: skip
+        self.train, self.seed, self.labels = train, seed, labels.long()
+        n_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        sizes = [int((ok & (self.labels == c)).sum()) for c in range(n_classes)]
+        # predictive: a test image lies around the mean of n photos with (1 + 1/n) times the class's
+        # variance, a photo with (1 - 1/n); a deviation scaled by sqrt(2 / n) makes up the difference
+        self.scales = [scale * (math.sqrt(2 / max(n, 1)) if predictive else 1.0) for n in sizes]
+        # Bessel's factor: the deviations' spread is the class's, unbiased (classes of 1 image lend none)
+        self.bessel = [math.sqrt(n / (n - 1)) if n >= 2 else 0.0 for n in sizes]
+        self.means = torch.zeros(train.shape[0], n_classes, train.shape[-1], dtype=train.dtype)  # per view
+        for c in range(n_classes):
+            if sizes[c]:
+                self.means[:, c] = train[:, ok & (self.labels == c)].mean(dim=1)
+        self.donors = [self._donors(c, sizes, self.means.mean(dim=0), ok, neighbours) for c in range(n_classes)]
+
+    def deviation(self, view: int, image: int) -> torch.Tensor:
+        """The image's feature in `view` minus its class's mean there, Bessel-scaled."""
+        label = int(self.labels[image])
+        return (self.train[view, image] - self.means[view, label]) * self.bessel[label]
+
+    def _donors(self, c: int, sizes: list[int], means: torch.Tensor, ok: torch.Tensor,
+                neighbours: int | None) -> torch.Tensor:  # fmt: skip
+        """The images whose deviations class `c` borrows: of every other class with at least 2
+        images, or of the `neighbours` such classes whose mean feature is nearest to c's."""
+        others = [d for d in range(len(sizes)) if d != c and sizes[d] >= 2]
+        if neighbours is not None:
+            others = sorted(others, key=lambda d: float(torch.dist(means[d], means[c])))[:neighbours]
+        rows = ok & torch.isin(self.labels, torch.tensor(others, dtype=torch.long))
+        return torch.nonzero(rows).flatten()
+
+    def add(self, features: torch.Tensor, view: int, keys: list[tuple[int, ...]]) -> torch.Tensor:
+        """`features` of the draws `keys` ((epoch, image, repeat)), each repeated draw moved by
+        its borrowed deviation; first draws (and EpochSampler's (epoch, image) keys) as they are."""
+        for k, key in enumerate(keys):
+            if len(key) < 3 or key[2] < 1:
+                continue
+            label = int(self.labels[key[1]])
+            donors = self.donors[label]
+            if len(donors):
+                pick = mix_seed(mix_seed(self.seed, key[0], key[1]), key[2], -3) % len(donors)
+                features[k] = features[k] + self.scales[label] * self.deviation(view, int(donors[pick]))
+        return features
 
 
 # ---------------------------------------------------------------- predictions

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from resnext_cli import ui
 from resnext_cli.config import TrainConfig
+from resnext_cli.data import balance
 from resnext_cli.data.balance import feature_repeat
 from resnext_cli.data.folders import DatasetLayout
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset, Sample, image_dataset, make_loader
@@ -46,9 +47,11 @@ Draw = tuple[int, int, int]  # (view, train image, repeat >= 1): a repeated draw
 @dataclass
 class FeatureCache:
     """train: [views, N, D]; val: [M, D]; *_ok marks the images that decoded. With the balanced
-    sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`.
-    The plain view and val also keep the second stage's channel spread ([N, S], [M, S]): what
-    the unknown score's `style` reads, so that calibrating needs no pass of its own."""
+    sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`,
+    and `borrowed` (`balance.BorrowedSpread`, off by default), which moves each repeated draw by
+    a borrowed within-class deviation. The plain view and val also keep the second stage's
+    channel spread ([N, S], [M, S]): what the unknown score's `style` reads, so that calibrating
+    needs no pass of its own."""
 
     train: torch.Tensor
     train_ok: torch.Tensor
@@ -56,6 +59,7 @@ class FeatureCache:
     val_ok: torch.Tensor
     repeats: torch.Tensor | None = None
     repeat_rows: dict[Draw, int] = field(default_factory=dict)
+    borrowed: balance.BorrowedSpread | None = None
     train_spread: torch.Tensor | None = None
     val_spread: torch.Tensor | None = None
 
@@ -73,13 +77,12 @@ class FeatureCache:
         """The features of the sampler's draws `keys` ((epoch, image[, repeat])) in `view`: a
         repeated draw's own augmentation where one was computed, else the view's feature."""
         features = self.train[view][torch.tensor([key[1] for key in keys], dtype=torch.long)]
-        if self.repeats is None:
-            return features
-        for k, key in enumerate(keys):
-            row = self.repeat_rows.get((view, key[1], feature_repeat(key[2]))) if len(key) > 2 else None
-            if row is not None:
-                features[k] = self.repeats[row]
-        return features
+        if self.repeats is not None:
+            for k, key in enumerate(keys):
+                row = self.repeat_rows.get((view, key[1], feature_repeat(key[2]))) if len(key) > 2 else None
+                if row is not None:
+                    features[k] = self.repeats[row]
+        return features if self.borrowed is None else self.borrowed.add(features, view, keys)
 
 
 def cache_root() -> Path:
@@ -553,6 +556,11 @@ def train_head_epoch(
     (same sampler order, batch size and drop_last; a balanced sampler's repeated draws each on its
     own augmentation where the cache holds one, `FeatureCache.batch`)."""
     keys = list(loader.sampler)
+    sampler = loader.sampler
+    if isinstance(sampler, balance.ClassBalancedSampler) and cache.borrowed is None and balance.BORROWED_SPREAD > 0:
+        cache.borrowed = balance.BorrowedSpread(cache.train, cache.train_ok, labels, sampler.seed,
+                                              balance.BORROWED_SPREAD, balance.SPREAD_NEIGHBOURS,
+                                              balance.SPREAD_PREDICTIVE)  # fmt: skip
     size = loader.batch_size or 1
     batches = [keys[k : k + size] for k in range(0, len(keys), size)]
     if loader.drop_last and batches and len(batches[-1]) < size:
