@@ -471,8 +471,11 @@ class TrainRecipe:
 
     def setup_cache(self) -> features.FeatureCache:
         report = partial(report_failures, seen=self.failures)
-        return features.prepare_cache(self.model, self.layout, self.cfg, self.step, self.ctx,
-                                      pin_memory_for(self.device), report, self.repeated_draws())  # fmt: skip
+        cache = features.prepare_cache(self.model, self.layout, self.cfg, self.step, self.ctx,
+                                       pin_memory_for(self.device), report, self.repeated_draws())  # fmt: skip
+        cache.borrowed = balance.borrowed_spread_for(self.loaders.train.sampler, cache.train, cache.train_ok,
+                                                     self.loaders.train_labels)  # fmt: skip
+        return cache
 
     def repeated_draws(self) -> list[features.Draw] | None:
         """With the balanced sampler (and augmentation): the draws of an image beyond its first in

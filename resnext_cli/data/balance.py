@@ -10,7 +10,7 @@ imbalance); the reasoning is in docs/design.md.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -225,6 +225,15 @@ class BorrowedSpread:
                 pick = mix_seed(mix_seed(self.seed, key[0], key[1]), key[2], -3) % len(donors)
                 features[k] = features[k] + self.scales[label] * self.deviation(view, int(donors[pick]))
         return features
+
+
+def borrowed_spread_for(sampler: Any, train: torch.Tensor, ok: torch.Tensor,
+                        labels: torch.Tensor) -> BorrowedSpread | None:  # fmt: skip
+    """The cached features' `BorrowedSpread` for a run with this sampler: only the balanced one
+    repeats draws, and only with `BORROWED_SPREAD` on (a measured candidate, off by default)."""
+    if not isinstance(sampler, ClassBalancedSampler) or BORROWED_SPREAD <= 0:
+        return None
+    return BorrowedSpread(train, ok, labels, sampler.seed, BORROWED_SPREAD, SPREAD_NEIGHBOURS, SPREAD_PREDICTIVE)
 
 
 # ---------------------------------------------------------------- predictions

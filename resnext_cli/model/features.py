@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader
 
 from resnext_cli import ui
 from resnext_cli.config import TrainConfig
-from resnext_cli.data import balance
-from resnext_cli.data.balance import feature_repeat
+from resnext_cli.data.balance import BorrowedSpread, feature_repeat
 from resnext_cli.data.folders import DatasetLayout
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset, Sample, image_dataset, make_loader
 from resnext_cli.data.transforms import Preprocessing
@@ -48,7 +47,7 @@ Draw = tuple[int, int, int]  # (view, train image, repeat >= 1): a repeated draw
 class FeatureCache:
     """train: [views, N, D]; val: [M, D]; *_ok marks the images that decoded. With the balanced
     sampler also `repeats`, [R, D]: the features of its repeated draws, row `repeat_rows[draw]`,
-    and `borrowed` (`balance.BorrowedSpread`, off by default), which moves each repeated draw by
+    and `borrowed` (`balance.BorrowedSpread`, off by default, set by train's setup), which moves each repeated draw by
     a borrowed within-class deviation. The plain view and val also keep the second stage's
     channel spread ([N, S], [M, S]): what the unknown score's `style` reads, so that calibrating
     needs no pass of its own."""
@@ -59,7 +58,7 @@ class FeatureCache:
     val_ok: torch.Tensor
     repeats: torch.Tensor | None = None
     repeat_rows: dict[Draw, int] = field(default_factory=dict)
-    borrowed: balance.BorrowedSpread | None = None
+    borrowed: BorrowedSpread | None = None
     train_spread: torch.Tensor | None = None
     val_spread: torch.Tensor | None = None
 
@@ -556,11 +555,6 @@ def train_head_epoch(
     (same sampler order, batch size and drop_last; a balanced sampler's repeated draws each on its
     own augmentation where the cache holds one, `FeatureCache.batch`)."""
     keys = list(loader.sampler)
-    sampler = loader.sampler
-    if isinstance(sampler, balance.ClassBalancedSampler) and cache.borrowed is None and balance.BORROWED_SPREAD > 0:
-        cache.borrowed = balance.BorrowedSpread(cache.train, cache.train_ok, labels, sampler.seed,
-                                              balance.BORROWED_SPREAD, balance.SPREAD_NEIGHBOURS,
-                                              balance.SPREAD_PREDICTIVE)  # fmt: skip
     size = loader.batch_size or 1
     batches = [keys[k : k + size] for k in range(0, len(keys), size)]
     if loader.drop_last and batches and len(batches[-1]) < size:
