@@ -53,7 +53,6 @@ def calibrate(cfg: CalibrateConfig) -> Calibration:
     inputs = FitInputs(val, None, None, _kept_statistics(previous, score))
     if inputs.stats is None and any(c in FEATURE_COMPONENTS for c in parse_score(score)):
         inputs.train_features, inputs.train_labels = _training_features(engine, checkpoint, cfg)
-        inputs.pooled = val.pooled
     accept = cfg.unknown_threshold or (previous.unknown.accept if previous.unknown else UNKNOWN_ACCEPT)
     fitted_on = f"{chosen.description} ({len(val.labels)} images), by resnext calibrate"
     calibration = fit_calibration(inputs, score, accept, fitted_on)

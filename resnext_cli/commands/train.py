@@ -472,7 +472,8 @@ class TrainRecipe:
     def setup_cache(self) -> features.FeatureCache:
         report = partial(report_failures, seen=self.failures)
         cache = features.prepare_cache(self.model, self.layout, self.cfg, self.step, self.ctx,
-                                       pin_memory_for(self.device), report, self.repeated_draws())  # fmt: skip
+                                       pin_memory_for(self.device), report,
+                                       self.repeated_draws())  # fmt: skip
         cache.borrowed = balance.borrowed_spread_for(self.loaders.train.sampler, cache.train, cache.train_ok,
                                                      self.loaders.train_labels)  # fmt: skip
         return cache
@@ -569,12 +570,13 @@ class TrainRecipe:
         cfg = self.cfg
         prior = resolve_prior(self.class_counts, str(cfg.balance), None, source)  # predict's default
         if self.cache is not None and backbone_frozen_at(cfg, best_epoch):
-            cache, ok, pooled = self.cache, self.cache.val_ok, self.model.fc.in_features
+            cache, ok = self.cache, self.cache.val_ok
             with torch.inference_mode(), self.step.autocast():
                 logits = adjust_for_prior(self.model.fc(cache.val[ok].to(self.device)).float(), prior).cpu()
+            pooled = self.model.fc.in_features  # the leading columns of cache.plain(...)
             val = Outputs(logits, cache.plain("val")[ok], self.loaders.val_labels[ok], [], pooled)
-            return FitInputs(val, cache.plain("train")[cache.train_ok], self.loaders.train_labels[cache.train_ok],
-                             pooled=pooled)  # fmt: skip
+            train_ok = cache.train_ok
+            return FitInputs(val, cache.plain("train")[train_ok], self.loaders.train_labels[train_ok])
         self.model.eval()  # BatchNorm on its running statistics, as prediction runs it (training is over)
         engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, source,
                                 self.device, str(cfg.precision), cfg.channels_last,
@@ -582,7 +584,7 @@ class TrainRecipe:
         val = collect_outputs(engine, self.layout.val, cfg.batch_size, cfg.workers, "calibrate: val")
         train = collect_outputs(engine, train_subsample(self.layout.train), cfg.batch_size, cfg.workers,
                                 "calibrate: train features")  # fmt: skip
-        return FitInputs(val, train.features, train.labels, pooled=train.pooled)
+        return FitInputs(val, train.features, train.labels)
 
     def finish(self) -> TrainResult:
         self.plots.close()

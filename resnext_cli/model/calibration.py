@@ -83,7 +83,6 @@ class FitInputs:
     train_features: torch.Tensor | None  # the training images' features (None: keep `stats`)
     train_labels: torch.Tensor | None
     stats: tuple[dict[str, torch.Tensor], int] | None = None  # fitted already (recalibrating)
-    pooled: int | None = None  # leading columns of train_features that are pooled (None: all)
 
 
 def fit_calibration(inputs: FitInputs, score: str, accept: float, fitted_on: str) -> Calibration:
@@ -97,7 +96,8 @@ def fit_calibration(inputs: FitInputs, score: str, accept: float, fitted_on: str
         stats, k = inputs.stats
     else:
         assert inputs.train_features is not None and inputs.train_labels is not None
-        stats, k = fit_statistics(components, inputs.train_features, inputs.train_labels, pooled=inputs.pooled)
+        # the training features are laid out as val's (the same model's): as many pooled columns
+        stats, k = fit_statistics(components, inputs.train_features, inputs.train_labels, pooled=val.pooled)
     detector = fit_detector(components, stats, k, val.logits, val.features, temperature, accept)
     return Calibration(temperature, replace(detector, fitted_on=fitted_on))
 
