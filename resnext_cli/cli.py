@@ -204,7 +204,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated()
 
-    _install_fork_hooks()
     previous = signal.signal(signal.SIGTERM, terminate)
     _fork_hooks.active += 1
     try:
@@ -223,8 +222,7 @@ class _fork_hooks:
     forever. So SIGTERM is blocked across fork() and, in the child, set back to the default
     before it is unblocked: a SIGTERM sent meanwhile stays pending and then ends the child."""
 
-    active = 0
-    installed = False
+    active = 0  # sigterm_as_interrupt's handlers in force (registered with os at import, below)
 
     @staticmethod
     def before() -> None:
@@ -244,11 +242,9 @@ class _fork_hooks:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
-def _install_fork_hooks() -> None:
-    if not _fork_hooks.installed and hasattr(os, "register_at_fork"):
-        os.register_at_fork(before=_fork_hooks.before, after_in_parent=_fork_hooks.in_parent,
-                            after_in_child=_fork_hooks.in_child)  # fmt: skip
-        _fork_hooks.installed = True
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(before=_fork_hooks.before, after_in_parent=_fork_hooks.in_parent,
+                        after_in_child=_fork_hooks.in_child)  # fmt: skip
 
 
 def stdout_closed() -> bool:

@@ -71,8 +71,8 @@ def activation_maps(
         warnings.simplefilter("ignore", UserWarning)  # captum's notes on what it made require grad
         x = inputs.detach().float().clone()  # an ordinary tensor even if made in inference mode
         target = targets.to(x.device)
-        spec = ARCHS[arch]
         if method.startswith("gradcam"):
+            spec = ARCHS[arch]
             maps = _gradcam(attr, net, spec.cam_layer, x, target)
             if method == "gradcam":
                 return ActivationMaps(_on_cpu(maps), float(spec.cam_stride), 0.5)
