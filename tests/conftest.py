@@ -17,12 +17,6 @@ from typer.testing import CliRunner
 
 from resnext_cli.cli import app
 
-# pyarrow (imported by the Parquet tests at collection) would start jemalloc's background thread
-# in this process; the suite then forks (check-data's pool, DataLoader workers), and a child
-# forked while that thread held jemalloc's lock waits for it forever (seen: a hung CI run, its
-# child in a futex). `results.require_pyarrow` keeps the thread off the same way for users.
-os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
-
 # colour per class: a trivially learnable signal, so a couple of epochs give a usable model
 CLASS_COLOURS = {"alpha": (220, 40, 40), "beta": (40, 200, 60), "gamma": (40, 60, 220)}
 

@@ -150,11 +150,7 @@ def _json_value(value: Any, kind: str, exact: Any) -> Any:
 
 
 def require_pyarrow() -> Any:
-    """pyarrow is an optional extra: say what to install instead of a traceback. Its jemalloc
-    would start a background thread, and batch-predict forks DataLoader workers after this: a
-    child forked while that thread holds jemalloc's lock hangs, so the thread stays off (unless
-    the user configured jemalloc)."""
-    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
+    """pyarrow is an optional extra: say what to install instead of a traceback."""
     try:
         return importlib.import_module("pyarrow")
     except ImportError:
