@@ -212,9 +212,17 @@ def set_train_mode(model: ResNet, backbone_frozen: bool, freeze_bn: bool = False
 
 def backbone_features(model: ResNet, images: torch.Tensor) -> torch.Tensor:
     """The pooled features that feed `fc`, through torchvision's own layers."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
-    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
-    return model.avgpool(x).flatten(1)
+    return _pooled(model, _second_stage(model, images))
+
+
+def _second_stage(model: ResNet, images: torch.Tensor) -> torch.Tensor:
+    """The stem and the first two stages: where the channel spread is read."""
+    return model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(images))))))
+
+
+def _pooled(model: ResNet, middle: torch.Tensor) -> torch.Tensor:
+    """The last two stages and the average pool, from the second stage's output."""
+    return model.avgpool(model.layer4(model.layer3(middle))).flatten(1)
 
 
 def channel_spread(activations: torch.Tensor) -> torch.Tensor:
@@ -227,9 +235,8 @@ def channel_spread(activations: torch.Tensor) -> torch.Tensor:
 def pooled_and_spread(model: ResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In one pass, the pooled features that feed `fc` and the channel spread of the second
     stage (`layer2`): what the unknown score (`model.trust`) reads."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
-    middle = model.layer2(model.layer1(x))
-    return model.avgpool(model.layer4(model.layer3(middle))).flatten(1), channel_spread(middle)
+    middle = _second_stage(model, images)
+    return _pooled(model, middle), channel_spread(middle)
 
 
 def logits_and_features(model: ResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
