@@ -26,7 +26,9 @@ before and after the temperature, pooled over the splits; the time the score add
 batch of 8 and the bytes it stores. Then the score `train` stored in each best.pt (the
 default), at the threshold stored with it: the share of known test photos accepted and of
 unknowns rejected. A last table: every 5-class run (train on 45 of flowers5/train per class,
-val the other 15, test flowers5/val) for ECE with all classes.
+val the other 15, test flowers5/val) for ECE with all classes; with --five-class-pooled-seeds,
+also 5-class runs whose train / val / test (45 / 15 / 20 per class) are drawn from both folders
+pooled, so that val and test come from one pool, as temperature scaling assumes.
 
     python benchmarks/bench_trust.py                       # both backbones, 10 splits (2.5 h on 2 shared cores)
     python benchmarks/bench_trust.py --archs resnet18 --splits 3
@@ -409,13 +411,37 @@ def calibration_numbers(logits: torch.Tensor, labels: torch.Tensor, temperature:
     return out
 
 
-def five_class_run(arch, weights, flowers, work, features, seed) -> dict:
-    """All 5 classes (45/15 of flowers5/train, test flowers5/val): calibration with every class."""
+def pooled_split(root: Path, flowers: Path, classes: list[str], seed: int) -> dict[str, list[tuple[str, int]]]:
+    """train / val / test of 45 / 15 / 20 per class drawn from flowers5's train and val folders
+    pooled, so that val and test are exchangeable (as temperature scaling assumes); root/train
+    and root/val as symlinks, test listed only. With --reuse, the draw is made again (seeded)."""
+    rng = random.Random(f"pool-{seed}")
+    parts: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(classes):
+        photos = sorted(p for split in ("train", "val") for p in list_images(flowers / split / name, recursive=True))
+        rng.shuffle(photos)
+        for split, chosen in (("train", photos[:45]), ("val", photos[45:60]), ("test", photos[60:80])):
+            for path in chosen:
+                parts[split].append((path, label))
+                link = root / split / name / Path(path).name
+                if split != "test" and not link.is_symlink():
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(Path(path).resolve(), link)
+    return parts
+
+
+def five_class_run(arch, weights, flowers, work, features, seed, pool: bool = False) -> dict:
+    """All 5 classes (45/15 of flowers5/train, test flowers5/val; with `pool`, all three drawn
+    from both folders pooled): calibration with every class."""
     classes = sorted(p.name for p in (flowers / "train").iterdir() if p.is_dir())
-    root = work / f"{arch}_all_{seed}"
-    parts = split_dataset(root / "data", flowers, classes, seed)
+    root = work / f"{arch}_all{'_pooled' if pool else ''}_{seed}"
+    if pool:
+        parts = pooled_split(root / "data", flowers, classes, seed)
+        test = parts["test"]
+    else:
+        parts = split_dataset(root / "data", flowers, classes, seed)
+        test = [(p, i) for i, c in enumerate(classes) for p in list_images(flowers / "val" / c, True)]
     checkpoint, _ = train_run(root / "data", arch, weights, seed, root / "run")
-    test = [(p, i) for i, c in enumerate(classes) for p in list_images(flowers / "val" / c, True)]
     leaks = near_copies([p for p, _ in test], [p for p, _ in parts["train"]])
     test = [(p, i) for p, i in test if p not in leaks]
     val_feats = torch.stack([features[p] for p, _ in parts["val"]])
@@ -486,7 +512,7 @@ def print_tables(results: dict, far_names: list[str]) -> None:
           "ECE if calibrated (mean / 95%) | NLL before | NLL after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for arch, runs in results.items():
-        for label, key in (("3 of 5", "splits"), ("all 5", "five")):
+        for label, key in (("3 of 5", "splits"), ("all 5", "five"), ("all 5, folders pooled", "five_pooled")):
             if runs.get(key):
                 c = pooled_calibration(runs[key])
                 print(f"| {arch} | {label} | {len(runs[key])} | {c['n']} | {c['accuracy']:.1%} | "
@@ -512,6 +538,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["resnet18", "resnext50_32x4d"])
     parser.add_argument("--splits", type=int, default=10, help="how many of the 10 choices of 3 known classes")
     parser.add_argument("--five-class-seeds", type=int, default=3)
+    parser.add_argument("--five-class-pooled-seeds", type=int, default=0,
+                        help="5-class runs with train/val/test drawn from both folders pooled")
     parser.add_argument("--photos", help="a folder of more non-flower photos for the far set")
     parser.add_argument("--objects", help="a folder of photos of animals and objects, reported as their own set")
     parser.add_argument("--work", default="/tmp/issue25-trust-bench")
@@ -550,6 +578,9 @@ def main() -> None:
                   f"{run['candidates'][best]['near_auroc']:.3f}", flush=True)
         for seed in range(args.five_class_seeds):
             runs["five"].append(five_class_run(arch, weights, flowers, work, features, seed))
+        for seed in range(args.five_class_pooled_seeds):
+            runs.setdefault("five_pooled", []).append(
+                five_class_run(arch, weights, flowers, work, features, seed, pool=True))
         runs["size_100k"] = size_at_scale(engine.model.fc.in_features)
         print(f"  {arch}: stored bytes for 100k training images: {runs['size_100k']}", flush=True)
     extras = [n for n in EXTRA_SETS if far.get(n)]

@@ -127,3 +127,21 @@ def test_backbone_features_feed_the_head():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.fc(networks.backbone_features(model, x)), model(x))
+
+
+def test_logits_and_features_are_the_forward_pass_and_layer2_spread():
+    """One pass gives torchvision's logits, the pooled features, then each layer2 channel's
+    standard deviation over the image (what the unknown score's `style` reads)."""
+    model = networks.build_model("resnet18", 3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = {}
+    model.layer2.register_forward_hook(lambda _m, _i, out: seen.setdefault("layer2", out))
+    with torch.no_grad():
+        logits, features = networks.logits_and_features(model, x)
+        expected = model(x)
+    pooled = model.fc.in_features
+    assert features.shape == (2, pooled + 128)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert torch.allclose(model.fc(features[:, :pooled]), expected, atol=1e-5)
+    spread = seen["layer2"].flatten(2).std(2, correction=0)
+    assert torch.allclose(features[:, pooled:], spread, atol=1e-5)
