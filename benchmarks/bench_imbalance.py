@@ -31,7 +31,8 @@ data it must equal none), plus candidates that are not flags, measured by settin
       1 and the bias dropped before evaluation (Kang et al., ICLR 2020, tau = 1).
   sampler (imprinted): on cached features, the head's rows start at the centred class means'
       directions, at the random rows' norm (IMPRINT 1; Qi et al. 2018, SimpleShot's centring);
-      "3x norm" at 3 times it (the class means weigh more against the few steps that follow),
+      "3x norm" / "10x norm" at 3 / 10 times it (the class means weigh more against the few steps
+      that follow: towards a nearest-class-mean head folded into the Linear layer),
       "not centred" Qi et al.'s raw normalised means with bias 0 (IMPRINT_CENTRED False).
 
     python benchmarks/bench_imbalance.py                       # flowers5 + data/sample, ~40 min
@@ -82,6 +83,7 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "sampler (tau-normalised head)": ("sampler", {}),  # best.pt's head rows scaled to norm 1, no bias
     "sampler (imprinted)": ("sampler", {"IMPRINT": 1.0}),
     "sampler (imprinted, 3x norm)": ("sampler", {"IMPRINT": 3.0}),
+    "sampler (imprinted, 10x norm)": ("sampler", {"IMPRINT": 10.0}),
     "sampler (imprinted, not centred)": ("sampler", {"IMPRINT": 1.0, "IMPRINT_CENTRED": False}),
 }
 TAU_NORMALISED = {"sampler (tau-normalised head)"}  # Kang et al. (ICLR 2020), tau 1, after training
