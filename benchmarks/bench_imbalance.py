@@ -29,6 +29,11 @@ data it must equal none), plus candidates that are not flags, measured by settin
       scale" the deviation is scaled by sqrt(2 / n) for a class of n images (SPREAD_PREDICTIVE);
   sampler (tau-normalised head): the sampler's best.pt with each class's head row scaled to norm
       1 and the bias dropped before evaluation (Kang et al., ICLR 2020, tau = 1).
+  sampler (imprinted): on cached features, the head's rows start at the centred class means'
+      directions, at the random rows' norm (IMPRINT 1; Qi et al. 2018, SimpleShot's centring);
+      "3x norm" / "10x norm" at 3 / 10 times it (the class means weigh more against the few steps
+      that follow: towards a nearest-class-mean head folded into the Linear layer),
+      "not centred" Qi et al.'s raw normalised means with bias 0 (IMPRINT_CENTRED False).
 
     python benchmarks/bench_imbalance.py                       # flowers5 + data/sample, ~40 min
     python benchmarks/bench_imbalance.py --datasets flowers5 --archs resnet18 --ratios 1 10 --seeds 0
@@ -76,6 +81,10 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "sampler (borrowed spread, 2 nearest classes)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_NEIGHBOURS": 2}),
     "sampler (borrowed spread, predictive scale)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_PREDICTIVE": True}),
     "sampler (tau-normalised head)": ("sampler", {}),  # best.pt's head rows scaled to norm 1, no bias
+    "sampler (imprinted)": ("sampler", {"IMPRINT": 1.0}),
+    "sampler (imprinted, 3x norm)": ("sampler", {"IMPRINT": 3.0}),
+    "sampler (imprinted, 10x norm)": ("sampler", {"IMPRINT": 10.0}),
+    "sampler (imprinted, not centred)": ("sampler", {"IMPRINT": 1.0, "IMPRINT_CENTRED": False}),
 }
 TAU_NORMALISED = {"sampler (tau-normalised head)"}  # Kang et al. (ICLR 2020), tau 1, after training
 RECIPES = {"default": {}, "plain": {"cache_features": False},

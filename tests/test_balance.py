@@ -261,6 +261,55 @@ def test_cached_sampler_borrows_spread_for_repeated_draws_and_resumes_exactly(tm
     assert all(a["train_loss"] != b["train_loss"] for a, b in zip(moved, unmoved, strict=True))
 
 
+def test_imprinting_starts_each_row_at_its_class_mean():
+    """Before any training step the imprinted head calls each class's mean feature that class
+    (also a one-photo class), its rows keep the random rows' mean norm (times the scale), a class
+    without images keeps its row, and the head is still a plain Linear (fc.weight, fc.bias)."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=generator).abs() * 3 + 5  # positive, like pooled ReLU features
+    labels = torch.tensor([0] * 20 + [1] * 6 + [2])  # class 3 has no images
+    train = centres[labels] + torch.randn(2, len(labels), 32, generator=generator)  # 2 views
+    ok = torch.ones(len(labels), dtype=torch.bool)
+    for centred in (True, False):
+        fc = torch.nn.Linear(32, 4)
+        torch.nn.init.normal_(fc.weight, std=0.1, generator=generator)
+        before, norm = fc.weight.detach().clone(), fc.weight.detach().norm(dim=1).mean()
+        balance.imprint_head(fc, train, ok, labels, scale=2.0, centred=centred)
+        means = torch.stack([train[:, labels == c].mean(dim=(0, 1)) for c in range(3)])
+        assert fc(means).argmax(dim=1).tolist() == [0, 1, 2]
+        assert torch.allclose(fc.weight[:3].norm(dim=1), torch.full((3,), 2 * float(norm)))
+        assert torch.equal(fc.weight[3], before[3])
+        assert list(fc.state_dict()) == ["weight", "bias"]
+
+
+def test_imprinting_is_entered_only_by_a_new_sampler_run_on_cached_features(tmp_path, tail_data, dataset,
+                                                                           monkeypatch):  # fmt: skip
+    """IMPRINT (a measured candidate, off by default) imprints the head of a new run with the
+    balanced sampler: other losses than without, the checkpoint's head keys as before, and a run
+    stopped after epoch 2 and resumed equals a straight one (the resumed head is last.pt's, not
+    imprinted again). On balanced data auto is `none` and never reaches it."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    common = ["--balance", "sampler", "--scheduler", "none"]
+    train(tail_data, tmp_path / "random", "--epochs", "3", *common)
+    monkeypatch.setattr(balance, "IMPRINT", 1.0)
+    calls = []
+    imprint = balance.imprint_head
+    monkeypatch.setattr(balance, "imprint_head", lambda *args: calls.append(1) or imprint(*args))
+    train(tail_data, tmp_path / "straight", "--epochs", "3", *common)
+    assert len(calls) == 1
+    train(tail_data, tmp_path / "split", "--epochs", "2", *common)
+    resumed = invoke(["train", "--resume", tmp_path / "split", "--epochs", "3"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert len(calls) == 2  # not on the resume
+    assert without_seconds(tmp_path / "split") == without_seconds(tmp_path / "straight")
+    imprinted, random_head = rows(tmp_path / "straight"), rows(tmp_path / "random")
+    assert imprinted[0]["train_loss"] != random_head[0]["train_loss"]
+    best = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["model"]
+    assert list(best) == list(torch.load(tmp_path / "random" / "best.pt", weights_only=True)["model"])
+    train(dataset, tmp_path / "balanced", "--epochs", "1")
+    assert len(calls) == 2
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -476,6 +476,9 @@ class TrainRecipe:
                                        self.repeated_draws())  # fmt: skip
         cache.borrowed = balance.borrowed_spread_for(self.loaders.train.sampler, cache.train, cache.train_ok,
                                                      self.loaders.train_labels)  # fmt: skip
+        if self.resume is None:  # a resumed head is the one last.pt saved
+            balance.imprint_for(self.loaders.train.sampler, self.model.fc, cache.train, cache.train_ok,
+                                self.loaders.train_labels)  # fmt: skip
         return cache
 
     def repeated_draws(self) -> list[features.Draw] | None:
