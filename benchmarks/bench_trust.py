@@ -269,11 +269,17 @@ def split_dataset(root: Path, flowers: Path, known: list[str], seed: int) -> dic
         rng.shuffle(photos)
         for split, chosen in (("train", photos[:45]), ("val", photos[45:])):
             for path in chosen:
-                link = root / split / name / Path(path).name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(Path(path).resolve(), link)
+                link_into(root / split / name, path)
                 parts[split].append((path, label))
     return parts
+
+
+def link_into(folder: Path, path: str) -> None:
+    """A symlink to the photo in `folder` (kept if an earlier run made it: --reuse)."""
+    link = folder / Path(path).name
+    if not link.is_symlink():
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(Path(path).resolve(), link)
 
 
 def train_run(data: Path, arch: str, weights: Path, seed: int, out: Path) -> tuple[dict, float]:
@@ -423,10 +429,8 @@ def pooled_split(root: Path, flowers: Path, classes: list[str], seed: int) -> di
         for split, chosen in (("train", photos[:45]), ("val", photos[45:60]), ("test", photos[60:80])):
             for path in chosen:
                 parts[split].append((path, label))
-                link = root / split / name / Path(path).name
-                if split != "test" and not link.is_symlink():
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    os.symlink(Path(path).resolve(), link)
+                if split != "test":
+                    link_into(root / split / name, path)
     return parts
 
 
