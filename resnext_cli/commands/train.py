@@ -348,6 +348,7 @@ class TrainRecipe:
         self.step = self.setup_step()
         self.loaders = setup_loaders(self.layout, self.cfg, self.ctx, self.step.spec)
         self.opt = setup_optimization(self.model, self.cfg, max(1, len(self.loaders.train)), self.device)
+        balance.damp_rare_rows(self.loaders.train.sampler, self.opt.optimizer, self.model.fc, self.class_counts)
         self.history = self.restore()
         self.tracking = self.setup_tracking()
         self.failures: dict[str, str] = {}
@@ -534,7 +535,17 @@ class TrainRecipe:
             checkpoint, optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
             best_val_acc=history.best_acc, best_epoch=history.best_epoch, metrics=history.rows,
         )  # fmt: skip
-        ckpt.save_epoch(self.run_dir, checkpoint if improved else None, last, history.rows)
+        ckpt.save_epoch(self.run_dir, self.finished_best(checkpoint) if improved else None, last, history.rows)
+
+    def finished_best(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """best.pt's head as data/balance.py's post-training candidates finish it (off by default:
+        as trained); last.pt, and the run's own head, train on unchanged."""
+        model, cache = checkpoint["model"], self.cache if self.frozen else None
+        head = balance.finished_head(self.loaders.train.sampler, model["fc.weight"], model["fc.bias"],
+                                     self.class_counts, cache, self.loaders.train_labels)  # fmt: skip
+        if head is None:
+            return checkpoint
+        return {**checkpoint, "model": {**model, "fc.weight": head[0], "fc.bias": head[1]}}
 
     def draw(self, validation: Validation, improved: bool, epoch: int) -> None:
         curves = partial(training_curves_png, list(self.history.rows), self.history.column)
