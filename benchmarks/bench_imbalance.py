@@ -18,7 +18,8 @@ images.
 
 Strategies: the five of `--balance` (none is today's training, auto the default: on balanced
 data it must equal none), plus candidates that are not flags, measured by setting
-`data/balance.py`'s knobs for the run:
+`data/balance.py`'s knobs for the run (on top of the default's: the sampler's candidates below
+are blended as `sampler` is, unless they say otherwise):
   weights (effective number): Cui et al.'s (1 - beta^n) / (1 - beta) with beta 0.99 instead of
       inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class;
   sampler (repeats share the view): on cached features, every draw of an image in an epoch gets
@@ -35,8 +36,10 @@ data it must equal none), plus candidates that are not flags, measured by settin
       "3x norm" / "10x norm" at 3 / 10 times it (the class means weigh more against the few steps
       that follow: towards a nearest-class-mean head folded into the Linear layer),
       "not centred" Qi et al.'s raw normalised means with bias 0 (IMPRINT_CENTRED False).
+  sampler (not blended): best.pt's head as trained, not blended towards the class means
+      (HEAD_BLEND 0: the sampler before the fourth follow-up; `sampler` blends at k 3);
   sampler (blended to class means, k K): the sampler's best.pt with a class of n images' row and
-      bias mixed with its centred class-mean row by K / (K + n) (HEAD_BLEND K);
+      bias mixed with its centred class-mean row by K / (K + n) (HEAD_BLEND K; the default is 3);
   sampler (rare rows step less, k K): each step's change to a class of n images' head row scaled
       by n / (n + K) (RARE_STEP K).
 
@@ -90,8 +93,8 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "sampler (imprinted, 3x norm)": ("sampler", {"IMPRINT": 3.0}),
     "sampler (imprinted, 10x norm)": ("sampler", {"IMPRINT": 10.0}),
     "sampler (imprinted, not centred)": ("sampler", {"IMPRINT": 1.0, "IMPRINT_CENTRED": False}),
+    "sampler (not blended)": ("sampler", {"HEAD_BLEND": 0.0}),  # the sampler as before the blend
     "sampler (blended to class means, k 1)": ("sampler", {"HEAD_BLEND": 1.0}),
-    "sampler (blended to class means, k 3)": ("sampler", {"HEAD_BLEND": 3.0}),
     "sampler (blended to class means, k 10)": ("sampler", {"HEAD_BLEND": 10.0}),
     "sampler (tau 0.5)": ("sampler", {"TAU_NORM": 0.5}),
     "sampler (tau 0.5, no bias)": ("sampler", {"TAU_NORM": 0.5, "TAU_KEEP_BIAS": False}),

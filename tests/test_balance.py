@@ -358,9 +358,10 @@ def test_rare_rows_step_less_and_only_with_the_balanced_sampler(monkeypatch):
 
 
 def test_finished_head_changes_only_best_pt_and_only_with_the_sampler(tmp_path, tail_data, monkeypatch):
-    """TAU_NORM (a measured candidate, off by default) finishes best.pt's head: its rows at norm 1
-    and no bias at tau 1, the keys as before, while training (metrics, last.pt's head) is the run
-    without it; `finished_head` leaves a run without the balanced sampler, or with the knobs off, alone."""
+    """TAU_NORM (a measured candidate, off by default) finishes best.pt's head (after the default
+    blend): its rows at norm 1 and no bias at tau 1, the keys as before, while training (metrics)
+    is the run without it; `finished_head` leaves a run without the balanced sampler, or with the
+    knobs off, alone."""
     monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
     common = ["--epochs", "2", "--balance", "sampler", "--scheduler", "none"]
     train(tail_data, tmp_path / "plain", *common)
@@ -372,11 +373,48 @@ def test_finished_head_changes_only_best_pt_and_only_with_the_sampler(tmp_path, 
     assert list(best) == list(torch.load(tmp_path / "plain" / "best.pt", weights_only=True)["model"])
     assert torch.allclose(best["fc.weight"].norm(dim=1), torch.ones(len(best["fc.bias"])))
     assert not best["fc.bias"].any()
-    weight, bias = torch.ones(2, 3), torch.ones(2)
-    assert balance.finished_head(EpochSampler(4, seed=0), weight, bias, [3, 1], None, torch.zeros(4)) is None
+    weight, bias, unused = torch.ones(2, 3), torch.ones(2), lambda: pytest.fail("features asked for")
+    assert balance.finished_head(EpochSampler(4, seed=0), weight, bias, [3, 1], unused) is None
     monkeypatch.setattr(balance, "TAU_NORM", 0.0)
+    monkeypatch.setattr(balance, "HEAD_BLEND", 0.0)
     sampler = balance.ClassBalancedSampler([0, 0, 0, 1], seed=0)
-    assert balance.finished_head(sampler, weight, bias, [3, 1], None, torch.zeros(4)) is None
+    assert balance.finished_head(sampler, weight, bias, [3, 1], unused) is None
+
+
+@pytest.mark.parametrize("path", [[], ["--no-cache-features"], ["--unfreeze-after", "1"]],
+                         ids=["cached", "images", "unfreeze"])  # fmt: skip
+def test_the_blend_reaches_best_pt_on_every_path_and_leaves_training_alone(tmp_path, tail_data, monkeypatch, path):
+    """By default, with the balanced sampler, best.pt's head is blended towards the class means
+    whatever the path (the cached views' means; one pass over train on the image path and after
+    the unfreezing): its rows differ from the trained head's (HEAD_BLEND 0), its keys and backbone
+    do not, and the run (metrics, last.pt) is the one without the blend, the pass over train
+    included."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    common = ["--epochs", "2", "--balance", "sampler", "--scheduler", "none", *path]
+    train(tail_data, tmp_path / "blended", *common)
+    monkeypatch.setattr(balance, "HEAD_BLEND", 0.0)
+    train(tail_data, tmp_path / "trained", *common)
+    assert without_seconds(tmp_path / "blended") == without_seconds(tmp_path / "trained")
+    load = lambda run, name: torch.load(tmp_path / run / name, weights_only=True)["model"]  # noqa: E731
+    trained, blended = load("trained", "best.pt"), load("blended", "best.pt")
+    assert list(blended) == list(trained)
+    assert all(torch.equal(blended[k], trained[k]) for k in trained if not k.startswith("fc."))
+    assert not torch.allclose(blended["fc.weight"], trained["fc.weight"])
+    last_trained, last_blended = load("trained", "last.pt"), load("blended", "last.pt")
+    assert all(torch.equal(last_blended[k], last_trained[k]) for k in last_trained)
+
+
+def test_a_resumed_run_blends_best_pt_as_a_straight_one(tmp_path, tail_data):
+    """Stopped after epoch 2 and resumed across the unfreezing, best.pt (blended by default) is
+    the straight run's."""
+    common = ["--balance", "sampler", "--unfreeze-after", "1", "--scheduler", "none"]
+    train(tail_data, tmp_path / "straight", "--epochs", "3", *common)
+    train(tail_data, tmp_path / "split", "--epochs", "2", *common)
+    resumed = invoke(["train", "--resume", tmp_path / "split", "--epochs", "3"])
+    assert resumed.exit_code == 0, resumed.stderr
+    a = torch.load(tmp_path / "split" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 # ---------------------------------------------------------------- training

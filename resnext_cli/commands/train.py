@@ -538,14 +538,31 @@ class TrainRecipe:
         ckpt.save_epoch(self.run_dir, self.finished_best(checkpoint) if improved else None, last, history.rows)
 
     def finished_best(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
-        """best.pt's head as data/balance.py's post-training candidates finish it (off by default:
-        as trained); last.pt, and the run's own head, train on unchanged."""
-        model, cache = checkpoint["model"], self.cache if self.frozen else None
+        """best.pt's head as data/balance.py's post-training steps finish it (with the balanced
+        sampler); last.pt, and the run's own head, train on unchanged."""
+        model = checkpoint["model"]
         head = balance.finished_head(self.loaders.train.sampler, model["fc.weight"], model["fc.bias"],
-                                     self.class_counts, cache, self.loaders.train_labels)  # fmt: skip
+                                     self.class_counts, self.training_features)  # fmt: skip
         if head is None:
             return checkpoint
         return {**checkpoint, "model": {**model, "fc.weight": head[0], "fc.bias": head[1]}}
+
+    def training_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training images' features under the epoch's weights, [views, N, D] with the ok
+        mask and labels: the cached views while the backbone is the one they came from, else one
+        pass (after validation: eval mode) over a bounded class-balanced sample of train, on
+        forked random state, so that the run trains and resumes as without it."""
+        if self.cache is not None and self.frozen:
+            return self.cache.train, self.cache.train_ok, self.loaders.train_labels
+        cfg = self.cfg
+        engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, "train",
+                                self.device, str(cfg.precision), cfg.channels_last,
+                                decode_on_device=cfg.decode == "gpu")  # fmt: skip
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            outputs = collect_outputs(engine, train_subsample(self.layout.train), cfg.batch_size, cfg.workers,
+                                      "class means: train")  # fmt: skip
+        pooled = outputs.features[:, : self.model.fc.in_features].float()
+        return pooled[None], torch.ones(len(pooled), dtype=torch.bool), outputs.labels
 
     def draw(self, validation: Validation, improved: bool, epoch: int) -> None:
         curves = partial(training_curves_png, list(self.history.rows), self.history.column)
