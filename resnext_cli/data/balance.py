@@ -46,7 +46,7 @@ IMPRINT_CENTRED = True
 # mean and a 40-photo class keeps its trained row (`blend_head`; the class means of the cached
 # views, or of one pass over train where the backbone is not the cached one); 0: off. The
 # default (k 3, chosen on seeds 0-4): at 50x on flowers5, fresh seeds 5-9, tail recall +15.5 /
-# +12.0 points and balanced accuracy +7.4 / +1.6 (resnet18 / resnext50); at 10x within a point
+# +12.0 points and balanced accuracy +7.4 / +1.6 (resnet18 / resnext50); at 10x +2.0 / 0.0
 # (docs/benchmarks.md, class imbalance, fourth follow-up)
 HEAD_BLEND = 3.0
 # with the balanced sampler, on best.pt's head as it is written: each class's score divided by
