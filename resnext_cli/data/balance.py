@@ -270,7 +270,7 @@ def borrowed_spread_for(sampler: Any, train: torch.Tensor, ok: torch.Tensor,
 def mean_rows(train: torch.Tensor, ok: torch.Tensor, labels: torch.Tensor, n_classes: int, norm: torch.Tensor,
               centred: bool = True) -> tuple[list[int], torch.Tensor, torch.Tensor]:  # fmt: skip
     """The classes that have images, and for each a head row at norm `norm` pointing where its
-    mean feature (over the cached views) lies from the mean of the class means (SimpleShot's
+    mean feature (over the views given) lies from the mean of the class means (SimpleShot's
     centring, Wang et al. 2019: of the class means, not of the images, so that the head class
     does not set the origin), with bias -w.mu: the row scores x - mu, a nearest-class-mean
     classifier that is still a Linear layer. Not centred: the raw normalised means, bias 0."""
