@@ -693,3 +693,19 @@ def test_training_curves_draw_balanced_accuracy_and_old_rows():
     assert training_curves_png(imbalanced, "val_balanced_acc") != training_curves_png(plain, "val_balanced_acc")
     resumed_old = [row(1, 0.9, ""), row(2, 0.8, 0.7)]  # a row from before the column: best by accuracy
     assert training_curves_png(resumed_old, "val_balanced_acc").startswith(b"\x89PNG")
+
+
+
+def test_best_pt_keeps_its_own_val_accuracy_after_the_blend(tmp_path, tail_data, monkeypatch):
+    """best.pt's head is finished after the epoch that chose it: its `val_acc` is the finished
+    head's own (the end-of-run evaluation's accuracy on val), not the table's, and train says
+    so. A blend that rolls the rows (each class scored by another's row) makes them differ."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(balance, "blend_head", lambda weight, bias, *_: (weight.roll(1, 0), bias.roll(1, 0)))
+    stdout = train(tail_data, tmp_path / "run", "--epochs", "3", "--balance", "sampler", "--report")
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    measured = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["accuracy"]
+    table = {int(r["epoch"]): float(r["val_acc"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))}
+    assert best["val_acc"] == pytest.approx(measured, abs=1e-9)
+    assert table[int(best["epoch"])] > measured + 0.25
+    assert "best.pt's head rows blended towards the class means" in stdout

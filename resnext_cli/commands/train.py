@@ -80,7 +80,7 @@ from resnext_cli.model.steps import (
 from resnext_cli.model.trust import Calibration
 from resnext_cli.outputs import run_report, tracking
 from resnext_cli.outputs.evaluation import calibration_summary
-from resnext_cli.outputs.metrics import classification_report
+from resnext_cli.outputs.metrics import classification_report, confusion_matrix
 from resnext_cli.outputs.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 
 RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report", "track", "track_checkpoints"}
@@ -585,6 +585,8 @@ class TrainRecipe:
             best = ckpt.load_checkpoint(path)
             self.model.load_state_dict(best["model"])
             inputs = self.calibration_inputs(int(best["epoch"]), str(path))
+            if balance.finishes_head(self.loaders.train.sampler):
+                best = {**best, "val_acc": self.finished_val_accuracy(inputs.val)}
             fitted_on = f"the val split ({len(inputs.val.labels)} images), at the end of training"
             calibration = fit_calibration(inputs, self.cfg.unknown_score, self.cfg.unknown_threshold, fitted_on)
             write_calibration(path, calibration, best)
@@ -592,6 +594,18 @@ class TrainRecipe:
             ui.warn(f"best.pt was not calibrated: {exc} Try `resnext calibrate {self.run_dir}` later.")
             return
         ui.info(describe_calibration(calibration, inputs.val, path))
+
+    def finished_val_accuracy(self, val: Outputs) -> float:
+        """best.pt's own val accuracy once its head is finished (blended towards the class
+        means): its `val_acc` (INTERFACE.md: the accuracy of these weights) and a line beside the
+        epoch table, whose numbers are the trained head's."""
+        predicted = val.logits.argmax(1).tolist()
+        matrix = confusion_matrix(val.labels.tolist(), predicted, len(self.layout.classes))
+        scores = classification_report(matrix, self.layout.classes)
+        ui.info(f"best.pt's head rows blended towards the class means (--balance {self.cfg.balance}): val "
+                f"accuracy {scores.accuracy:.2%}, balanced accuracy {scores.balanced_accuracy:.2%} (the table "
+                "shows the trained head's).")  # fmt: skip
+        return scores.accuracy
 
     def calibration_inputs(self, best_epoch: int, source: str) -> FitInputs:
         """The val split's logits and features, and the training images' features: from the

@@ -334,13 +334,19 @@ def tau_normalise(weight: torch.Tensor, bias: torch.Tensor, tau: float,
     return weight / scale[:, None], bias / scale if keep_bias else torch.zeros_like(bias)
 
 
+def finishes_head(sampler: Any) -> bool:
+    """Whether best.pt's head is finished after training (`finished_head`): only after the
+    balanced sampler, with `HEAD_BLEND` or `TAU_NORM` on."""
+    return isinstance(sampler, ClassBalancedSampler) and (HEAD_BLEND > 0 or TAU_NORM > 0)
+
+
 def finished_head(sampler: Any, weight: torch.Tensor, bias: torch.Tensor, counts: Sequence[int],
                   features: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
     """best.pt's head as `HEAD_BLEND` and `TAU_NORM` finish it, or None when neither applies:
     only after the balanced sampler (balanced data trains and saves as before). `features`: the
     training images' ([views, N, D], ok, labels) for the blend's class means, asked only for it."""
-    if not isinstance(sampler, ClassBalancedSampler) or (TAU_NORM <= 0 and HEAD_BLEND <= 0):
+    if not finishes_head(sampler):
         return None
     if HEAD_BLEND > 0:
         weight, bias = blend_head(weight, bias, counts, *features(), HEAD_BLEND)
