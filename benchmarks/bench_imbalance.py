@@ -18,7 +18,8 @@ images.
 
 Strategies: the five of `--balance` (none is today's training, auto the default: on balanced
 data it must equal none), plus candidates that are not flags, measured by setting
-`data/balance.py`'s knobs for the run:
+`data/balance.py`'s knobs for the run (on top of the default's: the sampler's candidates below
+are blended as `sampler` is, unless they say otherwise):
   weights (effective number): Cui et al.'s (1 - beta^n) / (1 - beta) with beta 0.99 instead of
       inverse frequency;  sampler (square root): images drawn ~ n_class^-0.5 instead of 1/n_class;
   sampler (repeats share the view): on cached features, every draw of an image in an epoch gets
@@ -28,12 +29,19 @@ data it must equal none), plus candidates that are not flags, measured by settin
       donors are only the 2 classes whose mean is nearest (SPREAD_NEIGHBOURS 2), with "predictive
       scale" the deviation is scaled by sqrt(2 / n) for a class of n images (SPREAD_PREDICTIVE);
   sampler (tau-normalised head): the sampler's best.pt with each class's head row scaled to norm
-      1 and the bias dropped before evaluation (Kang et al., ICLR 2020, tau = 1).
+      1 and the bias dropped (Kang et al., ICLR 2020, tau = 1: TAU_NORM 1, TAU_KEEP_BIAS False);
+      "tau 0.5" / "tau 0.75": rows divided by norm^tau, the bias with them ("no bias": dropped).
   sampler (imprinted): on cached features, the head's rows start at the centred class means'
       directions, at the random rows' norm (IMPRINT 1; Qi et al. 2018, SimpleShot's centring);
       "3x norm" / "10x norm" at 3 / 10 times it (the class means weigh more against the few steps
       that follow: towards a nearest-class-mean head folded into the Linear layer),
       "not centred" Qi et al.'s raw normalised means with bias 0 (IMPRINT_CENTRED False).
+  sampler (not blended): best.pt's head as trained, not blended towards the class means
+      (HEAD_BLEND 0: the sampler before the fourth follow-up; `sampler` blends at k 3);
+  sampler (blended to class means, k K): the sampler's best.pt with a class of n images' row and
+      bias mixed with its centred class-mean row by K / (K + n) (HEAD_BLEND K; the default is 3);
+  sampler (rare rows step less, k K): each step's change to a class of n images' head row scaled
+      by n / (n + K) (RARE_STEP K).
 
     python benchmarks/bench_imbalance.py                       # flowers5 + data/sample, ~40 min
     python benchmarks/bench_imbalance.py --datasets flowers5 --archs resnet18 --ratios 1 10 --seeds 0
@@ -80,13 +88,21 @@ STRATEGIES = {  # name: (--balance, knobs of data/balance.py for the run)
     "logit-adjust": ("logit-adjust", {}),
     "sampler (borrowed spread, 2 nearest classes)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_NEIGHBOURS": 2}),
     "sampler (borrowed spread, predictive scale)": ("sampler", {"BORROWED_SPREAD": 1.0, "SPREAD_PREDICTIVE": True}),
-    "sampler (tau-normalised head)": ("sampler", {}),  # best.pt's head rows scaled to norm 1, no bias
+    "sampler (tau-normalised head)": ("sampler", {"TAU_NORM": 1.0, "TAU_KEEP_BIAS": False}),
     "sampler (imprinted)": ("sampler", {"IMPRINT": 1.0}),
     "sampler (imprinted, 3x norm)": ("sampler", {"IMPRINT": 3.0}),
     "sampler (imprinted, 10x norm)": ("sampler", {"IMPRINT": 10.0}),
     "sampler (imprinted, not centred)": ("sampler", {"IMPRINT": 1.0, "IMPRINT_CENTRED": False}),
+    "sampler (not blended)": ("sampler", {"HEAD_BLEND": 0.0}),  # the sampler as before the blend
+    "sampler (blended to class means, k 1)": ("sampler", {"HEAD_BLEND": 1.0}),
+    "sampler (blended to class means, k 10)": ("sampler", {"HEAD_BLEND": 10.0}),
+    "sampler (tau 0.5)": ("sampler", {"TAU_NORM": 0.5}),
+    "sampler (tau 0.5, no bias)": ("sampler", {"TAU_NORM": 0.5, "TAU_KEEP_BIAS": False}),
+    "sampler (tau 0.75)": ("sampler", {"TAU_NORM": 0.75}),
+    "sampler (tau 0.75, no bias)": ("sampler", {"TAU_NORM": 0.75, "TAU_KEEP_BIAS": False}),
+    "sampler (rare rows step less, k 1)": ("sampler", {"RARE_STEP": 1.0}),
+    "sampler (rare rows step less, k 3)": ("sampler", {"RARE_STEP": 3.0}),
 }
-TAU_NORMALISED = {"sampler (tau-normalised head)"}  # Kang et al. (ICLR 2020), tau 1, after training
 RECIPES = {"default": {}, "plain": {"cache_features": False},
            "unfreeze": {"unfreeze_after": 3, "cache_features": False}}  # fmt: skip
 
@@ -143,11 +159,6 @@ def run_one(data: Path, test: Path, order: list[str], arch: str, weights: Path, 
         result = train(config)
     seconds = time.perf_counter() - started
     engine = load_inference_model(EvaluateConfig(checkpoint=str(out / "best.pt")), announce=False)
-    if strategy in TAU_NORMALISED:
-        with torch.no_grad():
-            fc = engine.model.fc
-            fc.weight.div_(fc.weight.norm(dim=1, keepdim=True))
-            fc.bias.zero_()
     samples = evaluation_samples(str(test), engine.classes, None).samples
     evaluation = score(engine, samples, 32, None, warn=False)
     recall = {c.name: c.recall for c in evaluation.report.per_class}

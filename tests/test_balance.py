@@ -310,6 +310,113 @@ def test_imprinting_is_entered_only_by_a_new_sampler_run_on_cached_features(tmp_
     assert len(calls) == 2
 
 
+def test_blending_leans_a_rare_class_on_its_mean_and_keeps_a_common_one():
+    """HEAD_BLEND's mix: class c's row and bias move k / (k + n_c) of the way to its centred
+    class-mean row (at the trained rows' mean norm), so the one-photo class's row is half its
+    mean's at k 1 and the 40-image class's hardly moves; a class without images keeps its row."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=generator).abs() * 3 + 5
+    labels = torch.tensor([0] * 40 + [1])  # classes 2 and 3 have no images
+    train = centres[labels] + torch.randn(2, len(labels), 16, generator=generator)
+    ok = torch.ones(len(labels), dtype=torch.bool)
+    weight, bias = torch.randn(4, 16, generator=generator), torch.randn(4, generator=generator)
+    blended, blended_bias = balance.blend_head(weight, bias, [40, 1, 0, 0], train, ok, labels, k=1.0)
+    _, rows, biases = balance.mean_rows(train, ok, labels, 4, weight.double().norm(dim=1).mean())
+    assert torch.allclose(blended[1], (weight[1] + rows[1].float()) / 2, atol=1e-6)
+    assert torch.allclose(blended_bias[1], (bias[1] + biases[1].float()) / 2, atol=1e-6)
+    assert torch.allclose(blended[0], (40 * weight[0] + rows[0].float()) / 41, atol=1e-6)
+    assert torch.equal(blended[2:], weight[2:]) and torch.equal(blended_bias[2:], bias[2:])
+    assert not torch.equal(weight[1], blended[1])  # new tensors: the run's own head is untouched
+
+
+def test_tau_normalisation_divides_each_row_by_its_norm_to_the_tau():
+    weight, bias = torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([5.0, 2.0])
+    rows, kept = balance.tau_normalise(weight, bias, 1.0)
+    assert torch.allclose(rows.norm(dim=1), torch.ones(2)) and torch.allclose(kept, torch.tensor([1.0, 2.0]))
+    rows, dropped = balance.tau_normalise(weight, bias, 0.5, keep_bias=False)
+    assert torch.allclose(rows[0], weight[0] / math.sqrt(5)) and torch.equal(dropped, torch.zeros(2))
+
+
+def test_rare_rows_step_less_and_only_with_the_balanced_sampler(monkeypatch):
+    """RARE_STEP scales each step's change to class c's row by n_c / (n_c + k): with SGD the one-photo
+    class's row moves half as far as undamped at k 1; off, or with `EpochSampler`, steps are as before."""
+    def step_change(sampler) -> torch.Tensor:
+        fc = torch.nn.Linear(3, 2)
+        torch.nn.init.ones_(fc.weight)
+        fc.bias.data = torch.tensor([1.0, 0.0])  # the two classes' scores differ: both rows get a gradient
+        optimizer = torch.optim.SGD(fc.parameters(), lr=0.1)
+        balance.damp_rare_rows(sampler, optimizer, fc, [3, 1])
+        torch.nn.functional.cross_entropy(fc(torch.ones(2, 3)), torch.tensor([0, 1])).backward()
+        optimizer.step()
+        return fc.weight.detach() - 1
+
+    balanced, plain = balance.ClassBalancedSampler([0, 0, 0, 1], seed=0), EpochSampler(4, seed=0)
+    undamped = step_change(balanced)
+    monkeypatch.setattr(balance, "RARE_STEP", 1.0)
+    assert torch.allclose(step_change(balanced), undamped * torch.tensor([[0.75], [0.5]]))
+    assert torch.equal(step_change(plain), undamped)
+
+
+def test_finished_head_changes_only_best_pt_and_only_with_the_sampler(tmp_path, tail_data, monkeypatch):
+    """TAU_NORM (a measured candidate, off by default) finishes best.pt's head (after the default
+    blend): its rows at norm 1 and no bias at tau 1, the keys as before, while training (metrics)
+    is the run without it; `finished_head` leaves a run without the balanced sampler, or with the
+    knobs off, alone."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    common = ["--epochs", "2", "--balance", "sampler", "--scheduler", "none"]
+    train(tail_data, tmp_path / "plain", *common)
+    monkeypatch.setattr(balance, "TAU_NORM", 1.0)
+    monkeypatch.setattr(balance, "TAU_KEEP_BIAS", False)
+    train(tail_data, tmp_path / "tau", *common)
+    assert without_seconds(tmp_path / "tau") == without_seconds(tmp_path / "plain")
+    best = torch.load(tmp_path / "tau" / "best.pt", weights_only=True)["model"]
+    assert list(best) == list(torch.load(tmp_path / "plain" / "best.pt", weights_only=True)["model"])
+    assert torch.allclose(best["fc.weight"].norm(dim=1), torch.ones(len(best["fc.bias"])))
+    assert not best["fc.bias"].any()
+    weight, bias, unused = torch.ones(2, 3), torch.ones(2), lambda: pytest.fail("features asked for")
+    assert balance.finished_head(EpochSampler(4, seed=0), weight, bias, [3, 1], unused) is None
+    monkeypatch.setattr(balance, "TAU_NORM", 0.0)
+    monkeypatch.setattr(balance, "HEAD_BLEND", 0.0)
+    sampler = balance.ClassBalancedSampler([0, 0, 0, 1], seed=0)
+    assert balance.finished_head(sampler, weight, bias, [3, 1], unused) is None
+
+
+@pytest.mark.parametrize("path", [[], ["--no-cache-features"], ["--unfreeze-after", "1"]],
+                         ids=["cached", "images", "unfreeze"])  # fmt: skip
+def test_the_blend_reaches_best_pt_on_every_path_and_leaves_training_alone(tmp_path, tail_data, monkeypatch, path):
+    """By default, with the balanced sampler, best.pt's head is blended towards the class means
+    whatever the path (the cached views' means; one pass over train on the image path and after
+    the unfreezing): its rows differ from the trained head's (HEAD_BLEND 0), its keys and backbone
+    do not, and the run (metrics, last.pt) is the one without the blend, the pass over train
+    included."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    common = ["--epochs", "2", "--balance", "sampler", "--scheduler", "none", *path]
+    train(tail_data, tmp_path / "blended", *common)
+    monkeypatch.setattr(balance, "HEAD_BLEND", 0.0)
+    train(tail_data, tmp_path / "trained", *common)
+    assert without_seconds(tmp_path / "blended") == without_seconds(tmp_path / "trained")
+    load = lambda run, name: torch.load(tmp_path / run / name, weights_only=True)["model"]  # noqa: E731
+    trained, blended = load("trained", "best.pt"), load("blended", "best.pt")
+    assert list(blended) == list(trained)
+    assert all(torch.equal(blended[k], trained[k]) for k in trained if not k.startswith("fc."))
+    assert not torch.allclose(blended["fc.weight"], trained["fc.weight"])
+    last_trained, last_blended = load("trained", "last.pt"), load("blended", "last.pt")
+    assert all(torch.equal(last_blended[k], last_trained[k]) for k in last_trained)
+
+
+def test_a_resumed_run_blends_best_pt_as_a_straight_one(tmp_path, tail_data):
+    """Stopped after epoch 2 and resumed across the unfreezing, best.pt (blended by default) is
+    the straight run's."""
+    common = ["--balance", "sampler", "--unfreeze-after", "1", "--scheduler", "none"]
+    train(tail_data, tmp_path / "straight", "--epochs", "3", *common)
+    train(tail_data, tmp_path / "split", "--epochs", "2", *common)
+    resumed = invoke(["train", "--resume", tmp_path / "split", "--epochs", "3"])
+    assert resumed.exit_code == 0, resumed.stderr
+    a = torch.load(tmp_path / "split" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -586,3 +693,19 @@ def test_training_curves_draw_balanced_accuracy_and_old_rows():
     assert training_curves_png(imbalanced, "val_balanced_acc") != training_curves_png(plain, "val_balanced_acc")
     resumed_old = [row(1, 0.9, ""), row(2, 0.8, 0.7)]  # a row from before the column: best by accuracy
     assert training_curves_png(resumed_old, "val_balanced_acc").startswith(b"\x89PNG")
+
+
+
+def test_best_pt_keeps_its_own_val_accuracy_after_the_blend(tmp_path, tail_data, monkeypatch):
+    """best.pt's head is finished after the epoch that chose it: its `val_acc` is the finished
+    head's own (the end-of-run evaluation's accuracy on val), not the table's, and train says
+    so. A blend that rolls the rows (each class scored by another's row) makes them differ."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(balance, "blend_head", lambda weight, bias, *_: (weight.roll(1, 0), bias.roll(1, 0)))
+    stdout = train(tail_data, tmp_path / "run", "--epochs", "3", "--balance", "sampler", "--report")
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    measured = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["accuracy"]
+    table = {int(r["epoch"]): float(r["val_acc"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))}
+    assert best["val_acc"] == pytest.approx(measured, abs=1e-9)
+    assert table[int(best["epoch"])] > measured + 0.25
+    assert "best.pt's head rows blended towards the class means" in stdout

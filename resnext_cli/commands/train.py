@@ -80,7 +80,7 @@ from resnext_cli.model.steps import (
 from resnext_cli.model.trust import Calibration
 from resnext_cli.outputs import run_report, tracking
 from resnext_cli.outputs.evaluation import calibration_summary
-from resnext_cli.outputs.metrics import classification_report
+from resnext_cli.outputs.metrics import classification_report, confusion_matrix
 from resnext_cli.outputs.plots import BackgroundWriter, confusion_matrix_png, training_curves_png
 
 RESUME_OVERRIDABLE = {"epochs", "workers", "device", "decode", "report", "track", "track_checkpoints"}
@@ -348,6 +348,7 @@ class TrainRecipe:
         self.step = self.setup_step()
         self.loaders = setup_loaders(self.layout, self.cfg, self.ctx, self.step.spec)
         self.opt = setup_optimization(self.model, self.cfg, max(1, len(self.loaders.train)), self.device)
+        balance.damp_rare_rows(self.loaders.train.sampler, self.opt.optimizer, self.model.fc, self.class_counts)
         self.history = self.restore()
         self.tracking = self.setup_tracking()
         self.failures: dict[str, str] = {}
@@ -534,7 +535,34 @@ class TrainRecipe:
             checkpoint, optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
             best_val_acc=history.best_acc, best_epoch=history.best_epoch, metrics=history.rows,
         )  # fmt: skip
-        ckpt.save_epoch(self.run_dir, checkpoint if improved else None, last, history.rows)
+        ckpt.save_epoch(self.run_dir, self.finished_best(checkpoint) if improved else None, last, history.rows)
+
+    def finished_best(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """best.pt's head as data/balance.py's post-training steps finish it (with the balanced
+        sampler); last.pt, and the run's own head, train on unchanged."""
+        model = checkpoint["model"]
+        head = balance.finished_head(self.loaders.train.sampler, model["fc.weight"], model["fc.bias"],
+                                     self.class_counts, self.training_features)  # fmt: skip
+        if head is None:
+            return checkpoint
+        return {**checkpoint, "model": {**model, "fc.weight": head[0], "fc.bias": head[1]}}
+
+    def training_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training images' features under the epoch's weights, [views, N, D] with the ok
+        mask and labels: the cached views while the backbone is the one they came from, else one
+        pass (after validation: eval mode) over a bounded class-balanced sample of train, on
+        forked random state, so that the run trains and resumes as without it."""
+        if self.cache is not None and self.frozen:
+            return self.cache.train, self.cache.train_ok, self.loaders.train_labels
+        cfg = self.cfg
+        engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, "train",
+                                self.device, str(cfg.precision), cfg.channels_last,
+                                decode_on_device=cfg.decode == "gpu")  # fmt: skip
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            outputs = collect_outputs(engine, train_subsample(self.layout.train), cfg.batch_size, cfg.workers,
+                                      "class means: train")  # fmt: skip
+        pooled = outputs.features[:, : self.model.fc.in_features].float()
+        return pooled[None], torch.ones(len(pooled), dtype=torch.bool), outputs.labels
 
     def draw(self, validation: Validation, improved: bool, epoch: int) -> None:
         curves = partial(training_curves_png, list(self.history.rows), self.history.column)
@@ -557,6 +585,8 @@ class TrainRecipe:
             best = ckpt.load_checkpoint(path)
             self.model.load_state_dict(best["model"])
             inputs = self.calibration_inputs(int(best["epoch"]), str(path))
+            if balance.finishes_head(self.loaders.train.sampler):
+                best = {**best, "val_acc": self.finished_val_accuracy(inputs.val)}
             fitted_on = f"the val split ({len(inputs.val.labels)} images), at the end of training"
             calibration = fit_calibration(inputs, self.cfg.unknown_score, self.cfg.unknown_threshold, fitted_on)
             write_calibration(path, calibration, best)
@@ -564,6 +594,18 @@ class TrainRecipe:
             ui.warn(f"best.pt was not calibrated: {exc} Try `resnext calibrate {self.run_dir}` later.")
             return
         ui.info(describe_calibration(calibration, inputs.val, path))
+
+    def finished_val_accuracy(self, val: Outputs) -> float:
+        """best.pt's own val accuracy once its head is finished (blended towards the class
+        means): its `val_acc` (INTERFACE.md: the accuracy of these weights) and a line beside the
+        epoch table, whose numbers are the trained head's."""
+        predicted = val.logits.argmax(1).tolist()
+        matrix = confusion_matrix(val.labels.tolist(), predicted, len(self.layout.classes))
+        scores = classification_report(matrix, self.layout.classes)
+        ui.info(f"best.pt's head rows blended towards the class means (--balance {self.cfg.balance}): val "
+                f"accuracy {scores.accuracy:.2%}, balanced accuracy {scores.balanced_accuracy:.2%} (the table "
+                "shows the trained head's).")  # fmt: skip
+        return scores.accuracy
 
     def calibration_inputs(self, best_epoch: int, source: str) -> FitInputs:
         """The val split's logits and features, and the training images' features: from the
