@@ -60,7 +60,7 @@ from resnext_cli.model.distributed import (
     process_device,
     shutdown,
 )
-from resnext_cli.model.engines import InferenceModel, adjust_for_prior, resolve_prior
+from resnext_cli.model.engines import InferenceModel, Prior, adjust_for_prior, resolve_prior
 from resnext_cli.model.optimization import (
     backbone_frozen_at,
     rates_per_group,
@@ -554,10 +554,7 @@ class TrainRecipe:
         forked random state, so that the run trains and resumes as without it."""
         if self.cache is not None and self.frozen:
             return self.cache.train, self.cache.train_ok, self.loaders.train_labels
-        cfg = self.cfg
-        engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, "train",
-                                self.device, str(cfg.precision), cfg.channels_last,
-                                decode_on_device=cfg.decode == "gpu")  # fmt: skip
+        cfg, engine = self.cfg, self.engine("train")
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             outputs = collect_outputs(engine, train_subsample(self.layout.train), cfg.batch_size, cfg.workers,
                                       "class means: train")  # fmt: skip
@@ -595,6 +592,14 @@ class TrainRecipe:
             return
         ui.info(describe_calibration(calibration, inputs.val, path))
 
+    def engine(self, source: str, prior: Prior | None = None) -> InferenceModel:
+        """The run's model as prediction runs it (its precision, layout and decoder), for the
+        passes over train and val that the end of an epoch or of training makes."""
+        cfg = self.cfg
+        return InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, source,
+                              self.device, str(cfg.precision), cfg.channels_last,
+                              decode_on_device=cfg.decode == "gpu", prior=prior)  # fmt: skip
+
     def finished_val_accuracy(self, val: Outputs) -> float:
         """best.pt's own val accuracy once its head is finished (blended towards the class
         means): its `val_acc` (INTERFACE.md: the accuracy of these weights) and a line beside the
@@ -623,9 +628,7 @@ class TrainRecipe:
             train_ok = cache.train_ok
             return FitInputs(val, cache.plain("train")[train_ok], self.loaders.train_labels[train_ok])
         self.model.eval()  # BatchNorm on its running statistics, as prediction runs it (training is over)
-        engine = InferenceModel(self.model, cfg.arch, self.layout.classes, self.preprocessing, source,
-                                self.device, str(cfg.precision), cfg.channels_last,
-                                decode_on_device=cfg.decode == "gpu", prior=prior)  # fmt: skip
+        engine = self.engine(source, prior)
         val = collect_outputs(engine, self.layout.val, cfg.batch_size, cfg.workers, "calibrate: val")
         train = collect_outputs(engine, train_subsample(self.layout.train), cfg.batch_size, cfg.workers,
                                 "calibrate: train features")  # fmt: skip
