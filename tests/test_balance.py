@@ -22,6 +22,7 @@ from resnext_cli.data.transforms import Preprocessing
 from resnext_cli.model import features
 from resnext_cli.model.checkpoint import describe_run
 from resnext_cli.outputs.metrics import classification_report
+from resnext_cli.outputs.run_index import read_summary
 from tests.conftest import CLASS_COLOURS, TINY_TRAIN, draw_image, invoke
 
 TRAIN = [*TINY_TRAIN, "--weights", "none", "--freeze", "--seed", "0", "--lr", "0.02"]
@@ -699,7 +700,8 @@ def test_training_curves_draw_balanced_accuracy_and_old_rows():
 def test_best_pt_keeps_its_own_val_accuracy_after_the_blend(tmp_path, tail_data, monkeypatch):
     """best.pt's head is finished after the epoch that chose it: its `val_acc` is the finished
     head's own (the end-of-run evaluation's accuracy on val), not the table's, and train says
-    so. A blend that rolls the rows (each class scored by another's row) makes them differ."""
+    so; so do train's last line, run.json's `best`, `resnext runs`, the "Using" line and the
+    report. A blend that rolls the rows (each class scored by another's row) makes them differ."""
     monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(balance, "blend_head", lambda weight, bias, *_: (weight.roll(1, 0), bias.roll(1, 0)))
     stdout = train(tail_data, tmp_path / "run", "--epochs", "3", "--balance", "sampler", "--report")
@@ -709,3 +711,12 @@ def test_best_pt_keeps_its_own_val_accuracy_after_the_blend(tmp_path, tail_data,
     assert best["val_acc"] == pytest.approx(measured, abs=1e-9)
     assert table[int(best["epoch"])] > measured + 0.25
     assert "best.pt's head rows blended towards the class means" in stdout
+    shown = f"{measured:.2%}"
+    last_line = next(line for line in stdout.splitlines() if line.startswith("Best val"))
+    assert f"accuracy {shown}" in last_line, last_line
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["best"]["val_acc"] == pytest.approx(measured, abs=1e-9)
+    assert record["best"]["epoch"] == best["epoch"]
+    assert read_summary(tmp_path / "run").best_val_acc == pytest.approx(measured, abs=1e-9)
+    assert f"best val accuracy {shown}" in describe_run(tmp_path / "run")
+    assert f"best val accuracy<b>{shown}</b>" in (tmp_path / "run" / "report.html").read_text()

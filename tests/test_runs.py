@@ -14,6 +14,7 @@ import pytest
 
 from resnext_cli.commands.train import TrainRecipe
 from resnext_cli.files import lock_state
+from resnext_cli.model.checkpoint import best_of_run
 from tests.conftest import TINY_TRAIN, invoke
 
 TRAIN = [*TINY_TRAIN, "--weights", "none", "--freeze", "--seed", "0", "--lr", "0.02", "--epochs", "3"]
@@ -107,7 +108,9 @@ def test_runs_tells_finished_failed_interrupted_killed_running_and_old_runs_apar
     assert done["arch"] == "resnet18" and done["epochs"] == 3 and done["wall_from"] == "run.json"
     rows = [line.split(",") for line in (runs_root / "done" / "metrics.csv").read_text().splitlines()[1:]]
     best = max(rows, key=lambda r: float(r[4]))
-    assert done["best_val_acc"] == float(best[4]) and done["best_epoch"] == int(best[0])
+    # best.pt's, as run.json records it (unrounded), at the epoch metrics.csv shows best
+    assert done["best_val_acc"] == pytest.approx(float(best[4]), abs=1e-6) and done["best_epoch"] == int(best[0])
+    assert done["best_val_acc"] == json.loads((runs_root / "done" / "run.json").read_text())["best"]["val_acc"]
     assert done["wall_seconds"] == json.loads((runs_root / "done" / "run.json").read_text())["wall_seconds"]
     assert listed["old"]["wall_from"] == "epochs" and listed["old"]["wall_seconds"] > 0
 
@@ -206,3 +209,21 @@ def test_help_shows_the_new_options_and_their_defaults():
     assert any(re.match(r"\s*ROOT\s.*\[default: runs\]", row) for row in runs)
     assert any(re.match(r"\s*--compare\s+A B\s", row) for row in runs)
     assert any(re.match(r"\s*--compare\s+OTHER\s", row) for row in help_rows("report"))
+
+
+def test_best_numbers_are_best_pt_s_run_json_first_then_the_select_by_epoch():
+    """`resnext runs`, the "Using" line and the report show best.pt's numbers: run.json's `best`
+    where a finished run recorded it (its head may differ from its epoch's row), else the row
+    of the epoch --select-by chose (the first of a tie; an unreadable value never wins)."""
+    rows = [{"epoch": "1", "val_acc": "0.5", "val_balanced_acc": "0.4"},
+            {"epoch": "2", "val_acc": "0.9", "val_balanced_acc": "nan"},
+            {"epoch": "3", "val_acc": "0.7", "val_balanced_acc": "0.6"},
+            {"epoch": "4", "val_acc": "0.6", "val_balanced_acc": "0.6"}]  # fmt: skip
+    by_accuracy = best_of_run(None, {}, rows)
+    assert (by_accuracy["epoch"], by_accuracy["val_acc"]) == (2, 0.9)
+    assert best_of_run(None, {"select_by": "balanced_acc"}, rows) == \
+        {"epoch": 3, "val_acc": 0.7, "val_balanced_acc": 0.6}  # fmt: skip
+    recorded = {"best": {"epoch": 3, "val_acc": 0.55, "val_balanced_acc": 0.61}}
+    assert best_of_run(recorded, {"select_by": "balanced_acc"}, rows) == recorded["best"]
+    assert best_of_run({"best": "damaged"}, {}, rows)["epoch"] == 2
+    assert best_of_run(None, {}, []) is None

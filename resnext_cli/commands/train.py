@@ -217,6 +217,7 @@ class RunHistory:
     rows: list[dict[str, Any]] = field(default_factory=list)
     best_value: float = -1.0
     best_epoch: int = 0
+    finished: dict[str, float] = field(default_factory=dict)  # best.pt's own val numbers, where they differ
 
     @classmethod
     def resumed(cls, state: dict[str, Any] | None, column: str) -> RunHistory:
@@ -233,8 +234,15 @@ class RunHistory:
 
     @property
     def best_acc(self) -> float:
-        """The val accuracy of the best epoch (-1 before the first)."""
-        return self.best_row()["val_acc"] if self.best_epoch else -1.0
+        """best.pt's val accuracy (-1 before the first epoch)."""
+        return self.best_numbers()["val_acc"] if self.best_epoch else -1.0
+
+    def best_numbers(self) -> dict[str, float]:
+        """best.pt's epoch and val numbers: the best epoch's row, with the numbers of best.pt's
+        finished head (blended towards the class means, data/balance.py) where it has them."""
+        row = self.best_row()
+        numbers = {"epoch": row["epoch"], **{k: v for k, v in row.items() if k in ckpt.VAL_NUMBERS}}
+        return {**numbers, **self.finished}
 
     def add(self, row: dict[str, Any]) -> bool:
         """Keep the epoch's row; True when it is the best so far."""
@@ -323,7 +331,8 @@ class TrainRecipe:
         if self.record_since is None:
             return
         try:
-            ckpt.end_run_record(self.record_dir, status, self.record_since)
+            best = self.history.best_numbers() if status == "finished" and self.history.best_epoch else None
+            ckpt.end_run_record(self.record_dir, status, self.record_since, best)
         except UserError as exc:
             ui.warn(f"run.json was not updated: {exc}")
         self.record_since = None
@@ -583,7 +592,8 @@ class TrainRecipe:
             self.model.load_state_dict(best["model"])
             inputs = self.calibration_inputs(int(best["epoch"]), str(path))
             if balance.finishes_head(self.loaders.train.sampler):
-                best = {**best, "val_acc": self.finished_val_accuracy(inputs.val)}
+                self.history.finished = self.finished_val_numbers(inputs.val)
+                best = {**best, "val_acc": self.history.finished["val_acc"]}
             fitted_on = f"the val split ({len(inputs.val.labels)} images), at the end of training"
             calibration = fit_calibration(inputs, self.cfg.unknown_score, self.cfg.unknown_threshold, fitted_on)
             write_calibration(path, calibration, best)
@@ -600,9 +610,10 @@ class TrainRecipe:
                               self.device, str(cfg.precision), cfg.channels_last,
                               decode_on_device=cfg.decode == "gpu", prior=prior)  # fmt: skip
 
-    def finished_val_accuracy(self, val: Outputs) -> float:
-        """best.pt's own val accuracy once its head is finished (blended towards the class
-        means): its `val_acc` (INTERFACE.md: the accuracy of these weights) and a line beside the
+    def finished_val_numbers(self, val: Outputs) -> dict[str, float]:
+        """best.pt's own val numbers once its head is finished (blended towards the class
+        means): its `val_acc` (INTERFACE.md: the accuracy of these weights), the end of train's
+        lines, run.json's `best` (what `resnext runs` and the report show) and a line beside the
         epoch table, whose numbers are the trained head's."""
         predicted = val.logits.argmax(1).tolist()
         matrix = confusion_matrix(val.labels.tolist(), predicted, len(self.layout.classes))
@@ -610,7 +621,8 @@ class TrainRecipe:
         ui.info(f"best.pt's head rows blended towards the class means (--balance {self.cfg.balance}): val "
                 f"accuracy {scores.accuracy:.2%}, balanced accuracy {scores.balanced_accuracy:.2%} (the table "
                 "shows the trained head's).")  # fmt: skip
-        return scores.accuracy
+        return {"val_acc": scores.accuracy, "val_balanced_acc": scores.balanced_accuracy,
+                "val_macro_f1": scores.macro.f1}  # fmt: skip
 
     def calibration_inputs(self, best_epoch: int, source: str) -> FitInputs:
         """The val split's logits and features, and the training images' features: from the
@@ -706,10 +718,11 @@ def announce_balance(cfg: TrainConfig, layout: DatasetLayout, counts: list[int],
 
 def best_epoch_text(history: RunHistory, select_by: str) -> str:
     """The end-of-run line: the best epoch, by the metric that chose it."""
+    best = history.best_numbers()
     if select_by == "acc":
-        return f"Best val accuracy {history.best_acc:.2%} at epoch {history.best_epoch}"
-    return (f"Best val {balance.SELECTION_NAMES[select_by]} {history.best_value:.2%} (accuracy "
-            f"{history.best_acc:.2%}) at epoch {history.best_epoch}")  # fmt: skip
+        return f"Best val accuracy {best['val_acc']:.2%} at epoch {history.best_epoch}"
+    return (f"Best val {balance.SELECTION_NAMES[select_by]} {best[history.column]:.2%} (accuracy "
+            f"{best['val_acc']:.2%}) at epoch {history.best_epoch}")  # fmt: skip
 
 
 def unfreeze_backbone(

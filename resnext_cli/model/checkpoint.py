@@ -271,6 +271,7 @@ RUN_RECORD = "run.json"  # marks a folder as a run of this tool: its status and 
 RUN_LOCK = "run.lock"  # held while a process writes the run (files.exclusive_lock)
 RUN_FORMAT = "resnext-run/1"
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+VAL_NUMBERS = ("val_acc", "val_balanced_acc", "val_macro_f1")  # of best.pt, in run.json's `best`
 
 
 def start_run_record(run_dir: Path) -> float:
@@ -290,12 +291,17 @@ def start_run_record(run_dir: Path) -> float:
     return time.perf_counter()
 
 
-def end_run_record(run_dir: Path, status: str, since: float) -> None:
+def end_run_record(run_dir: Path, status: str, since: float, best: dict[str, Any] | None = None) -> None:
     """The session's end: `finished`, `interrupted` or `failed`, and its time added to
-    `wall_seconds` (everything from the start of the session: data, feature caching, epochs)."""
+    `wall_seconds` (everything from the start of the session: data, feature caching, epochs).
+    A finished run also records `best`: best.pt's epoch and its own val numbers, which differ
+    from its epoch's row of metrics.csv where its head was finished after training (with the
+    balanced sampler); a resumed session starts without it (`start_run_record`)."""
     record = read_run_record(run_dir) or {"format": RUN_FORMAT, "created": _now(), "wall_seconds": 0.0}
     record.update(status=status, ended=_now(),
                   wall_seconds=float(record.get("wall_seconds", 0.0)) + time.perf_counter() - since)  # fmt: skip
+    if best is not None:
+        record["best"] = {k: v for k, v in best.items() if k == "epoch" or k in VAL_NUMBERS}
     atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
@@ -521,14 +527,33 @@ def describe_run(run_dir: Path) -> str:
     """One line on a run, so that a default choice is visible: what, how far, how good."""
     rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
     config = read_run_config(run_dir) if (run_dir / "config.yaml").is_file() else {}
-    if not rows:
+    best = best_of_run(read_run_record(run_dir), config, rows)
+    if best is None:
         return str(run_dir)
-    column = SELECTION_COLUMNS.get(str(config.get("select_by")), "val_acc")  # the epoch of best.pt
-    best = max(rows, key=lambda r: float(r.get(column) or r["val_acc"]))
     return (
         f"{run_dir} ({config.get('arch', '?')}, {rows[-1]['epoch']} of {config.get('epochs', '?')} "
-        f"epochs, best val accuracy {float(best['val_acc']):.2%} at epoch {best['epoch']})"
+        f"epochs, best val accuracy {best['val_acc']:.2%} at epoch {best['epoch']})"
     )
+
+
+def best_of_run(record: dict[str, Any] | None, config: dict[str, Any],
+                rows: list[dict[str, str]]) -> dict[str, Any] | None:  # fmt: skip
+    """best.pt's epoch and val numbers (`epoch`, VAL_NUMBERS where known): run.json's `best`,
+    which a finished run records, else metrics.csv's row of the epoch that --select-by chose
+    (a run still going, stopped, or from before `best` was recorded); None before an epoch."""
+    best = (record or {}).get("best")
+    if isinstance(best, dict) and isinstance(best.get("epoch"), int) and isinstance(best.get("val_acc"), float):
+        return best
+    if not rows:
+        return None
+    column = SELECTION_COLUMNS.get(str(config.get("select_by")), "val_acc")  # the epoch of best.pt
+    scored = [(float(r.get(column) or r["val_acc"]), -i) for i, r in enumerate(rows)]
+    finite = [s for s in scored if math.isfinite(s[0])]
+    if not finite:
+        return None
+    row = rows[-max(finite)[1]]  # the first epoch of the highest value, as train chose it
+    numbers = {k: float(row[k]) for k in VAL_NUMBERS if row.get(k) not in (None, "")}
+    return {"epoch": int(row["epoch"]), **numbers}
 
 
 def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:

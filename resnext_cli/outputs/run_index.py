@@ -15,7 +15,9 @@ from typing import Any
 
 from resnext_cli.errors import UserError
 from resnext_cli.files import lock_state
-from resnext_cli.model.checkpoint import RUN_LOCK, RUN_RECORD, read_metrics, read_run_config, read_run_record
+from resnext_cli.model.checkpoint import (
+    RUN_LOCK, RUN_RECORD, best_of_run, read_metrics, read_run_config, read_run_record,
+)
 
 BALANCED = "val_balanced_acc"  # the imbalance issue's column, where a run reports it
 ABSENT = object()  # a config key one of two runs does not have
@@ -32,7 +34,7 @@ class RunSummary:
     data: str | None
     epochs_done: int
     epochs: int | None
-    best_val_acc: float | None
+    best_val_acc: float | None  # best.pt's (checkpoint.best_of_run)
     best_epoch: int | None
     best_val_balanced_acc: float | None
     wall_seconds: float | None
@@ -82,15 +84,14 @@ def read_summary(run_dir: Path) -> RunSummary:
         if (run_dir / "config.yaml").is_file() else {}  # fmt: skip
     rows = _read_quietly(lambda: read_metrics(run_dir / "metrics.csv"), []) \
         if (run_dir / "metrics.csv").is_file() else []  # fmt: skip
-    best = _best(rows, "val_acc")
-    balanced = _best(rows, BALANCED)
+    best = best_of_run(record, config, rows)
     status = run_status(run_dir, record, config, rows)
     wall, wall_from = _wall_seconds(record, rows, live=status == "running")
     return RunSummary(
         name=run_dir.name, path=str(run_dir), status=status,
         arch=config.get("arch"), data=config.get("data"), epochs_done=len(rows), epochs=config.get("epochs"),
-        best_val_acc=best[1] if best else None, best_epoch=best[0] if best else None,
-        best_val_balanced_acc=balanced[1] if balanced else None, wall_seconds=wall, wall_from=wall_from,
+        best_val_acc=best["val_acc"] if best else None, best_epoch=best["epoch"] if best else None,
+        best_val_balanced_acc=best.get(BALANCED) if best else None, wall_seconds=wall, wall_from=wall_from,
         created=(record or {}).get("created") or _modified(run_dir / "config.yaml"),
         last_epoch={k: v for k, v in _numbers(rows[-1]).items() if k != "epoch"} if rows else {},
         config=config, rows=rows,

@@ -10,10 +10,11 @@ from typing import Any
 
 from resnext_cli import ui
 from resnext_cli.config import EvaluateConfig, ReportConfig
-from resnext_cli.data.balance import SELECTION_COLUMNS, SELECTION_NAMES
+from resnext_cli.data.balance import SELECTION_NAMES
 from resnext_cli.errors import UserError
 from resnext_cli.files import atomic_write_text
 from resnext_cli.model.checkpoint import (
+    best_of_run,
     read_class_indices,
     read_metrics,
     read_run_config,
@@ -191,10 +192,9 @@ def render_html(run: RunFiles, gallery: int) -> str:
 
 
 def _summary(run: RunFiles) -> str:
-    column = SELECTION_COLUMNS.get(str(run.config.get("select_by")), "val_acc")  # best.pt's epoch
-    best = max(run.metrics, key=lambda r: float(r.get(column) or r["val_acc"]))
+    best = best_of_run(run.record, run.config, run.metrics) or {"val_acc": float("nan"), "epoch": "?"}
     cards = [
-        ("best val accuracy", f"{float(best['val_acc']):.2%}"),
+        ("best val accuracy", f"{best['val_acc']:.2%}"),
         ("at epoch", f"{best['epoch']} of {run.metrics[-1]['epoch']}"),
         ("architecture", str(run.config.get("arch", "?"))),
         ("classes", str(len(run.classes))),
