@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from resnext_cli.commands import train as train_module
 from resnext_cli.commands.train import RunHistory
 from resnext_cli.data import balance
 from resnext_cli.data.loaders import EpochSampler, ImageListDataset
@@ -403,6 +404,39 @@ def test_the_blend_reaches_best_pt_on_every_path_and_leaves_training_alone(tmp_p
     assert not torch.allclose(blended["fc.weight"], trained["fc.weight"])
     last_trained, last_blended = load("trained", "last.pt"), load("blended", "last.pt")
     assert all(torch.equal(last_blended[k], last_trained[k]) for k in last_trained)
+
+
+def test_a_frozen_backbone_s_class_means_are_a_single_pass_over_train(tmp_path, tail_data, monkeypatch):
+    """On the image path (no feature cache) the blend's pass over train is made at the first
+    improved epoch only while the backbone is frozen (its features do not change); after the
+    unfreezing, each improved epoch makes its own."""
+    monkeypatch.setenv("RESNEXT_CACHE", str(tmp_path / "cache"))
+    passes: list[str] = []
+    original = train_module.collect_outputs
+
+    def counted(engine, images, *args):
+        passes.append(args[-1])
+        return original(engine, images, *args)
+
+    monkeypatch.setattr(train_module, "collect_outputs", counted)
+    saved: list[int] = []
+    monkeypatch.setattr(train_module.TrainRecipe, "finished_best",
+                        record_calls(train_module.TrainRecipe.finished_best, saved))  # fmt: skip
+    common = ["--epochs", "4", "--balance", "sampler", "--no-cache-features", "--lr", "0.05"]
+    train(tail_data, tmp_path / "frozen", *common)
+    assert len(saved) >= 2, "the test needs best.pt written at two epochs at least"
+    assert passes.count("class means: train") == 1
+    passes.clear(), saved.clear()
+    train(tail_data, tmp_path / "unfrozen", *common, "--unfreeze-after", "1")
+    assert passes.count("class means: train") == len(saved) >= 2
+
+
+def record_calls(method, calls: list[int]):
+    def wrapped(self, checkpoint):
+        calls.append(checkpoint["epoch"])
+        return method(self, checkpoint)
+
+    return wrapped
 
 
 def test_a_resumed_run_blends_best_pt_as_a_straight_one(tmp_path, tail_data):

@@ -270,6 +270,7 @@ class TrainRecipe:
         self.cfg = resolve_config(config, ctx)
         self.resume = ckpt.load_resume_state(self.cfg.resume) if self.cfg.resume else None
         self.held = contextlib.ExitStack()  # the run folder's lock, from its creation to the end
+        self.frozen_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # training_features
         self.run_dir: Path | None = None
         self.record_since: float | None = None  # rank 0, once run.json says `running`
         self.record_dir: Path | None = None  # ... in this folder (set before self.run_dir is)
@@ -560,15 +561,20 @@ class TrainRecipe:
         """The training images' features under the epoch's weights, [views, N, D] with the ok
         mask and labels: the cached views while the backbone is the one they came from, else one
         pass (after validation: eval mode) over a bounded class-balanced sample of train, on
-        forked random state, so that the run trains and resumes as without it."""
+        forked random state, so that the run trains and resumes as without it. A frozen
+        backbone's pass is made once: its features do not change from epoch to epoch."""
         if self.cache is not None and self.frozen:
             return self.cache.train, self.cache.train_ok, self.loaders.train_labels
+        if self.frozen and self.frozen_features is not None:
+            return self.frozen_features
         cfg, engine = self.cfg, self.engine("train")
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             outputs = collect_outputs(engine, train_subsample(self.layout.train), cfg.batch_size, cfg.workers,
                                       "class means: train")  # fmt: skip
         pooled = outputs.features[:, : self.model.fc.in_features].float()
-        return pooled[None], torch.ones(len(pooled), dtype=torch.bool), outputs.labels
+        found = pooled[None], torch.ones(len(pooled), dtype=torch.bool), outputs.labels
+        self.frozen_features = found if self.frozen else None
+        return found
 
     def draw(self, validation: Validation, improved: bool, epoch: int) -> None:
         curves = partial(training_curves_png, list(self.history.rows), self.history.column)
