@@ -134,8 +134,8 @@ PRIOR = option(f"{' | '.join(PRIORS)}: the class prior predictions assume; unifo
 CALIBRATION = option("Calibrated probabilities and unknown verdicts (the checkpoint's temperature and "
                      "unknown score); off: the raw softmax, as before calibration existed.",
                      "--calibration/--no-calibration", default=True)  # fmt: skip
-UNKNOWN_THRESHOLD = option("Share of the val photos accepted as known: sets the unknown score's "
-                           "threshold (0-1).", default="the checkpoint's (0.95)", metavar="Q")  # fmt: skip
+UNKNOWN_THRESHOLD = option("Share of new photos like the val ones accepted as known: sets the unknown "
+                           "score's threshold (0-1).", default="the checkpoint's (0.95)", metavar="Q")  # fmt: skip
 
 
 def configure(cls: type[C], config_file: str | None, overrides: dict[str, Any]) -> C:
@@ -337,7 +337,7 @@ TRAIN_HELP = {  # train's own options: help text, and the default shown when not
     "track_checkpoints": "With --track mlflow: best.pt among the run's artifacts too.",
     "unknown_score": "How unknowns are told: components joined with '+', optionally weighted as in 2*style "
                      "(README: When not to trust a prediction).",
-    "unknown_threshold": "Share of the val photos accepted as known: sets the unknown threshold.",
+    "unknown_threshold": "Share of new photos like the val ones accepted as known: sets the unknown threshold.",
 }  # fmt: skip
 
 

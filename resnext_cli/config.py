@@ -43,7 +43,7 @@ EXPLAIN_DEFAULT = EXPLAIN_METHODS[0]  # explain, predict --explain, evaluate's h
 # the unknown score's components (model/trust.py), joined with "+"; the default was measured
 UNKNOWN_COMPONENTS = ("msp", "maxlogit", "energy", "knn", "cknn", "mahalanobis", "rawmaha", "style")
 UNKNOWN_SCORE = "energy+2*style"
-UNKNOWN_ACCEPT = 0.95  # share of the val photos accepted as known
+UNKNOWN_ACCEPT = 0.95  # share of new photos like the val ones accepted as known
 
 
 @dataclass
@@ -86,7 +86,7 @@ class TrainConfig:
     track: str | list[str] | None = None  # "tensorboard,mlflow" (or a YAML list); None: no tracker
     track_checkpoints: bool = False  # --track mlflow: best.pt among the run's artifacts too
     unknown_score: str = UNKNOWN_SCORE  # how `unknown` is told: components joined with "+"
-    unknown_threshold: float = UNKNOWN_ACCEPT  # share of the val photos accepted as known
+    unknown_threshold: float = UNKNOWN_ACCEPT  # share of new photos like the val ones accepted as known
 
     def validate(self) -> None:
         check_unknown_score(self.unknown_score)
@@ -163,7 +163,7 @@ class InferenceConfig:
     tta: bool = False  # average the predictions for the image and its mirror image
     prior: str | None = None  # uniform | train; None: the checkpoint's (uniform if trained balanced)
     calibration: bool = True  # the checkpoint's temperature and unknown score; off: raw softmax
-    unknown_threshold: float | None = None  # share of val photos accepted; None: the checkpoint's
+    unknown_threshold: float | None = None  # share of new photos like val accepted; None: the checkpoint's
 
     def validate(self) -> None:
         if self.prior is not None:
@@ -485,11 +485,11 @@ def score_components(name: str) -> tuple[str, ...]:
 
 
 def check_accept_share(value: float) -> None:
-    """--unknown-threshold: the share of the val photos accepted as known, in (0, 1]."""
+    """--unknown-threshold: the share of new photos like the val ones accepted as known, in (0, 1]."""
     if not 0 < value <= 1:
         raise UserError(
-            f"Invalid --unknown-threshold {value}: it is the share of the val photos accepted as "
-            "known, greater than 0 and at most 1 (e.g. 0.95: 95% of them, the default)."
+            f"Invalid --unknown-threshold {value}: it is the share of new photos like the val ones "
+            "accepted as known, greater than 0 and at most 1 (e.g. 0.95: 95% of them, the default)."
         )
 
 

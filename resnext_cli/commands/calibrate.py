@@ -28,7 +28,7 @@ from resnext_cli.model.calibration import (
     write_calibration,
 )
 from resnext_cli.model.engines import InferenceModel, load_inference_model
-from resnext_cli.model.trust import FEATURE_COMPONENTS, Calibration, parse_score
+from resnext_cli.model.trust import FEATURE_COMPONENTS, Calibration, parse_score, threshold_text
 from resnext_cli.outputs.evaluation import calibration_summary, evaluation_samples
 
 
@@ -112,5 +112,5 @@ def _report(calibration: Calibration, previous: Calibration, val: Outputs, path:
     detector = calibration.unknown
     if detector is not None:
         ui.info(f"Unknown score {detector.name}: above {detector.threshold:.3g} an image is `unknown` "
-                f"({detector.accept:.0%} of these images are below; {stored_size(detector) / 1e3:,.0f} KB).")
+                f"({threshold_text(detector, 'images')}; {stored_size(detector) / 1e3:,.0f} KB).")
     ui.info(f"Wrote the temperature and the unknown score into {path}.")

@@ -77,7 +77,7 @@ from resnext_cli.model.steps import (
     train_one_epoch,
     wrap_for_training,
 )
-from resnext_cli.model.trust import Calibration
+from resnext_cli.model.trust import Calibration, threshold_text
 from resnext_cli.outputs import run_report, tracking
 from resnext_cli.outputs.evaluation import calibration_summary
 from resnext_cli.outputs.metrics import classification_report, confusion_matrix
@@ -825,7 +825,7 @@ def describe_calibration(calibration: Calibration, val: Outputs, path: Path) -> 
     detector = calibration.unknown
     if detector is not None:
         text += (f" Unknown score {detector.name}: above {detector.threshold:.3g} an image is "
-                 f"`unknown` ({detector.accept:.0%} of the val images are below). Stored in {path} "
+                 f"`unknown` ({threshold_text(detector, 'val images')}). Stored in {path} "
                  f"(+{stored_size(detector) / 1e3:,.0f} KB).")  # fmt: skip
     if len(val.labels) < 30:
         text += (f" Only {len(val.labels)} val images: the temperature and the threshold are rough; "

@@ -48,7 +48,7 @@ from resnext_cli.errors import UserError
 
 UNKNOWN_FORMAT = 1
 DEFAULT_SCORE = UNKNOWN_SCORE  # chosen by benchmarks/bench_trust.py (docs/benchmarks.md)
-DEFAULT_ACCEPT = UNKNOWN_ACCEPT  # share of the val photos accepted as known
+DEFAULT_ACCEPT = UNKNOWN_ACCEPT  # share of new photos like the val ones accepted as known
 BANK_LIMIT = 8192  # training features kept for `knn` at most, class-balanced
 COMPONENTS = UNKNOWN_COMPONENTS
 FEATURE_COMPONENTS = ("knn", "cknn", "mahalanobis", "rawmaha", "style")
@@ -198,7 +198,7 @@ class UnknownDetector:
     k: int = 1
     centre: dict[str, float] = field(default_factory=dict)  # component -> val mean
     scale: dict[str, float] = field(default_factory=dict)  # component -> val standard deviation
-    accept: float = DEFAULT_ACCEPT  # the rule: this share of the val photos is known
+    accept: float = DEFAULT_ACCEPT  # the rule: this share of new photos like the val ones is known
     threshold: float = math.inf
     quantiles: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # of the val scores
     val_images: int = 0
@@ -229,8 +229,9 @@ class UnknownDetector:
         return scores <= self.threshold
 
     def with_accept(self, accept: float) -> UnknownDetector:
-        """The same score with the threshold that accepts `accept` of the val photos."""
-        return replace(self, accept=accept, threshold=threshold_for(self.quantiles, accept))
+        """The same score with the threshold that accepts `accept` of new photos like the val
+        ones (`threshold_for`)."""
+        return replace(self, accept=accept, threshold=threshold_for(self.quantiles, accept, self.val_images))
 
     def to(self, device: torch.device) -> UnknownDetector:
         return replace(self, stats={k: v.to(device) for k, v in self.stats.items()})
@@ -362,7 +363,8 @@ def fit_detector(
     accept: float = DEFAULT_ACCEPT,
 ) -> UnknownDetector:  # fmt: skip
     """Standardise each component on the val photos, then set the threshold that accepts
-    `accept` of them; the val quantiles are kept for other thresholds later."""
+    `accept` of new photos like them (`threshold_for`); the val quantiles are kept for other
+    thresholds later."""
     detector = UnknownDetector(components, stats, k)
     parts = detector.raw(val_logits, val_features, temperature)
     for name, values in parts.items():
@@ -374,16 +376,41 @@ def fit_detector(
     return detector.with_accept(accept)
 
 
-def threshold_for(quantiles: torch.Tensor, accept: float) -> float:
-    """The score below which `accept` of the val photos fall (linear between stored quantiles);
-    accepting all of them puts the threshold at the highest val score."""
+def conformal_rank(accept: float, images: int) -> int:
+    """How many of the n val photos the threshold accepts so that a new photo like them is known
+    with probability at least `accept`: split conformal prediction's ceil((n + 1) * accept) (the
+    plain `accept` quantile of n photos accepts fewer new ones: about 93% for 95% of 45); all n
+    when there are too few for that rank (then new photos are known n / (n + 1) of the time)."""
+    return min(max(math.ceil((images + 1) * accept - 1e-9), 1), images)
+
+
+def threshold_for(quantiles: torch.Tensor, accept: float, images: int) -> float:
+    """The score at or below which a new photo like the `images` val photos is known with
+    probability at least `accept`: the `conformal_rank`-th smallest val score, read off the
+    stored quantiles (linear between them; without a count of val photos, the plain quantile)."""
     if len(quantiles) == 0:
         return math.inf
-    position = accept * (len(quantiles) - 1)
+    level = accept
+    if images > 1:
+        level = (conformal_rank(accept, images) - 1) / (images - 1)  # where torch.quantile puts it
+    position = level * (len(quantiles) - 1)
     low = int(math.floor(position))
     high = min(low + 1, len(quantiles) - 1)
     weight = position - low
     return float(quantiles[low] * (1 - weight) + quantiles[high] * weight)
+
+
+def threshold_text(detector: UnknownDetector, images: str) -> str:
+    """What the threshold promises, for train's and calibrate's lines: `images` are the ones it
+    was set on ("val images", "these images")."""
+    n = detector.val_images
+    if n <= 1:
+        return f"{detector.accept:.0%} of the {images} are below"
+    rank = conformal_rank(detector.accept, n)
+    if rank == n and n / (n + 1) < detector.accept:
+        return (f"all {n} {images} are below: too few to promise that {detector.accept:.0%} of new images "
+                "like them are known")  # fmt: skip
+    return f"{rank} of the {n} {images} are below: new images like them are known {detector.accept:.0%} of the time"
 
 
 # ---------------------------------------------------------------- applied to predictions
@@ -418,7 +445,7 @@ class Calibration:
 
     def choose(self, enabled: bool, accept: float | None) -> Calibration:
         """--no-calibration: temperature 1 and no unknown verdicts, as before calibration
-        existed; --unknown-threshold: another share of the val photos accepted."""
+        existed; --unknown-threshold: another share of new photos like the val ones accepted."""
         if not enabled:
             return Calibration()
         if accept is not None and self.unknown is not None:
