@@ -439,16 +439,26 @@ def record_calls(method, calls: list[int]):
     return wrapped
 
 
-def test_a_resumed_run_blends_best_pt_as_a_straight_one(tmp_path, tail_data):
+@pytest.fixture(scope="module")
+def unfreeze_resume_runs(tmp_path_factory, tail_data) -> tuple[Path, Path]:
+    """(straight, resumed): the balanced sampler across the unfreezing (--unfreeze-after 1), 3
+    epochs straight, and 2 epochs then resumed to 3. Two tests check different files of the same
+    pair (best.pt's blend; metrics and last.pt), so it is trained once; they only read it."""
+    work = tmp_path_factory.mktemp("unfreeze_resume")
+    common = ["--balance", "sampler", "--unfreeze-after", "1", "--scheduler", "none"]
+    train(tail_data, work / "straight", "--epochs", "3", *common)
+    train(tail_data, work / "split", "--epochs", "2", *common)
+    resumed = invoke(["train", "--resume", work / "split", "--epochs", "3"])
+    assert resumed.exit_code == 0, resumed.stderr
+    return work / "straight", work / "split"
+
+
+def test_a_resumed_run_blends_best_pt_as_a_straight_one(unfreeze_resume_runs):
     """Stopped after epoch 2 and resumed across the unfreezing, best.pt (blended by default) is
     the straight run's."""
-    common = ["--balance", "sampler", "--unfreeze-after", "1", "--scheduler", "none"]
-    train(tail_data, tmp_path / "straight", "--epochs", "3", *common)
-    train(tail_data, tmp_path / "split", "--epochs", "2", *common)
-    resumed = invoke(["train", "--resume", tmp_path / "split", "--epochs", "3"])
-    assert resumed.exit_code == 0, resumed.stderr
-    a = torch.load(tmp_path / "split" / "best.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["model"]
+    straight, split = unfreeze_resume_runs
+    a = torch.load(split / "best.pt", weights_only=True)["model"]
+    b = torch.load(straight / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
@@ -485,11 +495,19 @@ def test_balanced_data_trains_exactly_as_before(tmp_path, dataset):
     assert all(torch.equal(auto["model"][k], none["model"][k]) for k in none["model"])
 
 
+@pytest.fixture(scope="module")
+def tail_none_run(tmp_path_factory, tail_data) -> Path:
+    """The reference of every strategy below: the same data and settings with --balance none
+    (it was trained again by each parametrized case). Read only."""
+    out = tmp_path_factory.mktemp("tail_none") / "none"
+    train(tail_data, out, "--epochs", "2", "--balance", "none")
+    return out
+
+
 @pytest.mark.parametrize("how", ["weights", "sampler", "logit-adjust"])
-def test_each_strategy_changes_training_or_validation(tmp_path, tail_data, how):
-    train(tail_data, tmp_path / "none", "--epochs", "2", "--balance", "none")
+def test_each_strategy_changes_training_or_validation(tmp_path, tail_data, tail_none_run, how):
     train(tail_data, tmp_path / how, "--epochs", "2", "--balance", how)
-    none, chosen = rows(tmp_path / "none"), rows(tmp_path / how)
+    none, chosen = rows(tail_none_run), rows(tmp_path / how)
     if how == "logit-adjust":  # the same training steps; validation scores adjusted logits
         assert [r["train_loss"] for r in chosen] == [r["train_loss"] for r in none]
         assert [r["val_loss"] for r in chosen] != [r["val_loss"] for r in none]
@@ -508,18 +526,15 @@ def test_the_image_path_honours_balance_too(tmp_path, tail_data):
     assert loss["weights"] != loss["none"] and loss["sampler"] != loss["none"]
 
 
-def test_resume_is_exact_with_the_sampler_across_the_unfreezing(tmp_path, tail_data):
+def test_resume_is_exact_with_the_sampler_across_the_unfreezing(unfreeze_resume_runs):
     """Epoch 1 on cached features, then the image path (--unfreeze-after 1); a run stopped
     after epoch 2 and resumed equals a straight run: the sampler is keyed by seed and epoch (a
     generator running across epochs would restart at epoch 1's order)."""
-    common = ["--balance", "sampler", "--unfreeze-after", "1", "--scheduler", "none"]
-    train(tail_data, tmp_path / "straight", "--epochs", "3", *common)
-    train(tail_data, tmp_path / "split", "--epochs", "2", *common)
-    resumed = invoke(["train", "--resume", tmp_path / "split", "--epochs", "3"])
-    assert resumed.exit_code == 0, resumed.stderr
-    assert without_seconds(tmp_path / "split") == without_seconds(tmp_path / "straight")
-    a = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    straight, split = unfreeze_resume_runs
+    assert len(rows(split)) == 3
+    assert without_seconds(split) == without_seconds(straight)
+    a = torch.load(split / "last.pt", weights_only=True)["model"]
+    b = torch.load(straight / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 

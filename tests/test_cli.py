@@ -123,9 +123,9 @@ def test_predict_plot_refuses_an_unknown_extension_before_any_work(tmp_path: Pat
 def test_train_checks_the_run_folder_before_loading_weights(tmp_path: Path, dataset: Path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("in the way")
-    result = run_subprocess(["train", dataset, "--arch", "resnet18", "--weights", tmp_path / "w.pth",
-                             "--out", blocker / "run"], cwd=tmp_path)
-    assert result.returncode == 2 and "run folder" in result.stderr and "is a file" in result.stderr
+    result = invoke(["train", dataset, "--arch", "resnet18", "--weights", tmp_path / "w.pth",
+                     "--out", blocker / "run"], cwd=tmp_path)
+    assert result.exit_code == 2 and "run folder" in result.stderr and "is a file" in result.stderr
     assert "w.pth" not in result.stderr  # the weights were never reached
 
 

@@ -20,9 +20,18 @@ from tests.conftest import TINY_TRAIN, invoke, make_dataset, save_backbone
 from tests.test_predict import image_folder
 
 
-@pytest.fixture
-def backbone(tmp_path: Path) -> Path:
-    return save_backbone(tmp_path / "r18.pth", seed=2)
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    """A resnet18 state dict with non-trivial BN statistics; the tests only read it (--weights),
+    so the module shares one instead of building and saving 45 MB per test."""
+    return save_backbone(tmp_path_factory.mktemp("backbone") / "r18.pth", seed=2)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """12 train / 6 val images: enough batches for BN statistics to move or not, a third of the
+    shared dataset's fine-tuning steps."""
+    return make_dataset(tmp_path_factory.mktemp("small") / "ds", train_per_class=4, val_per_class=2)
 
 
 def train(data: Path, out: Path, *extra) -> str:
@@ -75,11 +84,11 @@ def bn_stats(path: Path) -> dict[str, torch.Tensor]:
                                               (["--unfreeze-after", "1", "--no-freeze-bn"], False),
                                               (["--no-freeze"], False),
                                               (["--no-freeze", "--freeze-bn"], True)])
-def test_batchnorm_statistics_while_fine_tuning(tmp_path: Path, dataset: Path, backbone: Path,
+def test_batchnorm_statistics_while_fine_tuning(tmp_path: Path, small_data: Path, backbone: Path,
                                                 flags: list[str], frozen_bn: bool):  # fmt: skip
     """After the head-only epochs, the backbone's BN statistics stay as loaded by default (its
     weights train); from the first step (--no-freeze) they move; either way can be asked for."""
-    train(dataset, tmp_path / "run", "--weights", backbone, "--epochs", "2", *flags)
+    train(small_data, tmp_path / "run", "--weights", backbone, "--epochs", "2", *flags)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["freeze_bn"] is frozen_bn
     loaded = {k: v for k, v in torch.load(backbone, weights_only=True).items() if "running_" in k}
