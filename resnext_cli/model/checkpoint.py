@@ -301,7 +301,7 @@ def end_run_record(run_dir: Path, status: str, since: float, best: dict[str, Any
     record.update(status=status, ended=_now(),
                   wall_seconds=float(record.get("wall_seconds", 0.0)) + time.perf_counter() - since)  # fmt: skip
     if best is not None:
-        record["best"] = {k: v for k, v in best.items() if k == "epoch" or k in VAL_NUMBERS}
+        record["best"] = best
     atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
@@ -544,16 +544,32 @@ def best_of_run(record: dict[str, Any] | None, config: dict[str, Any],
     best = (record or {}).get("best")
     if isinstance(best, dict) and isinstance(best.get("epoch"), int) and isinstance(best.get("val_acc"), float):
         return best
-    if not rows:
-        return None
     column = SELECTION_COLUMNS.get(str(config.get("select_by")), "val_acc")  # the epoch of best.pt
-    scored = [(float(r.get(column) or r["val_acc"]), -i) for i, r in enumerate(rows)]
-    finite = [s for s in scored if math.isfinite(s[0])]
-    if not finite:
+    row = best_row(rows, column) or best_row(rows, "val_acc")
+    if row is None:
         return None
-    row = rows[-max(finite)[1]]  # the first epoch of the highest value, as train chose it
-    numbers = {k: float(row[k]) for k in VAL_NUMBERS if row.get(k) not in (None, "")}
+    numbers = {k: v for k in VAL_NUMBERS if (v := finite_number(row.get(k))) is not None}
     return {"epoch": int(row["epoch"]), **numbers}
+
+
+def best_row(rows: list[dict[str, str]], column: str) -> dict[str, str] | None:
+    """metrics.csv's row with the first highest finite value of `column`, as train chose its
+    best epoch; None if the column was never reported."""
+    best, value = None, -math.inf
+    for row in rows:
+        number = finite_number(row.get(column))
+        if number is not None and (best is None or number > value):
+            best, value = row, number
+    return best
+
+
+def finite_number(text: Any) -> float | None:
+    """A metrics.csv cell as a number; None when empty, unreadable or not finite."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:

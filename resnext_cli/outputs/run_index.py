@@ -6,7 +6,6 @@ list, their status told from their files. Nothing here writes."""
 from __future__ import annotations
 
 import datetime
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 from resnext_cli.errors import UserError
 from resnext_cli.files import lock_state
 from resnext_cli.model.checkpoint import (
-    RUN_LOCK, RUN_RECORD, best_of_run, read_metrics, read_run_config, read_run_record,
+    RUN_LOCK, RUN_RECORD, best_of_run, best_row, finite_number, read_metrics, read_run_config, read_run_record,
 )
 
 BALANCED = "val_balanced_acc"  # the imbalance issue's column, where a run reports it
@@ -118,34 +117,16 @@ def run_status(run_dir: Path, record: dict[str, Any] | None, config: dict[str, A
         return status
     done = len(rows)
     planned, patience = config.get("epochs"), config.get("patience")
-    best = _best(rows, "val_acc")
+    best = best_row(rows, "val_acc")
     if isinstance(planned, int) and done >= planned > 0:
         return "finished"
-    if best and isinstance(patience, int) and patience > 0 and int(rows[-1]["epoch"]) - best[0] >= patience:
+    if best and isinstance(patience, int) and patience > 0 and int(rows[-1]["epoch"]) - int(best["epoch"]) >= patience:
         return "finished"
     return "stopped"
 
 
-def _best(rows: list[dict[str, str]], column: str) -> tuple[int, float] | None:
-    """(epoch, value) of the first highest finite value of the column; None if never reported."""
-    best: tuple[int, float] | None = None
-    for row in rows:
-        value = _number(row.get(column))
-        if value is not None and (best is None or value > best[1]):
-            best = (int(row["epoch"]), value)
-    return best
-
-
-def _number(text: Any) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _numbers(row: dict[str, str]) -> dict[str, float]:
-    return {k: v for k, v in ((k, _number(t)) for k, t in row.items()) if v is not None}
+    return {k: v for k, v in ((k, finite_number(t)) for k, t in row.items()) if v is not None}
 
 
 def _wall_seconds(record: dict[str, Any] | None, rows: list[dict[str, str]],
@@ -157,7 +138,7 @@ def _wall_seconds(record: dict[str, Any] | None, rows: list[dict[str, str]],
         if live and record.get("started"):
             wall += max(0.0, time.time() - _timestamp(record["started"]))
         return wall, "run.json"
-    seconds = [s for s in (_number(r.get("seconds")) for r in rows) if s is not None]
+    seconds = [s for s in (finite_number(r.get("seconds")) for r in rows) if s is not None]
     return (sum(seconds), "epochs") if seconds else (None, "epochs")
 
 
